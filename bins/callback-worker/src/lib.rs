@@ -1,0 +1,1 @@
+//! callback-worker: Consumes fleet:callbacks: moves task state, logs and fans out client events, ends overdue tasks.

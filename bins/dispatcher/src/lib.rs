@@ -1,0 +1,1 @@
+//! dispatcher: Consumes fleet:tasks and dispatches work to executors.

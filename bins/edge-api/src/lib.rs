@@ -1,0 +1,1 @@
+//! edge-api: REST (and gRPC) front door: sessions, tasks, agents, health.

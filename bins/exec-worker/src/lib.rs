@@ -1,0 +1,1 @@
+//! exec-worker: Reference executor: runs tasks from fleet:exec:<pool> (echo, command).

@@ -1,0 +1,591 @@
+//! The stream entry envelope and the typed messages it carries.
+//!
+//! Every entry Fleet writes to a command or work stream has the same six fields:
+//!
+//! | field | holds |
+//! |---|---|
+//! | `v` | schema version ([`SCHEMA_VERSION`]) |
+//! | `kind` | what the body is, e.g. `task.submit` (see the message enums below) |
+//! | `id` | UUIDv7 of the entry: the idempotency key of what it asks for |
+//! | `tp` | W3C `traceparent` of the span that wrote it (empty when tracing is off) |
+//! | `ts` | milliseconds since the Unix epoch when it was written |
+//! | `body` | the message, MessagePack with named fields (`rmp_serde::to_vec_named`) |
+//!
+//! Each stream carries one message enum (a [`Message`]): [`TaskCommand`] on `fleet:tasks`,
+//! [`ExecMessage`] on `fleet:exec:<pool>`, [`ExecControl`] on `fleet:exec:<pool>:control`,
+//! [`Callback`] on `fleet:callbacks`. An entry whose fields or body do not decode is an
+//! [`EnvelopeError`], which the consumer loop dead-letters with the error as its reason.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use uuid::Uuid;
+
+use crate::time::now_ms;
+
+/// The envelope schema version written in `v`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Field names of an envelope entry.
+pub mod field {
+    pub const V: &str = "v";
+    pub const KIND: &str = "kind";
+    pub const ID: &str = "id";
+    pub const TP: &str = "tp";
+    pub const TS: &str = "ts";
+    pub const BODY: &str = "body";
+}
+
+/// Why an entry could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("field `{field}` is not valid: {reason}")]
+    BadField { field: &'static str, reason: String },
+    #[error("unsupported schema version {0} (this build reads {SCHEMA_VERSION})")]
+    Version(u32),
+    #[error("unknown kind `{0}` on this stream")]
+    UnknownKind(String),
+    #[error("body of `{kind}` does not decode: {source}")]
+    Body {
+        kind: String,
+        #[source]
+        source: rmp_serde::decode::Error,
+    },
+    #[error("body does not encode: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+}
+
+/// A family of messages that travel on one stream, one `kind` string per variant.
+pub trait Message: Sized + Send + Sync + 'static {
+    /// The `kind` written in the envelope.
+    fn kind(&self) -> &'static str;
+    /// The MessagePack body.
+    fn encode_body(&self) -> Result<Vec<u8>, EnvelopeError>;
+    /// Decodes a body of `kind`.
+    fn decode_body(kind: &str, body: &[u8]) -> Result<Self, EnvelopeError>;
+}
+
+/// Declares a message enum whose variants map one-to-one to `kind` strings.
+macro_rules! messages {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $kind:literal => $variant:ident($body:ty) ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant($body) ),+
+        }
+
+        impl $name {
+            /// Every kind this enum carries.
+            pub const KINDS: &'static [&'static str] = &[$($kind),+];
+        }
+
+        impl Message for $name {
+            fn kind(&self) -> &'static str {
+                match self { $( Self::$variant(_) => $kind ),+ }
+            }
+
+            fn encode_body(&self) -> Result<Vec<u8>, EnvelopeError> {
+                match self {
+                    $( Self::$variant(b) => Ok(rmp_serde::to_vec_named(b)?) ),+
+                }
+            }
+
+            fn decode_body(kind: &str, body: &[u8]) -> Result<Self, EnvelopeError> {
+                match kind {
+                    $( $kind => rmp_serde::from_slice::<$body>(body)
+                        .map(Self::$variant)
+                        .map_err(|source| EnvelopeError::Body { kind: kind.to_owned(), source }), )+
+                    other => Err(EnvelopeError::UnknownKind(other.to_owned())),
+                }
+            }
+        }
+    };
+}
+
+/// One decoded entry: the envelope header and its typed message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope<M> {
+    /// Idempotency key of the entry (UUIDv7).
+    pub id: Uuid,
+    /// W3C `traceparent` of the writer's span, if tracing was on.
+    pub tp: Option<String>,
+    /// When it was written, ms since the epoch.
+    pub ts: i64,
+    pub msg: M,
+}
+
+impl<M: Message> Envelope<M> {
+    /// Wraps `msg` with a fresh UUIDv7, the current time and the current span's trace context.
+    pub fn new(msg: M) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            tp: crate::telemetry::current_traceparent(),
+            ts: now_ms(),
+            msg,
+        }
+    }
+
+    /// Wraps `msg` with a caller-chosen idempotency key.
+    pub fn with_id(id: Uuid, msg: M) -> Self {
+        Self {
+            id,
+            ..Self::new(msg)
+        }
+    }
+
+    /// The field/value pairs to XADD.
+    pub fn to_fields(&self) -> Result<Vec<(&'static str, Bytes)>, EnvelopeError> {
+        let body = self.msg.encode_body()?;
+        Ok(vec![
+            (field::V, Bytes::from(SCHEMA_VERSION.to_string())),
+            (field::KIND, Bytes::from_static(self.msg.kind().as_bytes())),
+            (field::ID, Bytes::from(self.id.to_string())),
+            (
+                field::TP,
+                Bytes::from(self.tp.clone().unwrap_or_default().into_bytes()),
+            ),
+            (field::TS, Bytes::from(self.ts.to_string())),
+            (field::BODY, Bytes::from(body)),
+        ])
+    }
+
+    /// Decodes an entry's field/value pairs (in any order; unknown fields are ignored so that
+    /// later versions may add some).
+    pub fn from_fields(fields: &[(Bytes, Bytes)]) -> Result<Self, EnvelopeError> {
+        let get = |name: &'static str| {
+            fields
+                .iter()
+                .find(|(k, _)| k.as_ref() == name.as_bytes())
+                .map(|(_, v)| v)
+                .ok_or(EnvelopeError::MissingField(name))
+        };
+        let text = |name: &'static str| -> Result<&str, EnvelopeError> {
+            std::str::from_utf8(get(name)?).map_err(|_| EnvelopeError::BadField {
+                field: name,
+                reason: "not UTF-8".into(),
+            })
+        };
+        let v: u32 = text(field::V)?
+            .parse()
+            .map_err(|_| EnvelopeError::BadField {
+                field: field::V,
+                reason: "not an integer".into(),
+            })?;
+        if v != SCHEMA_VERSION {
+            return Err(EnvelopeError::Version(v));
+        }
+        let kind = text(field::KIND)?;
+        let id = Uuid::parse_str(text(field::ID)?).map_err(|e| EnvelopeError::BadField {
+            field: field::ID,
+            reason: e.to_string(),
+        })?;
+        let tp = match fields
+            .iter()
+            .find(|(k, _)| k.as_ref() == field::TP.as_bytes())
+        {
+            Some((_, v)) if !v.is_empty() => Some(text(field::TP)?.to_owned()),
+            _ => None,
+        };
+        let ts = text(field::TS)?
+            .parse()
+            .map_err(|_| EnvelopeError::BadField {
+                field: field::TS,
+                reason: "not an integer".into(),
+            })?;
+        let msg = M::decode_body(kind, get(field::BODY)?)?;
+        Ok(Self { id, tp, ts, msg })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fleet:tasks
+// ---------------------------------------------------------------------------------------------
+
+/// A user message to run as a task (`task.submit`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSubmit {
+    pub session_id: String,
+    pub task_id: String,
+    pub agent_id: String,
+    pub attempt: u32,
+    pub message: String,
+    #[serde(default)]
+    pub metadata: Json,
+    /// Absolute deadline, ms since the epoch.
+    pub deadline_ms: i64,
+    /// Where the message came from: `rest`, `ws` or `grpc`.
+    #[serde(default)]
+    pub source: String,
+}
+
+/// Cancel a task (`task.cancel`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskCancel {
+    pub session_id: String,
+    pub task_id: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Close a session and cancel its open tasks (`session.close`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionClose {
+    pub session_id: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+messages! {
+    /// Commands on `fleet:tasks`, consumed by the dispatchers.
+    pub enum TaskCommand {
+        "task.submit" => Submit(TaskSubmit),
+        "task.cancel" => Cancel(TaskCancel),
+        "session.close" => SessionClose(SessionClose),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fleet:exec:<pool> and its control stream
+// ---------------------------------------------------------------------------------------------
+
+/// Run a chat task (`exec.request`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub session_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    pub agent_id: String,
+    pub message: String,
+    #[serde(default)]
+    pub metadata: Json,
+    /// The agent's configured parameters (model, temperature, command, ...).
+    #[serde(default)]
+    pub params: Json,
+    /// Absolute deadline, ms since the epoch; the executor stops at it.
+    pub deadline_ms: i64,
+}
+
+/// Stop working on a task (`exec.cancel`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecCancel {
+    pub session_id: String,
+    pub task_id: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+messages! {
+    /// Work on `fleet:exec:<pool>`, consumed by the executors of that pool.
+    pub enum ExecMessage {
+        "exec.request" => Request(ExecRequest),
+    }
+}
+
+messages! {
+    /// Control entries on `fleet:exec:<pool>:control`, read (without a group) by every executor.
+    pub enum ExecControl {
+        "exec.cancel" => Cancel(ExecCancel),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fleet:callbacks
+// ---------------------------------------------------------------------------------------------
+
+/// The executor began the task (`started`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Started {
+    pub session_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    /// Position of this callback among the task attempt's callbacks, from 1.
+    pub seq: u32,
+    #[serde(default)]
+    pub executor: String,
+}
+
+/// A piece of the answer (`chunk`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub session_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u32,
+    /// Position of this chunk among the task's chunks, from 0.
+    pub index: u32,
+    pub content: String,
+}
+
+/// How far along the task is (`progress`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub session_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u32,
+    #[serde(default)]
+    pub percent: f32,
+    #[serde(default)]
+    pub step: String,
+}
+
+/// The final answer (`result`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub session_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u32,
+    /// The whole answer.
+    pub content: String,
+    #[serde(default)]
+    pub metadata: Json,
+}
+
+/// The task failed (`error`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskFailure {
+    pub session_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    pub seq: u32,
+    /// A short machine-readable class, e.g. `execution_error`, `exit_status`, `timeout`.
+    pub error_type: String,
+    pub message: String,
+    #[serde(default)]
+    pub details: Json,
+}
+
+messages! {
+    /// Executor -> orchestrator callbacks on `fleet:callbacks`.
+    pub enum Callback {
+        "started" => Started(Started),
+        "chunk" => Chunk(Chunk),
+        "progress" => Progress(Progress),
+        "result" => Result(TaskResult),
+        "error" => Error(TaskFailure),
+    }
+}
+
+impl Callback {
+    /// `(session_id, task_id, attempt, seq)` of the callback.
+    pub fn position(&self) -> (&str, &str, u32, u32) {
+        match self {
+            Callback::Started(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
+            Callback::Chunk(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
+            Callback::Progress(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
+            Callback::Result(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
+            Callback::Error(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_leaf() -> impl Strategy<Value = Json> {
+        prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            any::<i64>().prop_map(Json::from),
+            ".{0,12}".prop_map(Json::String),
+        ]
+    }
+
+    fn json() -> impl Strategy<Value = Json> {
+        json_leaf().prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Array),
+                prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn ids() -> impl Strategy<Value = String> {
+        "[a-z0-9-]{1,36}"
+    }
+
+    fn task_command() -> impl Strategy<Value = TaskCommand> {
+        prop_oneof![
+            (
+                ids(),
+                ids(),
+                ids(),
+                1u32..9,
+                ".{0,64}",
+                json(),
+                any::<i64>(),
+                "rest|ws|grpc"
+            )
+                .prop_map(|(s, t, a, attempt, m, md, d, src)| {
+                    TaskCommand::Submit(TaskSubmit {
+                        session_id: s,
+                        task_id: t,
+                        agent_id: a,
+                        attempt,
+                        message: m,
+                        metadata: md,
+                        deadline_ms: d,
+                        source: src,
+                    })
+                }),
+            (ids(), ids(), ".{0,16}").prop_map(|(s, t, r)| TaskCommand::Cancel(TaskCancel {
+                session_id: s,
+                task_id: t,
+                reason: r
+            })),
+            (ids(), ".{0,16}").prop_map(|(s, r)| TaskCommand::SessionClose(SessionClose {
+                session_id: s,
+                reason: r
+            })),
+        ]
+    }
+
+    fn callback() -> impl Strategy<Value = Callback> {
+        (ids(), ids(), 1u32..5, 1u32..1000).prop_flat_map(|(s, t, a, seq)| {
+            prop_oneof![
+                ".{0,8}".prop_map({
+                    let (s, t) = (s.clone(), t.clone());
+                    move |e| {
+                        Callback::Started(Started {
+                            session_id: s.clone(),
+                            task_id: t.clone(),
+                            attempt: a,
+                            seq,
+                            executor: e,
+                        })
+                    }
+                }),
+                (0u32..100, ".{0,32}").prop_map({
+                    let (s, t) = (s.clone(), t.clone());
+                    move |(index, content)| {
+                        Callback::Chunk(Chunk {
+                            session_id: s.clone(),
+                            task_id: t.clone(),
+                            attempt: a,
+                            seq,
+                            index,
+                            content,
+                        })
+                    }
+                }),
+                (".{0,32}", json()).prop_map({
+                    let (s, t) = (s.clone(), t.clone());
+                    move |(content, metadata)| {
+                        Callback::Result(TaskResult {
+                            session_id: s.clone(),
+                            task_id: t.clone(),
+                            attempt: a,
+                            seq,
+                            content,
+                            metadata,
+                        })
+                    }
+                }),
+                ("[a-z_]{1,12}", ".{0,32}", json()).prop_map({
+                    let (s, t) = (s.clone(), t.clone());
+                    move |(error_type, message, details)| {
+                        Callback::Error(TaskFailure {
+                            session_id: s.clone(),
+                            task_id: t.clone(),
+                            attempt: a,
+                            seq,
+                            error_type,
+                            message,
+                            details,
+                        })
+                    }
+                }),
+            ]
+        })
+    }
+
+    fn roundtrip<M: Message + PartialEq + std::fmt::Debug + Clone>(msg: M, tp: Option<String>) {
+        let env = Envelope {
+            id: Uuid::now_v7(),
+            tp,
+            ts: 1_700_000_000_123,
+            msg,
+        };
+        let fields: Vec<(Bytes, Bytes)> = env
+            .to_fields()
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (Bytes::from_static(k.as_bytes()), v))
+            .collect();
+        let back = Envelope::<M>::from_fields(&fields).unwrap();
+        assert_eq!(back, env);
+    }
+
+    proptest! {
+        #[test]
+        fn task_commands_round_trip(msg in task_command(), tp in proptest::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01")) {
+            roundtrip(msg, tp);
+        }
+
+        #[test]
+        fn callbacks_round_trip(msg in callback()) {
+            roundtrip(msg, None);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(kind in "[a-z.]{1,16}", body in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = TaskCommand::decode_body(&kind, &body);
+            let _ = Callback::decode_body(&kind, &body);
+        }
+    }
+
+    #[test]
+    fn a_body_of_the_wrong_shape_is_a_clear_error() {
+        let body = rmp_serde::to_vec_named(&TaskCancel {
+            session_id: "s".into(),
+            task_id: "t".into(),
+            reason: String::new(),
+        })
+        .unwrap();
+        let err = TaskCommand::decode_body("task.submit", &body).unwrap_err();
+        assert!(err.to_string().contains("task.submit"), "{err}");
+    }
+
+    #[test]
+    fn unknown_kinds_and_versions_are_rejected() {
+        let env = Envelope::with_id(
+            Uuid::now_v7(),
+            TaskCommand::Cancel(TaskCancel {
+                session_id: "s".into(),
+                task_id: "t".into(),
+                reason: String::new(),
+            }),
+        );
+        let mut fields: Vec<(Bytes, Bytes)> = env
+            .to_fields()
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (Bytes::from_static(k.as_bytes()), v))
+            .collect();
+        assert!(matches!(
+            Callback::decode_body("task.cancel", b""),
+            Err(EnvelopeError::UnknownKind(_))
+        ));
+        fields[0].1 = Bytes::from_static(b"2");
+        assert!(matches!(
+            Envelope::<TaskCommand>::from_fields(&fields),
+            Err(EnvelopeError::Version(2))
+        ));
+        fields.remove(0);
+        assert!(matches!(
+            Envelope::<TaskCommand>::from_fields(&fields),
+            Err(EnvelopeError::MissingField("v"))
+        ));
+    }
+}

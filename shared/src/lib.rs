@@ -1,0 +1,40 @@
+//! Fleet's shared library: everything the binaries have in common.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`keys`] | every Redis key, stream and group name |
+//! | [`envelope`] | the stream entry envelope and the typed messages of each stream |
+//! | [`stream`] | the one consumer loop (read, ack, reclaim, dead-letter, trim) and producers |
+//! | [`task`] | task state and the compare-and-set Lua scripts that move it |
+//! | [`session_log`] | the per-session event log and the live fan-out to gateways |
+//! | [`session`] | sessions, tokens and the chat API every front door calls |
+//! | [`agent`] | agent configurations |
+//! | [`events`] | client-facing WebSocket / SSE messages |
+//! | [`backlog`] | back-pressure from the dispatchers' backlog |
+//! | [`admin`] | health and metrics routes |
+//! | [`telemetry`] | logs, traces and trace-context propagation |
+//! | [`config`] | flags and environment variables shared by every binary |
+//! | [`redis`] | connecting to Redis |
+//! | [`shutdown`] | SIGINT / SIGTERM handling and draining |
+//!
+//! Invariants: binaries talk to each other only through Redis Streams; every effect of an entry
+//! is written before the entry is acked and is idempotent; task state moves only through the
+//! scripts in [`task`]; this crate never serves HTTP routes other than [`admin`].
+
+pub mod admin;
+pub mod agent;
+pub mod backlog;
+pub mod config;
+pub mod envelope;
+pub mod events;
+pub mod keys;
+pub mod redis;
+pub mod session;
+pub mod session_log;
+pub mod shutdown;
+pub mod stream;
+pub mod task;
+pub mod telemetry;
+pub mod time;
+
+pub use keys::Keys;

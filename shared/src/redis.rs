@@ -1,0 +1,97 @@
+//! Connecting to Redis: one multiplexed client per process for ordinary commands, and a
+//! separate connection (`Client::clone_new`) for each blocking reader.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::config::UnresponsiveConfig;
+
+/// Why Redis could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid REDIS_URL `{url}`: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: Error,
+    },
+    #[error("cannot connect to Redis at `{url}`: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: Error,
+    },
+}
+
+/// Builds a client for `url` (`redis://`, `rediss://`, or `redis-cluster://` for cluster mode)
+/// that reconnects forever with backoff, and connects it.
+pub async fn connect(url: &str) -> Result<Client, ConnectError> {
+    let client = client(url)?;
+    client
+        .init()
+        .await
+        .map_err(|source| ConnectError::Connect {
+            url: redact(url),
+            source,
+        })?;
+    crate::task::SCRIPTS
+        .load(&client)
+        .await
+        .map_err(|source| ConnectError::Connect {
+            url: redact(url),
+            source,
+        })?;
+    Ok(client)
+}
+
+/// Builds a client for `url` without connecting it.
+pub fn client(url: &str) -> Result<Client, ConnectError> {
+    let config = Config::from_url(url).map_err(|source| ConnectError::Url {
+        url: redact(url),
+        source,
+    })?;
+    let mut connection = ConnectionConfig::default();
+    connection.connection_timeout = Duration::from_secs(5);
+    connection.max_command_attempts = 3;
+    connection.unresponsive = UnresponsiveConfig {
+        max_timeout: Some(Duration::from_secs(10)),
+        interval: Duration::from_secs(1),
+    };
+    let perf = PerformanceConfig {
+        default_command_timeout: Duration::from_secs(15),
+        ..Default::default()
+    };
+    let policy = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);
+    Ok(Client::new(
+        config,
+        Some(perf),
+        Some(connection),
+        Some(policy),
+    ))
+}
+
+/// `url` with any password replaced by `***`, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("redis://u:secret@h:1/0"),
+            "redis://u:***@h:1/0"
+        );
+        assert_eq!(super::redact("redis://h:1"), "redis://h:1");
+    }
+}

@@ -1,0 +1,628 @@
+//! Chat sessions: creation, signed tokens, status, and the one submit path that REST, WebSocket
+//! and gRPC all use ([`Chat::submit`]).
+//!
+//! A session is the hash `fleet:{s:<sid>}` (fields `session_id`, `type`, `agent_id`,
+//! `agent_name`, `tenant_id`, `user_id`, `metadata`, `state` open|closed, `created_ms`,
+//! `last_activity_ms`, `expires_ms`, `tasks_total`, `tasks_<final state>`, `active_task`,
+//! `last_eid`, `ws_connections`, `ws_seen_ms`). It expires after the retention TTL without
+//! activity, together with its tasks and its event log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fred::prelude::*;
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use serde_json::Value as Json;
+use sha2::Sha256;
+use uuid::Uuid;
+
+use crate::agent::{AgentConfig, AgentError, AgentStore};
+use crate::envelope::{Envelope, SessionClose, TaskCancel, TaskCommand, TaskSubmit};
+use crate::keys::Keys;
+use crate::stream::producer;
+use crate::task::{Created, TaskError, TaskStore, TaskView};
+use crate::time::now_ms;
+
+/// Signs and checks session tokens: `v1.<session_id>.<expires_ms>.<HMAC-SHA256, base64url>`.
+#[derive(Clone)]
+pub struct TokenSigner {
+    secret: Arc<[u8]>,
+}
+
+/// Why a token was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed session token")]
+    Malformed,
+    #[error("session token signature does not match")]
+    BadSignature,
+    #[error("session token is for another session")]
+    WrongSession,
+    #[error("session token expired")]
+    Expired,
+}
+
+impl TokenSigner {
+    pub fn new(secret: &[u8]) -> Self {
+        Self {
+            secret: Arc::from(secret),
+        }
+    }
+
+    fn mac(&self, payload: &str) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key");
+        mac.update(payload.as_bytes());
+        mac
+    }
+
+    pub fn sign(&self, session_id: &str, expires_ms: i64) -> String {
+        let payload = format!("v1.{session_id}.{expires_ms}");
+        let sig = URL_SAFE_NO_PAD.encode(self.mac(&payload).finalize().into_bytes());
+        format!("{payload}.{sig}")
+    }
+
+    /// Checks `token` for `session_id` at time `now_ms`, in constant time for the signature.
+    pub fn verify(&self, token: &str, session_id: &str, now_ms: i64) -> Result<(), TokenError> {
+        let (payload, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
+        let mut parts = payload.splitn(3, '.');
+        let (Some("v1"), Some(sid), Some(exp)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(TokenError::Malformed);
+        };
+        let exp: i64 = exp.parse().map_err(|_| TokenError::Malformed)?;
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| TokenError::Malformed)?;
+        self.mac(payload)
+            .verify_slice(&sig)
+            .map_err(|_| TokenError::BadSignature)?;
+        if sid != session_id {
+            return Err(TokenError::WrongSession);
+        }
+        if exp <= now_ms {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// Errors a chat call answers with. Each maps to one HTTP status / WS error / gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what} `{id}` not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("session `{0}` is closed")]
+    SessionClosed(String),
+    #[error("task `{0}` already exists")]
+    Conflict(String),
+    #[error("the fleet is overloaded ({backlog} tasks waiting); retry later")]
+    Overloaded { backlog: u64 },
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<Error> for ChatError {
+    fn from(e: Error) -> Self {
+        ChatError::Unavailable(e.to_string())
+    }
+}
+
+impl From<TaskError> for ChatError {
+    fn from(e: TaskError) -> Self {
+        ChatError::Unavailable(e.to_string())
+    }
+}
+
+impl From<AgentError> for ChatError {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::Invalid(m) => ChatError::Invalid(m),
+            other => ChatError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<producer::ProduceError> for ChatError {
+    fn from(e: producer::ProduceError) -> Self {
+        ChatError::Unavailable(e.to_string())
+    }
+}
+
+/// Limits and defaults of the chat API.
+#[derive(Clone, Debug)]
+pub struct ChatLimits {
+    /// Largest user message, in bytes.
+    pub max_message_bytes: usize,
+    /// Deadline of a task whose agent sets none.
+    pub default_task_timeout: Duration,
+    /// Session tokens are valid this long.
+    pub token_ttl: Duration,
+}
+
+impl Default for ChatLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            default_task_timeout: Duration::from_secs(300),
+            token_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A new session.
+#[derive(Clone, Debug, Serialize)]
+pub struct NewSession {
+    pub session_id: String,
+    pub session_token: String,
+    /// A task id reserved for the session's first message.
+    pub task_id: String,
+    pub agent_id: String,
+    pub agent_name: String,
+    pub expires_ms: i64,
+}
+
+/// `POST /api/v1/chat/init` input.
+#[derive(Clone, Debug, Default)]
+pub struct InitSession {
+    pub agent_id: String,
+    pub tenant_id: Option<String>,
+    pub user_id: Option<String>,
+    pub metadata: Json,
+}
+
+/// A message to submit.
+#[derive(Clone, Debug, Default)]
+pub struct SubmitMessage {
+    pub message: String,
+    pub metadata: Json,
+    /// A reserved task id to use.
+    pub task_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// `rest`, `ws` or `grpc`.
+    pub source: &'static str,
+}
+
+/// What a submit answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Submitted {
+    pub task_id: String,
+    pub status: String,
+    /// The same request was submitted before; this is its task.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// `GET /api/v1/chat/session/{id}/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionStatus {
+    pub session_id: String,
+    #[serde(rename = "type")]
+    pub session_type: String,
+    pub state: String,
+    pub agent_id: String,
+    pub agent_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    pub totals: SessionTotals,
+    pub active_task: Option<String>,
+    pub created_ms: i64,
+    pub last_activity_ms: i64,
+    pub websocket_connected: bool,
+    pub websocket_connections: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_event_id: Option<String>,
+    #[serde(skip_serializing_if = "Json::is_null")]
+    pub metadata: Json,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SessionTotals {
+    pub tasks: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub timed_out: i64,
+}
+
+/// A WebSocket counts as connected while its gateway refreshed `ws_seen_ms` this recently.
+pub const WS_PRESENCE_WINDOW_MS: i64 = 45_000;
+
+/// Whether new work should be refused, from the dispatchers' backlog (see [`crate::backlog`]).
+#[derive(Clone, Default)]
+pub struct Backpressure {
+    backlog: Arc<AtomicU64>,
+    limit: u64,
+}
+
+impl Backpressure {
+    /// `limit` 0 never refuses.
+    pub fn new(backlog: Arc<AtomicU64>, limit: u64) -> Self {
+        Self { backlog, limit }
+    }
+
+    pub fn check(&self) -> Result<(), ChatError> {
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        if self.limit > 0 && backlog > self.limit {
+            metrics::counter!("fleet_submissions_refused_total", "reason" => "overloaded")
+                .increment(1);
+            return Err(ChatError::Overloaded { backlog });
+        }
+        Ok(())
+    }
+}
+
+/// The chat API over Redis, shared by every front door.
+#[derive(Clone)]
+pub struct Chat {
+    pub tasks: TaskStore,
+    pub agents: AgentStore,
+    pub tokens: TokenSigner,
+    pub limits: ChatLimits,
+    pub backpressure: Backpressure,
+}
+
+fn check_id(what: &'static str, id: &str) -> Result<(), ChatError> {
+    if crate::agent::valid_name(id) {
+        Ok(())
+    } else {
+        Err(ChatError::NotFound {
+            what,
+            id: id.chars().take(64).collect(),
+        })
+    }
+}
+
+impl Chat {
+    fn client(&self) -> &Client {
+        self.tasks.client()
+    }
+
+    fn keys(&self) -> &Keys {
+        self.tasks.keys()
+    }
+
+    /// Opens a session with `agent_id` and reserves its first task id.
+    pub async fn init_session(&self, req: InitSession) -> Result<NewSession, ChatError> {
+        check_id("agent", &req.agent_id)?;
+        let agent: AgentConfig =
+            self.agents
+                .get(&req.agent_id)
+                .await?
+                .ok_or_else(|| ChatError::NotFound {
+                    what: "agent",
+                    id: req.agent_id.clone(),
+                })?;
+        if let (Some(want), Some(have)) = (&req.tenant_id, &agent.tenant_id) {
+            if want != have {
+                return Err(ChatError::NotFound {
+                    what: "agent",
+                    id: req.agent_id,
+                });
+            }
+        }
+        let sid = Uuid::now_v7().to_string();
+        let now = now_ms();
+        let expires_ms = now + self.limits.token_ttl.as_millis() as i64;
+        let key = self.keys().session(&sid);
+        let fields: Vec<(&str, String)> = vec![
+            ("session_id", sid.clone()),
+            ("type", "chat".into()),
+            ("agent_id", agent.id.clone()),
+            ("agent_name", agent.name.clone()),
+            ("tenant_id", req.tenant_id.clone().unwrap_or_default()),
+            ("user_id", req.user_id.clone().unwrap_or_default()),
+            ("metadata", req.metadata.to_string()),
+            ("state", "open".into()),
+            ("created_ms", now.to_string()),
+            ("last_activity_ms", now.to_string()),
+            ("expires_ms", expires_ms.to_string()),
+            ("tasks_total", "0".into()),
+        ];
+        let tx = self.client().multi();
+        let _: () = tx.hset(&key, fields).await?;
+        let _: () = tx
+            .pexpire(&key, self.tasks.retention().session_ttl_ms, None)
+            .await?;
+        let _: Value = tx.exec(true).await?;
+        let task_id = Uuid::now_v7().to_string();
+        self.tasks.reserve(&sid, &task_id).await?;
+        metrics::counter!("fleet_sessions_created_total").increment(1);
+        Ok(NewSession {
+            session_token: self.tokens.sign(&sid, expires_ms),
+            session_id: sid,
+            task_id,
+            agent_id: agent.id,
+            agent_name: agent.name,
+            expires_ms,
+        })
+    }
+
+    /// Checks a bearer token for `sid`.
+    pub fn authorize(&self, sid: &str, token: &str) -> Result<(), TokenError> {
+        self.tokens.verify(token, sid, now_ms())
+    }
+
+    async fn session_hash(&self, sid: &str) -> Result<HashMap<String, String>, ChatError> {
+        check_id("session", sid)?;
+        let h: HashMap<String, String> = self.client().hgetall(self.keys().session(sid)).await?;
+        if h.is_empty() {
+            return Err(ChatError::NotFound {
+                what: "session",
+                id: sid.to_owned(),
+            });
+        }
+        Ok(h)
+    }
+
+    /// The session's status.
+    pub async fn status(&self, sid: &str) -> Result<SessionStatus, ChatError> {
+        let h = self.session_hash(sid).await?;
+        let int = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+        let opt = |k: &str| h.get(k).filter(|v| !v.is_empty()).cloned();
+        let ws_connections = int("ws_connections").max(0);
+        Ok(SessionStatus {
+            session_id: sid.to_owned(),
+            session_type: opt("type").unwrap_or_else(|| "chat".into()),
+            state: opt("state").unwrap_or_default(),
+            agent_id: opt("agent_id").unwrap_or_default(),
+            agent_name: opt("agent_name").unwrap_or_default(),
+            tenant_id: opt("tenant_id"),
+            user_id: opt("user_id"),
+            totals: SessionTotals {
+                tasks: int("tasks_total"),
+                completed: int("tasks_completed"),
+                failed: int("tasks_failed"),
+                cancelled: int("tasks_cancelled"),
+                timed_out: int("tasks_timed_out"),
+            },
+            active_task: opt("active_task"),
+            created_ms: int("created_ms"),
+            last_activity_ms: int("last_activity_ms"),
+            websocket_connected: ws_connections > 0
+                && now_ms() - int("ws_seen_ms") < WS_PRESENCE_WINDOW_MS,
+            websocket_connections: ws_connections,
+            last_event_id: opt("last_eid"),
+            metadata: h
+                .get("metadata")
+                .and_then(|m| serde_json::from_str(m).ok())
+                .unwrap_or(Json::Null),
+        })
+    }
+
+    /// Reserves a task id for a later submit.
+    pub async fn reserve_task(&self, sid: &str) -> Result<String, ChatError> {
+        check_id("session", sid)?;
+        let tid = Uuid::now_v7().to_string();
+        match self.tasks.reserve(sid, &tid).await? {
+            Created::New { .. } => Ok(tid),
+            Created::SessionClosed => Err(ChatError::SessionClosed(sid.to_owned())),
+            _ => Err(ChatError::NotFound {
+                what: "session",
+                id: sid.to_owned(),
+            }),
+        }
+    }
+
+    /// Submits a user message as a task: creates it `queued`, registers its deadline and sends
+    /// `task.submit` to the dispatchers. Answers at once with the task id.
+    pub async fn submit(&self, sid: &str, msg: SubmitMessage) -> Result<Submitted, ChatError> {
+        check_id("session", sid)?;
+        if msg.message.trim().is_empty() {
+            return Err(ChatError::Invalid("message must not be empty".into()));
+        }
+        if msg.message.len() > self.limits.max_message_bytes {
+            return Err(ChatError::Invalid(format!(
+                "message is {} bytes; the limit is {}",
+                msg.message.len(),
+                self.limits.max_message_bytes
+            )));
+        }
+        if let Some(k) = &msg.idempotency_key {
+            if k.is_empty() || k.len() > 128 || k.contains(char::is_control) {
+                return Err(ChatError::Invalid(
+                    "idempotency key must be 1-128 printable characters".into(),
+                ));
+            }
+        }
+        if let Some(t) = &msg.task_id {
+            check_id("task", t)?;
+        }
+        self.backpressure.check()?;
+
+        let tid = msg
+            .task_id
+            .clone()
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        // The deadline follows the agent's timeout; the agent is read through the cache.
+        let agent_id: Option<String> = self
+            .client()
+            .hget(self.keys().session(sid), "agent_id")
+            .await?;
+        let timeout = match &agent_id {
+            Some(a) => self
+                .agents
+                .get_cached(a)
+                .await?
+                .and_then(|a| a.timeout_secs)
+                .map(Duration::from_secs),
+            None => None,
+        }
+        .unwrap_or(self.limits.default_task_timeout);
+        let deadline_ms = now_ms() + timeout.as_millis() as i64;
+
+        let created = self
+            .tasks
+            .create(
+                sid,
+                &tid,
+                &msg.message,
+                &msg.metadata,
+                deadline_ms,
+                msg.source,
+                msg.idempotency_key.as_deref(),
+            )
+            .await?;
+        match created {
+            Created::New { agent_id } => {
+                let env = Envelope::new(TaskCommand::Submit(TaskSubmit {
+                    session_id: sid.to_owned(),
+                    task_id: tid.clone(),
+                    agent_id,
+                    attempt: 1,
+                    message: msg.message,
+                    metadata: msg.metadata,
+                    deadline_ms,
+                    source: msg.source.to_owned(),
+                }));
+                let pipeline = self.client().pipeline();
+                let _: () = pipeline
+                    .zadd(
+                        self.keys().deadlines(),
+                        None,
+                        None,
+                        false,
+                        false,
+                        (deadline_ms as f64, format!("{sid}/{tid}")),
+                    )
+                    .await?;
+                producer::queue(&pipeline, &self.keys().tasks(), None, &env).await?;
+                let _: Vec<Value> = pipeline.all().await?;
+                metrics::counter!("fleet_tasks_submitted_total", "source" => msg.source)
+                    .increment(1);
+                Ok(Submitted {
+                    task_id: tid,
+                    status: "queued".into(),
+                    duplicate: false,
+                })
+            }
+            Created::Duplicate { task_id } => {
+                let status = self
+                    .tasks
+                    .get(sid, &task_id)
+                    .await?
+                    .map(|t| t.state)
+                    .unwrap_or_else(|| "queued".into());
+                Ok(Submitted {
+                    task_id,
+                    status,
+                    duplicate: true,
+                })
+            }
+            Created::Exists { state } => Ok(Submitted {
+                task_id: tid,
+                status: state,
+                duplicate: true,
+            }),
+            Created::NoSession => Err(ChatError::NotFound {
+                what: "session",
+                id: sid.to_owned(),
+            }),
+            Created::SessionClosed => Err(ChatError::SessionClosed(sid.to_owned())),
+        }
+    }
+
+    /// A task of the session.
+    pub async fn task(&self, sid: &str, tid: &str) -> Result<TaskView, ChatError> {
+        check_id("session", sid)?;
+        check_id("task", tid)?;
+        self.tasks
+            .get(sid, tid)
+            .await?
+            .ok_or_else(|| ChatError::NotFound {
+                what: "task",
+                id: tid.to_owned(),
+            })
+    }
+
+    /// Asks the dispatchers to cancel a task. Answers with the task as it is now; the task ends
+    /// `cancelled` shortly after unless it finished first.
+    pub async fn cancel(&self, sid: &str, tid: &str, reason: &str) -> Result<TaskView, ChatError> {
+        let task = self.task(sid, tid).await?;
+        if task.state().is_some_and(|s| !s.is_terminal()) {
+            let env = Envelope::new(TaskCommand::Cancel(TaskCancel {
+                session_id: sid.to_owned(),
+                task_id: tid.to_owned(),
+                reason: reason.to_owned(),
+            }));
+            producer::send(self.client(), &self.keys().tasks(), None, &env).await?;
+        }
+        Ok(task)
+    }
+
+    /// Asks the dispatchers to close a session and cancel its open tasks.
+    pub async fn close(&self, sid: &str, reason: &str) -> Result<SessionStatus, ChatError> {
+        let status = self.status(sid).await?;
+        if status.state == "open" {
+            let env = Envelope::new(TaskCommand::SessionClose(SessionClose {
+                session_id: sid.to_owned(),
+                reason: reason.to_owned(),
+            }));
+            producer::send(self.client(), &self.keys().tasks(), None, &env).await?;
+        }
+        Ok(status)
+    }
+
+    /// Records a WebSocket (dis)connection on the session (`delta` +1 / -1).
+    pub async fn websocket_presence(&self, sid: &str, delta: i64) -> Result<(), ChatError> {
+        let key = self.keys().session(sid);
+        let pipeline = self.client().pipeline();
+        let _: () = pipeline.hincrby(&key, "ws_connections", delta).await?;
+        let _: () = pipeline.hset(&key, ("ws_seen_ms", now_ms())).await?;
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    /// Refreshes the presence of connected WebSockets on these sessions.
+    pub async fn websocket_heartbeat(&self, sids: &[String]) -> Result<(), ChatError> {
+        if sids.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let pipeline = self.client().pipeline();
+        for sid in sids {
+            let _: () = pipeline
+                .hset(self.keys().session(sid), ("ws_seen_ms", now))
+                .await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_only_for_their_session_and_time() {
+        let signer = TokenSigner::new(b"secret");
+        let token = signer.sign("s1", 2_000);
+        assert_eq!(signer.verify(&token, "s1", 1_000), Ok(()));
+        assert_eq!(
+            signer.verify(&token, "s2", 1_000),
+            Err(TokenError::WrongSession)
+        );
+        assert_eq!(signer.verify(&token, "s1", 2_000), Err(TokenError::Expired));
+        assert_eq!(
+            TokenSigner::new(b"other").verify(&token, "s1", 1_000),
+            Err(TokenError::BadSignature)
+        );
+        let forged = token.replace("v1.s1.2000", "v1.s1.9999");
+        assert_eq!(
+            signer.verify(&forged, "s1", 1_000),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            signer.verify("garbage", "s1", 0),
+            Err(TokenError::Malformed)
+        );
+    }
+}

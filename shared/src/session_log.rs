@@ -1,0 +1,214 @@
+//! The session event log and the live fan-out that carries it to gateways.
+//!
+//! * `fleet:{s:<sid>}:events` is the **truth**: every client-facing event of a session, appended
+//!   by the task-state scripts in the same atomic step as the state change (capped, with a TTL).
+//!   Its entry ids are the `event_id`s clients resume from.
+//! * `fleet:fanout:<shard>` is the **fast path**: after a script appended events, the writer
+//!   XADDs a copy of each to the session's shard, with the id of the event before it (`prev`).
+//!   Every ws-gateway XREADs every shard. The shards are capped: losing an entry there is fine,
+//!   because a gateway that sees `prev` differ from what it last delivered (or receives a nudge
+//!   without payload) reads the gap from the log before delivering more.
+//!
+//! Fan-out entry fields: `s` session id, `e` event id, `p` previous event id (empty: none),
+//! `d` the event JSON (absent in a nudge).
+
+use bytes::Bytes;
+use fred::clients::Pipeline;
+use fred::prelude::*;
+use fred::types::streams::XCap;
+
+use crate::keys::Keys;
+use crate::stream::entry::{StreamEntry, StreamId, parse_entries};
+
+/// An event a script appended to a session log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedEvent {
+    /// The session's previous event id ("" when this is its first event).
+    pub prev: String,
+    pub event_id: String,
+    /// The rendered message, without `event_id`.
+    pub json: String,
+}
+
+/// One event read back from a session log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub event_id: StreamId,
+    pub task_id: String,
+    pub json: String,
+}
+
+impl LogEntry {
+    fn from_entry(e: &StreamEntry) -> LogEntry {
+        LogEntry {
+            event_id: e.id,
+            task_id: e.get_str("t").unwrap_or_default().to_owned(),
+            json: e.get_str("d").unwrap_or_default().to_owned(),
+        }
+    }
+}
+
+/// One fan-out entry as a gateway reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FanoutEntry {
+    pub session_id: String,
+    pub event_id: StreamId,
+    pub prev: Option<StreamId>,
+    /// `None` for a nudge: "the log has events up to `event_id`; read what you miss".
+    pub json: Option<String>,
+}
+
+impl FanoutEntry {
+    /// Parses a fan-out stream entry; `None` when it is not one.
+    pub fn parse(e: &StreamEntry) -> Option<FanoutEntry> {
+        Some(FanoutEntry {
+            session_id: e.get_str("s")?.to_owned(),
+            event_id: e.get_str("e")?.parse().ok()?,
+            prev: e.get_str("p").and_then(|p| p.parse().ok()),
+            json: e.get_str("d").map(str::to_owned),
+        })
+    }
+}
+
+/// Fan-out layout every writer and reader must agree on.
+#[derive(Clone, Debug)]
+pub struct FanoutConfig {
+    /// Number of `fleet:fanout:<shard>` streams (`FLEET_FANOUT_SHARDS`).
+    pub shards: u32,
+    /// Each shard keeps about this many entries.
+    pub maxlen: u64,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self {
+            shards: 4,
+            maxlen: 100_000,
+        }
+    }
+}
+
+/// Reads session logs and writes the fan-out.
+#[derive(Clone)]
+pub struct SessionLog {
+    client: Client,
+    keys: Keys,
+    fanout: FanoutConfig,
+}
+
+impl SessionLog {
+    pub fn new(client: Client, keys: Keys, fanout: FanoutConfig) -> Self {
+        Self {
+            client,
+            keys,
+            fanout,
+        }
+    }
+
+    pub fn fanout_config(&self) -> &FanoutConfig {
+        &self.fanout
+    }
+
+    /// The fan-out stream of session `sid`.
+    pub fn fanout_key(&self, sid: &str) -> String {
+        self.keys
+            .fanout(Keys::fanout_shard(sid, self.fanout.shards))
+    }
+
+    /// Every fan-out stream.
+    pub fn fanout_keys(&self) -> Vec<String> {
+        (0..self.fanout.shards.max(1))
+            .map(|s| self.keys.fanout(s))
+            .collect()
+    }
+
+    /// Queues on `pipeline` the fan-out of `events` of session `sid`.
+    pub async fn queue_fanout(
+        &self,
+        pipeline: &Pipeline<Client>,
+        sid: &str,
+        events: &[LoggedEvent],
+    ) -> Result<(), Error> {
+        let key = self.fanout_key(sid);
+        for ev in events {
+            let fields: Vec<(&str, Bytes)> = vec![
+                ("s", Bytes::from(sid.to_owned())),
+                ("e", Bytes::from(ev.event_id.clone())),
+                ("p", Bytes::from(ev.prev.clone())),
+                ("d", Bytes::from(ev.json.clone())),
+            ];
+            pipeline
+                .xadd::<(), _, _, _, _>(key.as_str(), false, self.cap()?, "*", fields)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Queues on `pipeline` a nudge: gateways holding `sid` read its log up to `last_event_id`.
+    /// Sent when a redelivered callback found its events already logged, since the fan-out of
+    /// the first delivery may never have been written.
+    pub async fn queue_nudge(
+        &self,
+        pipeline: &Pipeline<Client>,
+        sid: &str,
+        last_event_id: &str,
+    ) -> Result<(), Error> {
+        if last_event_id.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<(&str, Bytes)> = vec![
+            ("s", Bytes::from(sid.to_owned())),
+            ("e", Bytes::from(last_event_id.to_owned())),
+        ];
+        pipeline
+            .xadd::<(), _, _, _, _>(
+                self.fanout_key(sid).as_str(),
+                false,
+                self.cap()?,
+                "*",
+                fields,
+            )
+            .await
+    }
+
+    fn cap(&self) -> Result<XCap, Error> {
+        XCap::try_from(("MAXLEN", "~", self.fanout.maxlen as i64))
+    }
+
+    /// Events of `sid` after `after` (all when `None`), up to `until` inclusive when given,
+    /// at most `count`.
+    pub async fn replay_after(
+        &self,
+        sid: &str,
+        after: Option<StreamId>,
+        until: Option<StreamId>,
+        count: u64,
+    ) -> Result<Vec<LogEntry>, Error> {
+        let start = match after {
+            Some(id) => format!("({id}"),
+            None => "-".to_owned(),
+        };
+        let end = until.map_or_else(|| "+".to_owned(), |id| id.to_string());
+        let reply: Value = self
+            .client
+            .xrange(self.keys.session_events(sid), start, end, Some(count))
+            .await?;
+        Ok(parse_entries(reply)
+            .unwrap_or_default()
+            .iter()
+            .map(LogEntry::from_entry)
+            .collect())
+    }
+
+    /// The oldest event id still in the log of `sid`, if any.
+    pub async fn oldest(&self, sid: &str) -> Result<Option<StreamId>, Error> {
+        let reply: Value = self
+            .client
+            .xrange(self.keys.session_events(sid), "-", "+", Some(1))
+            .await?;
+        Ok(parse_entries(reply)
+            .unwrap_or_default()
+            .first()
+            .map(|e| e.id))
+    }
+}

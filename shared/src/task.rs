@@ -1,0 +1,640 @@
+//! Task state, moved only by compare-and-set Lua scripts (`src/lua/*.lua`).
+//!
+//! ```text
+//!  reserved ─▶ queued ─▶ dispatched ─▶ running ─▶ completed
+//!                │           │            │  └───▶ failed
+//!                └───────────┴────────────┴──────▶ cancelled | timed_out
+//! ```
+//!
+//! * `create` (edge-api, ws-gateway, gRPC): a new task, `queued`, in an open session.
+//! * `dispatch` (dispatcher): `queued -> dispatched`, once per `(task_id, attempt)`.
+//! * `apply` (callback-worker, dispatcher on cancel, the deadline sweeper): callbacks of one
+//!   `(task_id, attempt)` apply strictly in `seq` order. A duplicate is dropped, an early one is
+//!   parked until its predecessor arrives, a callback of another attempt is stale, and nothing
+//!   moves a terminal task. The client event of each step is appended to the session log in the
+//!   same atomic step (see [`crate::session_log`]).
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::keys::Keys;
+use crate::session_log::LoggedEvent;
+use crate::time::now_ms;
+
+/// Where a task is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// An id handed out by `POST /api/v1/chat/session/{id}/task`, not yet submitted.
+    Reserved,
+    Queued,
+    Dispatched,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 8] = [
+        TaskState::Reserved,
+        TaskState::Queued,
+        TaskState::Dispatched,
+        TaskState::Running,
+        TaskState::Completed,
+        TaskState::Failed,
+        TaskState::Cancelled,
+        TaskState::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Reserved => "reserved",
+            TaskState::Queued => "queued",
+            TaskState::Dispatched => "dispatched",
+            TaskState::Running => "running",
+            TaskState::Completed => "completed",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::TimedOut => "timed_out",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Nothing moves a task out of a terminal state.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Completed | TaskState::Failed | TaskState::Cancelled | TaskState::TimedOut
+        )
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+macro_rules! lua {
+    ($file:literal) => {
+        concat!(
+            include_str!("lua/prelude.lua"),
+            include_str!(concat!("lua/", $file))
+        )
+    };
+}
+
+/// The task-state scripts, loaded by SHA and reloaded when Redis forgot them.
+pub struct Scripts {
+    pub create: Script,
+    pub reserve: Script,
+    pub dispatch: Script,
+    pub apply: Script,
+}
+
+/// The compiled-in scripts.
+pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    create: Script::from_lua(lua!("create.lua")),
+    reserve: Script::from_lua(lua!("reserve.lua")),
+    dispatch: Script::from_lua(lua!("dispatch.lua")),
+    apply: Script::from_lua(lua!("apply.lua")),
+});
+
+impl Scripts {
+    /// `SCRIPT LOAD`s every script (on every primary in cluster mode).
+    pub async fn load(&self, client: &Client) -> Result<(), Error> {
+        for s in [&self.create, &self.reserve, &self.dispatch, &self.apply] {
+            s.load(client).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `script`, loading it first if Redis does not know it (e.g. after a restart).
+pub async fn eval(
+    client: &Client,
+    script: &Script,
+    keys: Vec<String>,
+    args: Vec<Value>,
+) -> Result<Value, Error> {
+    script.evalsha_with_reload(client, keys, args).await
+}
+
+/// Errors of the task store.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("redis: {0}")]
+    Redis(#[from] Error),
+    #[error("unexpected script reply: {0}")]
+    Reply(String),
+}
+
+fn first_str(v: &Value) -> String {
+    match v {
+        Value::Array(a) => a.first().and_then(|x| x.as_string()).unwrap_or_default(),
+        other => other.as_string().unwrap_or_default(),
+    }
+}
+
+fn nth_str(v: &Value, n: usize) -> Option<String> {
+    match v {
+        Value::Array(a) => a.get(n).and_then(|x| x.as_string()),
+        _ => None,
+    }
+}
+
+/// What `create` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// A new queued task; carries the session's agent id.
+    New {
+        agent_id: String,
+    },
+    /// The idempotency key was used before, for this task id.
+    Duplicate {
+        task_id: String,
+    },
+    /// The task id is already taken by a submitted task, in this state.
+    Exists {
+        state: String,
+    },
+    NoSession,
+    SessionClosed,
+}
+
+/// What `dispatch` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dispatched {
+    /// This call moved it `queued -> dispatched`.
+    Moved,
+    /// It is not queued: here is its state (`dispatched` when an earlier delivery moved it).
+    NotQueued(String),
+    /// The command is for another attempt.
+    Stale,
+    Missing,
+}
+
+/// One operation for the `apply` script (see `lua/apply.lua`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TaskOp {
+    #[serde(skip)]
+    pub task_id: String,
+    pub op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none", rename = "a")]
+    pub attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", rename = "s")]
+    pub seq: Option<u32>,
+    /// The client event to append when the op applies ("" for none).
+    #[serde(rename = "ev")]
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", rename = "et")]
+    pub error_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", rename = "em")]
+    pub error_message: Option<String>,
+}
+
+impl TaskOp {
+    /// A callback of `(task_id, attempt)` at position `seq`.
+    pub fn ordered(op: &'static str, task_id: &str, attempt: u32, seq: u32, event: String) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            op,
+            attempt: Some(attempt),
+            seq: Some(seq),
+            event,
+            ..Default::default()
+        }
+    }
+
+    /// Ends an open task as `cancelled` (`op = "cancel"`) or `timed_out` (`op = "timeout"`).
+    pub fn end(
+        op: &'static str,
+        task_id: &str,
+        error_type: &str,
+        message: &str,
+        event: String,
+    ) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            op,
+            event,
+            error_type: Some(error_type.to_owned()),
+            error_message: Some(message.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    /// Appends a session-level event (`op = "event"`) or closes the session (`op = "close"`).
+    pub fn session(op: &'static str, event: String) -> Self {
+        Self {
+            op,
+            event,
+            ..Default::default()
+        }
+    }
+}
+
+/// How one op fared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpStatus {
+    Applied,
+    Duplicate,
+    Buffered,
+    Stale,
+    Terminal,
+    Missing,
+}
+
+impl OpStatus {
+    fn parse(s: &str) -> OpStatus {
+        match s {
+            "applied" => OpStatus::Applied,
+            "duplicate" => OpStatus::Duplicate,
+            "buffered" => OpStatus::Buffered,
+            "stale" => OpStatus::Stale,
+            "terminal" => OpStatus::Terminal,
+            _ => OpStatus::Missing,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpStatus::Applied => "applied",
+            OpStatus::Duplicate => "duplicate",
+            OpStatus::Buffered => "buffered",
+            OpStatus::Stale => "stale",
+            OpStatus::Terminal => "terminal",
+            OpStatus::Missing => "missing",
+        }
+    }
+}
+
+/// What one `apply` call did.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    pub statuses: Vec<OpStatus>,
+    /// Events appended to the session log, in order.
+    pub events: Vec<LoggedEvent>,
+    /// Tasks this call ended, with their final state.
+    pub ended: Vec<(String, TaskState)>,
+    /// The session's newest event id after the call (empty when it has none).
+    pub last_event_id: String,
+}
+
+/// A task as stored, for reads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task_id: String,
+    pub session_id: String,
+    pub agent_id: String,
+    pub state: String,
+    pub attempt: u32,
+    pub message: String,
+    #[serde(skip_serializing_if = "Json::is_null")]
+    pub metadata: Json,
+    /// Chunks delivered so far.
+    pub chunks: u32,
+    pub created_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatched_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<i64>,
+    pub updated_ms: i64,
+    pub deadline_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskErrorView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskErrorView {
+    pub error_type: String,
+    pub message: String,
+}
+
+impl TaskView {
+    fn from_hash(h: HashMap<String, String>) -> Option<TaskView> {
+        let int = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok());
+        Some(TaskView {
+            task_id: h.get("task_id")?.clone(),
+            session_id: h.get("session_id").cloned().unwrap_or_default(),
+            agent_id: h.get("agent_id").cloned().unwrap_or_default(),
+            state: h.get("state")?.clone(),
+            attempt: int("attempt").unwrap_or(0) as u32,
+            message: h.get("message").cloned().unwrap_or_default(),
+            metadata: h
+                .get("metadata")
+                .and_then(|m| serde_json::from_str(m).ok())
+                .unwrap_or(Json::Null),
+            chunks: int("chunks").unwrap_or(0) as u32,
+            created_ms: int("created_ms").unwrap_or(0),
+            dispatched_ms: int("dispatched_ms"),
+            started_ms: int("started_ms"),
+            finished_ms: int("finished_ms"),
+            updated_ms: int("updated_ms").unwrap_or(0),
+            deadline_ms: int("deadline_ms").unwrap_or(0),
+            result: h.get("result").cloned(),
+            error: h.get("error_type").map(|t| TaskErrorView {
+                error_type: t.clone(),
+                message: h.get("error").cloned().unwrap_or_default(),
+            }),
+            pool: h.get("pool").cloned(),
+        })
+    }
+
+    pub fn state(&self) -> Option<TaskState> {
+        TaskState::parse(&self.state)
+    }
+}
+
+/// Session-scoped limits every writer of task state must agree on.
+#[derive(Clone, Debug)]
+pub struct Retention {
+    /// Sessions, their tasks and their event logs expire after this long without activity.
+    pub session_ttl_ms: i64,
+    /// The session event log keeps about this many events.
+    pub log_maxlen: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            session_ttl_ms: 24 * 3600 * 1000,
+            log_maxlen: 10_000,
+        }
+    }
+}
+
+/// Task state in Redis.
+#[derive(Clone)]
+pub struct TaskStore {
+    client: Client,
+    keys: Keys,
+    retention: Retention,
+}
+
+impl TaskStore {
+    pub fn new(client: Client, keys: Keys, retention: Retention) -> Self {
+        Self {
+            client,
+            keys,
+            retention,
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn retention(&self) -> &Retention {
+        &self.retention
+    }
+
+    /// Reserves `tid` in session `sid`: [`Created::New`] when reserved, otherwise why not.
+    pub async fn reserve(&self, sid: &str, tid: &str) -> Result<Created, TaskError> {
+        let reply = eval(
+            &self.client,
+            &SCRIPTS.reserve,
+            vec![self.keys.session(sid), self.keys.task(sid, tid)],
+            vec![
+                now_ms().into(),
+                sid.into(),
+                tid.into(),
+                self.retention.session_ttl_ms.into(),
+            ],
+        )
+        .await?;
+        Ok(match first_str(&reply).as_str() {
+            "reserved" => Created::New {
+                agent_id: String::new(),
+            },
+            "session_closed" => Created::SessionClosed,
+            _ => Created::NoSession,
+        })
+    }
+
+    /// Creates task `tid` as `queued` (see `lua/create.lua`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        sid: &str,
+        tid: &str,
+        message: &str,
+        metadata: &Json,
+        deadline_ms: i64,
+        source: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, TaskError> {
+        let task_key = self.keys.task(sid, tid);
+        let idem_key = match idempotency_key {
+            Some(k) => self.keys.idempotency(sid, k),
+            None => task_key.clone(),
+        };
+        let reply = eval(
+            &self.client,
+            &SCRIPTS.create,
+            vec![
+                self.keys.session(sid),
+                task_key,
+                idem_key,
+                self.open_tasks_key(sid),
+            ],
+            vec![
+                now_ms().into(),
+                sid.into(),
+                tid.into(),
+                message.into(),
+                metadata.to_string().into(),
+                deadline_ms.into(),
+                source.into(),
+                if idempotency_key.is_some() { "1" } else { "0" }.into(),
+                self.retention.session_ttl_ms.into(),
+                self.retention.session_ttl_ms.into(),
+            ],
+        )
+        .await?;
+        Ok(match first_str(&reply).as_str() {
+            "created" => Created::New {
+                agent_id: nth_str(&reply, 1).unwrap_or_default(),
+            },
+            "duplicate" => Created::Duplicate {
+                task_id: nth_str(&reply, 1).unwrap_or_default(),
+            },
+            "exists" => Created::Exists {
+                state: nth_str(&reply, 1).unwrap_or_default(),
+            },
+            "session_closed" => Created::SessionClosed,
+            "no_session" => Created::NoSession,
+            other => return Err(TaskError::Reply(other.to_owned())),
+        })
+    }
+
+    /// Moves `(tid, attempt)` `queued -> dispatched` (see `lua/dispatch.lua`).
+    pub async fn dispatch(
+        &self,
+        sid: &str,
+        tid: &str,
+        attempt: u32,
+        pool: &str,
+    ) -> Result<Dispatched, TaskError> {
+        let reply = eval(
+            &self.client,
+            &SCRIPTS.dispatch,
+            vec![self.keys.task(sid, tid)],
+            vec![now_ms().into(), attempt.into(), pool.into()],
+        )
+        .await?;
+        Ok(match first_str(&reply).as_str() {
+            "dispatched" => Dispatched::Moved,
+            "stale" => Dispatched::Stale,
+            "missing" => Dispatched::Missing,
+            other => Dispatched::NotQueued(other.to_owned()),
+        })
+    }
+
+    /// The key of the set of a session's open task ids.
+    pub fn open_tasks_key(&self, sid: &str) -> String {
+        format!("{}:open", self.keys.session(sid))
+    }
+
+    /// The keys and arguments of one `apply` call for session `sid`.
+    pub fn apply_call(&self, sid: &str, ops: &[TaskOp]) -> (Vec<String>, Vec<Value>) {
+        let mut keys = vec![
+            self.keys.session(sid),
+            self.keys.session_events(sid),
+            self.open_tasks_key(sid),
+        ];
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut args: Vec<Value> = vec![
+            now_ms().into(),
+            self.retention.session_ttl_ms.into(),
+            (self.retention.log_maxlen as i64).into(),
+        ];
+        for op in ops {
+            let k = if op.task_id.is_empty() {
+                0
+            } else {
+                *index.entry(op.task_id.as_str()).or_insert_with(|| {
+                    keys.push(self.keys.task(sid, &op.task_id));
+                    keys.len()
+                })
+            };
+            let mut json = serde_json::to_value(op).expect("a TaskOp always serializes");
+            json["k"] = k.into();
+            json["tid"] = op.task_id.clone().into();
+            args.push(json.to_string().into());
+        }
+        (keys, args)
+    }
+
+    /// Applies `ops` to session `sid` atomically (see `lua/apply.lua`).
+    pub async fn apply(&self, sid: &str, ops: &[TaskOp]) -> Result<Applied, TaskError> {
+        let (keys, args) = self.apply_call(sid, ops);
+        let reply = eval(&self.client, &SCRIPTS.apply, keys, args).await?;
+        parse_applied(reply)
+    }
+
+    /// Reads a task.
+    pub async fn get(&self, sid: &str, tid: &str) -> Result<Option<TaskView>, TaskError> {
+        let h: HashMap<String, String> = self.client.hgetall(self.keys.task(sid, tid)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        Ok(TaskView::from_hash(h))
+    }
+}
+
+/// Parses the reply of the `apply` script.
+pub fn parse_applied(reply: Value) -> Result<Applied, TaskError> {
+    let mut parts = reply.into_array().into_iter();
+    let (Some(statuses), Some(events), Some(ended), Some(last)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TaskError::Reply("apply returned fewer than 4 parts".into()));
+    };
+    let statuses = statuses
+        .into_array()
+        .into_iter()
+        .map(|s| OpStatus::parse(&s.as_string().unwrap_or_default()))
+        .collect();
+    let mut out_events = Vec::new();
+    let mut it = events.into_array().into_iter();
+    while let (Some(prev), Some(eid), Some(json)) = (it.next(), it.next(), it.next()) {
+        out_events.push(LoggedEvent {
+            prev: prev.as_string().unwrap_or_default(),
+            event_id: eid.as_string().unwrap_or_default(),
+            json: json.as_string().unwrap_or_default(),
+        });
+    }
+    let mut out_ended = Vec::new();
+    let mut it = ended.into_array().into_iter();
+    while let (Some(tid), Some(state)) = (it.next(), it.next()) {
+        if let Some(state) = state.as_string().and_then(|s| TaskState::parse(&s)) {
+            out_ended.push((tid.as_string().unwrap_or_default(), state));
+        }
+    }
+    Ok(Applied {
+        statuses,
+        events: out_events,
+        ended: out_ended,
+        last_event_id: last.as_string().unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for s in TaskState::ALL {
+            assert_eq!(TaskState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(TaskState::parse("nope"), None);
+        assert!(TaskState::TimedOut.is_terminal());
+        assert!(!TaskState::Running.is_terminal());
+    }
+
+    #[test]
+    fn apply_calls_declare_each_task_key_once() {
+        let store_keys = Keys::new("p");
+        let ops = [
+            TaskOp::ordered("chunk", "t1", 1, 1, "{}".into()),
+            TaskOp::ordered("chunk", "t2", 1, 1, "{}".into()),
+            TaskOp::ordered("result", "t1", 1, 2, "{}".into()),
+            TaskOp::session("event", "{}".into()),
+        ];
+        let client = Client::default();
+        let store = TaskStore::new(client, store_keys, Retention::default());
+        let (keys, args) = store.apply_call("s", &ops);
+        assert_eq!(keys.len(), 5);
+        assert_eq!(keys[3], "p:{s:s}:task:t1");
+        assert_eq!(keys[4], "p:{s:s}:task:t2");
+        let op3: Json = serde_json::from_str(args[5].as_str().unwrap().as_ref()).unwrap();
+        assert_eq!(op3["k"], 4);
+        assert_eq!(op3["s"], 2);
+        let op4: Json = serde_json::from_str(args[6].as_str().unwrap().as_ref()).unwrap();
+        assert_eq!(op4["k"], 0);
+    }
+}

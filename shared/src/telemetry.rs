@@ -1,0 +1,210 @@
+//! Logs and traces.
+//!
+//! * Logs: `tracing-subscriber` with the filter from `RUST_LOG` (default `info`), formatted
+//!   `pretty` on a terminal and as JSON lines otherwise (`FLEET_LOG_FORMAT` overrides).
+//! * Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set
+//!   and `OTEL_SDK_DISABLED` is not `true`, spans are exported over OTLP/gRPC with the standard
+//!   `OTEL_*` variables (service name, sampler, resource attributes). Otherwise no exporter
+//!   exists at all.
+//! * Propagation: the W3C `traceparent` of the current span rides in every stream entry (`tp`)
+//!   and NATS message; consumers continue the trace from it ([`continue_from`]).
+
+use std::io::IsTerminal;
+
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `pretty` on a terminal, `json` otherwise.
+    #[default]
+    Auto,
+    Pretty,
+    Json,
+}
+
+/// Keeps the trace exporter alive; call [`Telemetry::shutdown`] before exit to flush it.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Flushes and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown() {
+                eprintln!("trace exporter shutdown: {e}");
+            }
+        }
+    }
+}
+
+fn otlp_configured() -> bool {
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    let endpoint = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty()));
+    !disabled && endpoint
+}
+
+/// Installs the global subscriber (and the OTLP exporter when configured) for `service`.
+/// Must be called inside the Tokio runtime.
+pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let fmt_json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+    });
+    let fmt_pretty = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .compact()
+            .with_writer(std::io::stderr)
+    });
+
+    let provider = if otlp_configured() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
+        let service_name =
+            std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+        let resource = Resource::builder()
+            .with_service_name(service_name)
+            .with_attributes([
+                KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+                KeyValue::new(
+                    "service.instance.id",
+                    crate::stream::consumer::unique_consumer_name(service),
+                ),
+            ])
+            .build();
+        Some(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build(),
+        )
+    } else {
+        None
+    };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_json)
+        .with(fmt_pretty)
+        .with(otel)
+        .try_init()?;
+    Ok(Telemetry { provider })
+}
+
+/// The W3C `traceparent` of the current span, when tracing is on and the span is sampled or
+/// recording.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return None;
+    }
+    Some(format_traceparent(sc))
+}
+
+/// Formats a span context as a W3C `traceparent`.
+pub fn format_traceparent(sc: &SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    )
+}
+
+/// Parses a W3C `traceparent` (version 00).
+pub fn parse_traceparent(tp: &str) -> Option<SpanContext> {
+    let mut parts = tp.trim().split('-');
+    let (Some("00"), Some(trace), Some(span), Some(flags), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    if trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok()?;
+    let span_id = SpanId::from_hex(span).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let sc = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    sc.is_valid().then_some(sc)
+}
+
+/// Makes `span` a child of the writer of an entry (its `tp`). For a redelivered entry the
+/// writer is linked instead, so each retry is its own trace root pointing at the original.
+pub fn continue_from(span: &tracing::Span, tp: Option<&str>, redelivered: bool) {
+    let Some(sc) = tp.and_then(parse_traceparent) else {
+        return;
+    };
+    if redelivered {
+        span.add_link(sc);
+    } else {
+        let _ = span.set_parent(Context::new().with_remote_span_context(sc));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_round_trip_and_reject_garbage() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let sc = parse_traceparent(tp).unwrap();
+        assert_eq!(format_traceparent(&sc), tp);
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(parse_traceparent("garbage").is_none());
+    }
+}

@@ -1,0 +1,380 @@
+//! Test support: real servers on free ports, one key prefix per test, binaries as processes.
+//!
+//! * [`redis`] starts one `redis-server` per test process (nextest runs each test in a process
+//!   of its own) on a free port, without persistence, and returns its URL. [`RedisServer::start`]
+//!   starts a private one (e.g. to restart it).
+//! * [`NatsServer::start`] starts `nats-server -js` on a free port with its own store directory;
+//!   [`NatsServer::restart`] stops and starts it on the same port and store.
+//! * [`prefix`] gives each test its own key prefix, so tests never see each other's keys.
+//! * [`FleetProcess`] runs one of Fleet's binaries (built by `cargo build --workspace --bins`)
+//!   with its environment, and can stop it with SIGTERM or SIGKILL.
+//!
+//! Every child is stopped by PID: on drop, and by a reaper process that kills it if the test
+//! process dies first. The machine's own Redis and NATS on their standard ports are never used.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A key prefix no other test uses.
+pub fn prefix() -> String {
+    format!("t{}", uuid::Uuid::new_v4().simple())
+}
+
+fn wait_for_port(port: u16, within: Duration, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + within;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on {port}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what} did not listen on {port} within {within:?}");
+}
+
+/// Kills `pid` when this test process exits, however it exits.
+fn reap_with_parent(pid: u32) {
+    let me = std::process::id();
+    let script =
+        format!("while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pid} 2>/dev/null");
+    let _ = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/bin", "/sbin"].map(PathBuf::from));
+    candidates.map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+fn require(program: &str) -> PathBuf {
+    which(program).unwrap_or_else(|| {
+        panic!("`{program}` is not installed; the README's test command installs it (apt-get install redis-server nats-server)")
+    })
+}
+
+/// A `redis-server` process of a test.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    /// Starts a private `redis-server` on a free port.
+    pub fn start() -> RedisServer {
+        Self::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> RedisServer {
+        let mut child = Command::new(require("redis-server"))
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        reap_with_parent(child.id());
+        wait_for_port(port, Duration::from_secs(10), "redis-server", &mut child);
+        RedisServer { child, port }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the server and starts a new one on the same port (its data is gone).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::start_on(self.port);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+static REDIS: OnceLock<RedisServer> = OnceLock::new();
+
+/// The URL of this test process's `redis-server`, started on first use.
+pub fn redis() -> String {
+    REDIS.get_or_init(RedisServer::start).url()
+}
+
+/// A `nats-server -js` process of a test, with its own store directory.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: PathBuf,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let store =
+            std::env::temp_dir().join(format!("fleet-nats-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&store).expect("create nats store dir");
+        let mut s = NatsServer {
+            child: None,
+            port: free_port(),
+            store,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(require("nats-server"))
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        reap_with_parent(child.id());
+        wait_for_port(
+            self.port,
+            Duration::from_secs(10),
+            "nats-server",
+            &mut child,
+        );
+        self.child = Some(child);
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        &self.store
+    }
+
+    /// Stops the server (SIGKILL when `hard`, else SIGTERM) and waits for it to exit.
+    pub fn stop(&mut self, hard: bool) {
+        if let Some(mut child) = self.child.take() {
+            if hard {
+                let _ = child.kill();
+            } else {
+                signal(child.id(), "TERM");
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store directory.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
+    /// Stops and starts it again, keeping its store.
+    pub fn restart(&mut self) {
+        self.stop(false);
+        self.start_again();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop(true);
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+/// The directory Fleet's binaries were built into (the one holding this test's executable).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("test executable lives in target/<profile>/deps")
+}
+
+/// The path of Fleet binary `name`, which `cargo build --workspace --bins` builds.
+pub fn bin_path(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// One of Fleet's binaries running as a process.
+pub struct FleetProcess {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl FleetProcess {
+    /// Starts binary `name` with `args` and `env` (on top of a clean `RUST_LOG=info`).
+    /// Its output goes to a log file, shown by [`FleetProcess::log`].
+    pub fn spawn(name: &str, args: &[&str], env: &[(&str, String)]) -> FleetProcess {
+        let log = std::env::temp_dir().join(format!(
+            "fleet-{name}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let out = std::fs::File::create(&log).expect("create process log");
+        let err = out.try_clone().expect("clone log handle");
+        let mut cmd = Command::new(bin_path(name));
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("FLEET_LOG_FORMAT", "json")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        reap_with_parent(child.id());
+        FleetProcess {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to `within` for the exit. Returns its exit status.
+    pub async fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for FleetProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ----\n{}", self.name, self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Polls `check` until it returns `Some`, up to `within`; panics with `what` otherwise.
+/// For conditions no event announces (e.g. a value in Redis written by another process).
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
