@@ -207,7 +207,16 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let task = tokio::spawn(async move {
+    Ok((local, spawn(listener, router, shutdown)))
+}
+
+/// Serves `router` on a bound `listener` until `shutdown`.
+pub fn spawn(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -217,6 +226,5 @@ pub async fn serve(
         if let Err(e) = served {
             tracing::error!(error = %e, "http server failed");
         }
-    });
-    Ok((local, task))
+    })
 }

@@ -28,6 +28,9 @@ use crate::stream::producer;
 use crate::task::{Created, TaskError, TaskStore, TaskView};
 use crate::time::now_ms;
 
+/// The secret `--dev` uses when `FLEET_SECRET` is unset. Never for production.
+pub const DEV_SECRET: &str = "fleet-dev-secret-do-not-use-in-production";
+
 /// Signs and checks session tokens: `v1.<session_id>.<expires_ms>.<HMAC-SHA256, base64url>`.
 #[derive(Clone)]
 pub struct TokenSigner {

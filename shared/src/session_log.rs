@@ -19,6 +19,7 @@ use fred::types::streams::XCap;
 
 use crate::keys::Keys;
 use crate::stream::entry::{StreamEntry, StreamId, parse_entries};
+use crate::task::Applied;
 
 /// An event a script appended to a session log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,6 +170,36 @@ impl SessionLog {
                 fields,
             )
             .await
+    }
+
+    /// Queues on `pipeline` what must follow an `apply` of session `sid`: the fan-out of its
+    /// events, and the removal of the tasks it ended from the deadline set. With `nudge`, also a
+    /// nudge when the call appended nothing (a redelivered entry whose events were logged by
+    /// an earlier delivery whose fan-out may be missing). Returns whether it queued anything.
+    pub async fn queue_applied(
+        &self,
+        pipeline: &Pipeline<Client>,
+        sid: &str,
+        applied: &Applied,
+        nudge: bool,
+    ) -> Result<bool, Error> {
+        let mut queued = !applied.events.is_empty();
+        self.queue_fanout(pipeline, sid, &applied.events).await?;
+        if nudge && applied.events.is_empty() && !applied.last_event_id.is_empty() {
+            self.queue_nudge(pipeline, sid, &applied.last_event_id)
+                .await?;
+            queued = true;
+        }
+        if !applied.ended.is_empty() {
+            queued = true;
+            let members: Vec<String> = applied
+                .ended
+                .iter()
+                .map(|t| format!("{sid}/{}", t.task_id))
+                .collect();
+            let _: () = pipeline.zrem(self.keys.deadlines(), members).await?;
+        }
+        Ok(queued)
     }
 
     fn cap(&self) -> Result<XCap, Error> {

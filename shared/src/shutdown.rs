@@ -4,6 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::task::JoinSet;
+
 use tokio_util::sync::CancellationToken;
 
 /// A token cancelled on the first SIGINT or SIGTERM.
@@ -44,5 +46,53 @@ pub async fn drain<F: Future<Output = ()>>(work: F, grace: Duration) -> bool {
             );
             false
         }
+    }
+}
+
+/// Runs a process's long-lived `workers` until `shutdown`, then gives them `grace` to finish.
+///
+/// A worker that ends before shutdown was asked for is a failure: the others are stopped and
+/// its error is returned, so the process exits non-zero and its supervisor restarts it.
+pub async fn supervise(
+    mut workers: JoinSet<(&'static str, anyhow::Result<()>)>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let early = tokio::select! {
+        done = workers.join_next() => done,
+        _ = shutdown.cancelled() => None,
+    };
+    if let Some(done) = early {
+        shutdown.cancel();
+        let (name, result) = done.unwrap_or(("worker", Err(anyhow::anyhow!("worker panicked"))));
+        drain(
+            async { while workers.join_next().await.is_some() {} },
+            grace,
+        )
+        .await;
+        return match result {
+            Err(e) => Err(e.context(format!("{name} stopped"))),
+            Ok(()) => Err(anyhow::anyhow!("{name} stopped before shutdown")),
+        };
+    }
+    let mut failure = None;
+    let finished = drain(
+        async {
+            while let Some(done) = workers.join_next().await {
+                if let Ok((name, Err(e))) = done {
+                    tracing::error!(worker = name, error = %e, "worker failed while stopping");
+                    failure.get_or_insert(e);
+                }
+            }
+        },
+        grace,
+    )
+    .await;
+    if !finished {
+        workers.abort_all();
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }

@@ -22,9 +22,14 @@ use fred::types::scripts::Script;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
+use crate::envelope::{Envelope, ExecCancel, ExecControl};
 use crate::keys::Keys;
 use crate::session_log::LoggedEvent;
+use crate::stream::producer::{self, ProduceError};
 use crate::time::now_ms;
+
+/// A pool's control stream keeps about this many entries; executors only read its tail.
+pub const CONTROL_MAXLEN: u64 = 10_000;
 
 /// Where a task is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -218,7 +223,8 @@ impl TaskOp {
         }
     }
 
-    /// Ends an open task as `cancelled` (`op = "cancel"`) or `timed_out` (`op = "timeout"`).
+    /// Ends an open task as `cancelled` (`op = "cancel"`), `timed_out` (`op = "timeout"`) or
+    /// `failed` (`op = "fail"`), whatever its attempt and seq.
     pub fn end(
         op: &'static str,
         task_id: &str,
@@ -287,10 +293,20 @@ pub struct Applied {
     pub statuses: Vec<OpStatus>,
     /// Events appended to the session log, in order.
     pub events: Vec<LoggedEvent>,
-    /// Tasks this call ended, with their final state.
-    pub ended: Vec<(String, TaskState)>,
+    /// Tasks this call ended.
+    pub ended: Vec<EndedTask>,
     /// The session's newest event id after the call (empty when it has none).
     pub last_event_id: String,
+}
+
+/// A task an `apply` call ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndedTask {
+    pub task_id: String,
+    pub state: TaskState,
+    pub created_ms: i64,
+    /// The pool it was dispatched to ("" when it never was).
+    pub pool: String,
 }
 
 /// A task as stored, for reads.
@@ -555,6 +571,30 @@ impl TaskStore {
         parse_applied(reply)
     }
 
+    /// Tells every executor of `pool` to stop working on task `tid` (`exec.cancel` on the
+    /// pool's control stream).
+    pub async fn cancel_on_executors(
+        &self,
+        pool: &str,
+        sid: &str,
+        tid: &str,
+        reason: &str,
+    ) -> Result<(), ProduceError> {
+        let env = Envelope::new(ExecControl::Cancel(ExecCancel {
+            session_id: sid.to_owned(),
+            task_id: tid.to_owned(),
+            reason: reason.to_owned(),
+        }));
+        producer::send(
+            &self.client,
+            &self.keys.exec_control(pool),
+            Some(CONTROL_MAXLEN),
+            &env,
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Reads a task.
     pub async fn get(&self, sid: &str, tid: &str) -> Result<Option<TaskView>, TaskError> {
         let h: HashMap<String, String> = self.client.hgetall(self.keys.task(sid, tid)).await?;
@@ -589,9 +629,19 @@ pub fn parse_applied(reply: Value) -> Result<Applied, TaskError> {
     }
     let mut out_ended = Vec::new();
     let mut it = ended.into_array().into_iter();
-    while let (Some(tid), Some(state)) = (it.next(), it.next()) {
+    while let (Some(tid), Some(state), Some(created), Some(pool)) =
+        (it.next(), it.next(), it.next(), it.next())
+    {
         if let Some(state) = state.as_string().and_then(|s| TaskState::parse(&s)) {
-            out_ended.push((tid.as_string().unwrap_or_default(), state));
+            out_ended.push(EndedTask {
+                task_id: tid.as_string().unwrap_or_default(),
+                state,
+                created_ms: created
+                    .as_string()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0),
+                pool: pool.as_string().unwrap_or_default(),
+            });
         }
     }
     Ok(Applied {

@@ -4,7 +4,8 @@
 --   { k = index into KEYS of the task key (0: session-level event), tid, op, a = attempt,
 --     s = seq, ev = client event JSON ('' for none), content, et = error type, em = message }
 --   op: started | chunk | progress | result | error  (ordered by seq within (tid, attempt))
---       cancel | timeout                            (end any open task)
+--       cancel | timeout | fail                     (end any open task: cancelled,
+--                                                    timed_out, failed)
 --       event                                       (append ev to the session log only)
 --       close                                       (mark the session closed, append ev)
 -- Seq-ordered ops apply strictly in seq order: a duplicate (seq <= applied) is dropped, an early
@@ -13,7 +14,7 @@
 -- Returns { statuses, events, ended, last_eid }:
 --   statuses: one per op: applied | duplicate | buffered | stale | terminal | missing
 --   events:   flat { prev_eid, eid, json, ... } of every event appended
---   ended:    flat { tid, state, ... } of every task this call ended
+--   ended:    flat { tid, state, created_ms, pool, ... } of every task this call ended
 --   last_eid: the session's newest event id after this call ('' when it has none)
 local now, ttl, maxlen = ARGV[1], ARGV[2], ARGV[3]
 local skey, lkey, okey = KEYS[1], KEYS[2], KEYS[3]
@@ -38,8 +39,11 @@ local function finish(tkey, op, state)
   end
   redis.call('HSET', skey, 'last_activity_ms', now)
   redis.call('PEXPIRE', tkey, ttl)
+  local info = redis.call('HMGET', tkey, 'created_ms', 'pool')
   ended[#ended + 1] = op.tid
   ended[#ended + 1] = state
+  ended[#ended + 1] = info[1] or '0'
+  ended[#ended + 1] = info[2] or ''
   emit(op.tid, op.ev)
 end
 
@@ -79,6 +83,9 @@ local function apply_one(op)
     return 'applied'
   end
   if op.op == 'close' then
+    local st = redis.call('HGET', skey, 'state')
+    if not st then return 'missing' end
+    if st == 'closed' then return 'terminal' end
     redis.call('HSET', skey, 'state', 'closed', 'closed_ms', now, 'last_activity_ms', now)
     emit('', op.ev)
     return 'applied'
@@ -93,6 +100,9 @@ local function apply_one(op)
     return 'applied'
   elseif op.op == 'timeout' then
     finish(tkey, op, 'timed_out')
+    return 'applied'
+  elseif op.op == 'fail' then
+    finish(tkey, op, 'failed')
     return 'applied'
   end
   if tonumber(t[2]) ~= tonumber(op.a) then return 'stale' end

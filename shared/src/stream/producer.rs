@@ -70,6 +70,10 @@ impl Producer {
         &self.stream
     }
 
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     pub async fn send<M: Message>(&self, env: &Envelope<M>) -> Result<StreamId, ProduceError> {
         send(&self.client, &self.stream, self.maxlen, env).await
     }

@@ -1,0 +1,100 @@
+//! The deadline sweeper: ends tasks past their deadline as `timed_out`.
+//!
+//! Open tasks sit in the sorted set `fleet:deadlines` scored by their deadline. Every interval
+//! the sweeper takes the overdue ones, ends each still-open one by compare-and-set (so several
+//! callback-workers sweeping at once end a task once), logs and fans out its `chat_error`, tells
+//! its executors to stop, and removes it from the set.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleet::events::ServerMessage;
+use fleet::session_log::SessionLog;
+use fleet::task::{TaskOp, TaskStore};
+use fleet::time::now_ms;
+use fred::prelude::*;
+use serde_json::Value as Json;
+use tokio_util::sync::CancellationToken;
+
+/// Overdue tasks handled per scan.
+const PER_SCAN: i64 = 500;
+
+pub struct Sweeper {
+    pub tasks: TaskStore,
+    pub log: SessionLog,
+    pub every: Duration,
+}
+
+impl Sweeper {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        while !shutdown.is_cancelled() {
+            match self.sweep().await {
+                // A full scan means more may be waiting: go again at once.
+                Ok(n) if n as i64 >= PER_SCAN => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "deadline sweep failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.every) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One scan. Returns how many overdue entries it handled.
+    pub async fn sweep(&self) -> anyhow::Result<usize> {
+        let client = self.tasks.client();
+        let key = self.tasks.keys().deadlines();
+        let overdue: Vec<String> = client
+            .zrangebyscore(&key, "-inf", now_ms() as f64, false, Some((0, PER_SCAN)))
+            .await?;
+        if overdue.is_empty() {
+            return Ok(0);
+        }
+        let mut by_session: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for m in &overdue {
+            if let Some((sid, tid)) = m.split_once('/') {
+                by_session.entry(sid).or_default().push(tid);
+            }
+        }
+        for (sid, tids) in by_session {
+            let message = "the task did not finish before its deadline";
+            let ops: Vec<TaskOp> = tids
+                .iter()
+                .map(|tid| {
+                    let ev = ServerMessage::chat_error(
+                        sid,
+                        tid,
+                        None,
+                        "timed_out",
+                        message,
+                        &Json::Null,
+                    );
+                    TaskOp::end("timeout", tid, "timed_out", message, ev.to_json())
+                })
+                .collect();
+            let applied = self.tasks.apply(sid, &ops).await?;
+            let pipeline = client.pipeline();
+            if self
+                .log
+                .queue_applied(&pipeline, sid, &applied, false)
+                .await?
+            {
+                let _: Vec<Value> = pipeline.all().await?;
+            }
+            for t in &applied.ended {
+                metrics::counter!("fleet_tasks_timed_out_total").increment(1);
+                tracing::info!(session_id = %sid, task_id = %t.task_id, "task timed out");
+                if !t.pool.is_empty() {
+                    self.tasks
+                        .cancel_on_executors(&t.pool, sid, &t.task_id, "deadline passed")
+                        .await?;
+                }
+            }
+        }
+        // Whatever was overdue is handled now (ended here, or already ended).
+        let _: i64 = client.zrem(&key, overdue.clone()).await?;
+        Ok(overdue.len())
+    }
+}

@@ -1,0 +1,114 @@
+//! Cancel control: every executor of a pool reads `fleet:exec:<pool>:control` without a group
+//! (each must see every cancel) and stops the named task if it holds it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet::envelope::{Envelope, ExecControl};
+use fleet::stream::entry::parse_read;
+use fred::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+/// Cancels remembered for tasks not (yet) held here are forgotten after this long.
+const REMEMBER: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+struct Inner {
+    running: HashMap<String, CancellationToken>,
+    cancelled: HashMap<String, Instant>,
+}
+
+/// Tasks running here, and cancels received for tasks not running here.
+#[derive(Clone, Default)]
+pub struct Cancellations(Arc<Mutex<Inner>>);
+
+impl Cancellations {
+    /// Registers a task about to run; `None` when it was already cancelled.
+    pub fn start(&self, task_id: &str) -> Option<CancellationToken> {
+        let mut inner = self.0.lock().expect("cancellations lock");
+        if inner.cancelled.contains_key(task_id) {
+            return None;
+        }
+        let token = CancellationToken::new();
+        inner.running.insert(task_id.to_owned(), token.clone());
+        Some(token)
+    }
+
+    pub fn finish(&self, task_id: &str) {
+        self.0
+            .lock()
+            .expect("cancellations lock")
+            .running
+            .remove(task_id);
+    }
+
+    /// Stops `task_id` if it runs here, and remembers the cancel in case it arrives later.
+    pub fn cancel(&self, task_id: &str) -> bool {
+        let mut inner = self.0.lock().expect("cancellations lock");
+        let now = Instant::now();
+        inner
+            .cancelled
+            .retain(|_, at| now.duration_since(*at) < REMEMBER);
+        inner.cancelled.insert(task_id.to_owned(), now);
+        match inner.running.get(task_id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Reads the control stream from its end.
+pub struct ControlReader {
+    pub client: Client,
+    pub stream: String,
+    pub cancellations: Cancellations,
+}
+
+impl ControlReader {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let reader = self.client.clone_new();
+        reader.init().await?;
+        let mut last = "$".to_owned();
+        while !shutdown.is_cancelled() {
+            let reply: Result<Value, _> = reader
+                .xread(Some(256), Some(1000), self.stream.as_str(), last.as_str())
+                .await;
+            let streams = match reply.map(parse_read) {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "unreadable control reply");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control read failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            };
+            for entry in streams.into_iter().flat_map(|(_, e)| e) {
+                last = entry.id.to_string();
+                match Envelope::<ExecControl>::from_fields(&entry.fields) {
+                    Ok(env) => match env.msg {
+                        ExecControl::Cancel(c) => {
+                            if self.cancellations.cancel(&c.task_id) {
+                                tracing::info!(task_id = %c.task_id, reason = %c.reason, "cancelling task");
+                            }
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(entry = %entry.id, error = %e, "ignoring undecodable control entry")
+                    }
+                }
+            }
+        }
+        let _ = reader.quit().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,314 @@
+//! The consumer loop against a real redis-server: acks, dead letters, reclaim, max deliveries,
+//! graceful stop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet::Keys;
+use fleet::envelope::{Envelope, TaskCancel, TaskCommand};
+use fleet::stream::{ConsumerConfig, ConsumerLoop, Delivery, Handler, Outcome, groups, producer};
+use fleet_test_support::eventually;
+use fred::prelude::*;
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+
+const GROUP: &str = "workers";
+
+async fn setup() -> (Client, Keys) {
+    let client = fleet::redis::connect(&fleet_test_support::redis())
+        .await
+        .unwrap();
+    (client, Keys::new(&fleet_test_support::prefix()))
+}
+
+fn cancel(task: &str) -> Envelope<TaskCommand> {
+    Envelope::new(TaskCommand::Cancel(TaskCancel {
+        session_id: "s".into(),
+        task_id: task.into(),
+        reason: String::new(),
+    }))
+}
+
+fn config(keys: &Keys, consumer: &str) -> ConsumerConfig {
+    let mut c = ConsumerConfig::new(keys.tasks(), GROUP, consumer.into(), keys.dlq());
+    c.block = Duration::from_millis(100);
+    c.claim_idle = Duration::from_millis(300);
+    c
+}
+
+/// Reports each delivery and answers a fixed outcome.
+struct Recorder {
+    seen: mpsc::UnboundedSender<(String, u32)>,
+    outcome: Outcome,
+    /// When set, the handler waits for it before answering.
+    gate: Option<Arc<Mutex<()>>>,
+}
+
+impl Handler for Recorder {
+    type Msg = TaskCommand;
+
+    async fn handle(&self, batch: Vec<Delivery<TaskCommand>>) -> Vec<Outcome> {
+        for d in &batch {
+            let TaskCommand::Cancel(c) = &d.envelope.msg else {
+                panic!("unexpected kind")
+            };
+            self.seen.send((c.task_id.clone(), d.deliveries)).unwrap();
+        }
+        if let Some(gate) = &self.gate {
+            let _held = gate.lock().await;
+        }
+        vec![self.outcome.clone(); batch.len()]
+    }
+}
+
+async fn dlq_entries(client: &Client, keys: &Keys) -> Vec<fleet::stream::StreamEntry> {
+    let v: Value = client.xrange(keys.dlq(), "-", "+", None).await.unwrap();
+    fleet::stream::entry::parse_entries(v).unwrap()
+}
+
+#[tokio::test]
+async fn acks_good_entries_and_dead_letters_undecodable_ones() {
+    let (client, keys) = setup().await;
+    producer::send(&client, &keys.tasks(), None, &cancel("t1"))
+        .await
+        .unwrap();
+    let _: Value = client
+        .xadd(
+            keys.tasks(),
+            false,
+            None,
+            "*",
+            vec![
+                ("v", "1"),
+                ("kind", "task.cancel"),
+                ("id", "not-a-uuid"),
+                ("ts", "1"),
+                ("body", "x"),
+            ],
+        )
+        .await
+        .unwrap();
+    let _: Value = client
+        .xadd(
+            keys.tasks(),
+            false,
+            None,
+            "*",
+            vec![("hello", Bytes::from_static(b"\xff\x00"))],
+        )
+        .await
+        .unwrap();
+    producer::send(&client, &keys.tasks(), None, &cancel("t2"))
+        .await
+        .unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let handler = Recorder {
+        seen: tx,
+        outcome: Outcome::Ack,
+        gate: None,
+    };
+    let run = tokio::spawn(
+        ConsumerLoop::new(config(&keys, "c1"), client.clone(), handler).run(stop.clone()),
+    );
+
+    assert_eq!(rx.recv().await.unwrap(), ("t1".into(), 1));
+    assert_eq!(rx.recv().await.unwrap(), ("t2".into(), 1));
+    let letters = eventually(Duration::from_secs(5), "two dead letters", || async {
+        let l = dlq_entries(&client, &keys).await;
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    assert!(
+        letters[0]
+            .get_str("reason")
+            .unwrap()
+            .contains("`id` is not valid"),
+        "{letters:?}"
+    );
+    assert!(
+        letters[1]
+            .get_str("reason")
+            .unwrap()
+            .contains("missing field `v`")
+    );
+    assert_eq!(letters[1].get("orig.hello").unwrap().as_ref(), b"\xff\x00");
+    assert_eq!(letters[0].get_str("stream").unwrap(), keys.tasks());
+    assert_eq!(letters[0].get_str("group").unwrap(), GROUP);
+    assert_eq!(letters[0].get_str("deliveries").unwrap(), "1");
+
+    let g = eventually(Duration::from_secs(5), "nothing pending", || async {
+        let g = groups::group(&client, &keys.tasks(), GROUP)
+            .await
+            .unwrap()
+            .unwrap();
+        (g.pending == 0).then_some(g)
+    })
+    .await;
+    assert_eq!(g.lag, Some(0));
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn takes_over_entries_of_a_dead_consumer() {
+    let (client, keys) = setup().await;
+    groups::ensure_group(&client, &keys.tasks(), GROUP)
+        .await
+        .unwrap();
+    producer::send(&client, &keys.tasks(), None, &cancel("orphan"))
+        .await
+        .unwrap();
+    // A consumer reads it and dies without acking.
+    let _: Value = client
+        .xreadgroup(GROUP, "dead", Some(10), None, false, keys.tasks(), ">")
+        .await
+        .unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let handler = Recorder {
+        seen: tx,
+        outcome: Outcome::Ack,
+        gate: None,
+    };
+    let run = tokio::spawn(
+        ConsumerLoop::new(config(&keys, "alive"), client.clone(), handler).run(stop.clone()),
+    );
+
+    assert_eq!(rx.recv().await.unwrap(), ("orphan".into(), 2));
+    eventually(Duration::from_secs(5), "the orphan acked", || async {
+        let g = groups::group(&client, &keys.tasks(), GROUP)
+            .await
+            .unwrap()
+            .unwrap();
+        (g.pending == 0).then_some(())
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn dead_letters_an_entry_after_max_deliveries() {
+    let (client, keys) = setup().await;
+    producer::send(&client, &keys.tasks(), None, &cancel("poison"))
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let mut cfg = config(&keys, "c1");
+    cfg.max_deliveries = 3;
+    cfg.claim_idle = Duration::from_millis(100);
+    let handler = Recorder {
+        seen: tx,
+        outcome: Outcome::Retry,
+        gate: None,
+    };
+    let run = tokio::spawn(ConsumerLoop::new(cfg, client.clone(), handler).run(stop.clone()));
+
+    for n in 1..=3 {
+        assert_eq!(rx.recv().await.unwrap(), ("poison".into(), n));
+    }
+    let letters = eventually(
+        Duration::from_secs(5),
+        "the poison entry dead-lettered",
+        || async {
+            let l = dlq_entries(&client, &keys).await;
+            (!l.is_empty()).then_some(l)
+        },
+    )
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0]
+            .get_str("reason")
+            .unwrap()
+            .contains("delivered 3 times")
+    );
+    assert_eq!(letters[0].get_str("orig.kind").unwrap(), "task.cancel");
+    let g = groups::group(&client, &keys.tasks(), GROUP)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.pending, 0);
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert!(rx.try_recv().is_err(), "a dead letter is not handled again");
+}
+
+#[tokio::test]
+async fn a_stop_finishes_the_batch_in_hand_before_returning() {
+    let (client, keys) = setup().await;
+    let gate = Arc::new(Mutex::new(()));
+    let held = gate.clone().lock_owned().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let handler = Recorder {
+        seen: tx,
+        outcome: Outcome::Ack,
+        gate: Some(gate),
+    };
+    let run = tokio::spawn(
+        ConsumerLoop::new(config(&keys, "c1"), client.clone(), handler).run(stop.clone()),
+    );
+    producer::send(&client, &keys.tasks(), None, &cancel("in-hand"))
+        .await
+        .unwrap();
+    assert_eq!(rx.recv().await.unwrap().0, "in-hand");
+
+    stop.cancel();
+    assert!(!run.is_finished());
+    drop(held);
+    run.await.unwrap().unwrap();
+    let g = groups::group(&client, &keys.tasks(), GROUP)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        g.pending, 0,
+        "the batch in hand was acked before the loop returned"
+    );
+    assert_eq!(g.consumers, 0, "a clean stop leaves no consumer behind");
+}
+
+#[tokio::test]
+async fn trims_only_what_every_group_acknowledged() {
+    let (client, keys) = setup().await;
+    let stream = keys.tasks();
+    groups::ensure_group(&client, &stream, "fast")
+        .await
+        .unwrap();
+    groups::ensure_group(&client, &stream, "slow")
+        .await
+        .unwrap();
+    for i in 0..300 {
+        producer::send(&client, &stream, None, &cancel(&format!("t{i}")))
+            .await
+            .unwrap();
+    }
+    // "fast" read and acked everything; "slow" read 100 and acked none.
+    let all: Value = client
+        .xreadgroup("fast", "f", Some(1000), None, true, &stream, ">")
+        .await
+        .unwrap();
+    drop(all);
+    let some: Value = client
+        .xreadgroup("slow", "s", Some(100), None, false, &stream, ">")
+        .await
+        .unwrap();
+    let oldest_pending = fleet::stream::entry::parse_read(some).unwrap()[0].1[0].id;
+    let floor = groups::trim_acknowledged(&client, &stream)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(floor, oldest_pending);
+    let first: Value = client.xrange(&stream, "-", "+", Some(1)).await.unwrap();
+    let first = fleet::stream::entry::parse_entries(first).unwrap()[0].id;
+    assert!(
+        first <= oldest_pending,
+        "nothing the slow group still needs was trimmed"
+    );
+}

@@ -1,0 +1,250 @@
+//! Task state scripts against a real redis-server: whatever order and however often callbacks
+//! arrive, the session log holds each event once, in order, and the task ends as the executor
+//! said; stale, late and cancelled work changes nothing.
+
+use fleet::Keys;
+use fleet::agent::{AgentConfig, AgentStore};
+use fleet::events::ServerMessage;
+use fleet::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
+use fleet::session_log::{FanoutConfig, SessionLog};
+use fleet::task::{OpStatus, Retention, TaskOp, TaskState, TaskStore};
+use proptest::prelude::*;
+use serde_json::Value as Json;
+
+struct Fixture {
+    chat: Chat,
+    log: SessionLog,
+}
+
+async fn fixture() -> Fixture {
+    let client = fleet::redis::connect(&fleet_test_support::redis())
+        .await
+        .unwrap();
+    let keys = Keys::new(&fleet_test_support::prefix());
+    let agents = AgentStore::new(client.clone(), keys.clone());
+    agents
+        .put(&AgentConfig {
+            id: "echo".into(),
+            name: "Echo".into(),
+            pool: "default".into(),
+            role: None,
+            tenant_id: None,
+            timeout_secs: None,
+            params: Json::Null,
+        })
+        .await
+        .unwrap();
+    let chat = Chat {
+        tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
+        agents,
+        tokens: TokenSigner::new(b"0123456789abcdef0123456789abcdef"),
+        limits: ChatLimits::default(),
+        backpressure: Default::default(),
+    };
+    let log = SessionLog::new(client, keys, FanoutConfig::default());
+    Fixture { chat, log }
+}
+
+/// A session with one submitted task.
+async fn session_with_task(f: &Fixture) -> (String, String) {
+    let s = f
+        .chat
+        .init_session(InitSession {
+            agent_id: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let t = f
+        .chat
+        .submit(
+            &s.session_id,
+            SubmitMessage {
+                message: "a b c".into(),
+                source: "rest",
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    (s.session_id, t.task_id)
+}
+
+/// The executor's callbacks for an answer of `n` chunks: started, chunks, result (seq 1..).
+fn callbacks(sid: &str, tid: &str, n: u32) -> Vec<TaskOp> {
+    let mut ops = vec![TaskOp::ordered("started", tid, 1, 1, String::new())];
+    for i in 0..n {
+        let seq = i + 2;
+        let ev = ServerMessage::streaming(sid, tid, seq, &format!("w{i} "), i).to_json();
+        ops.push(TaskOp::ordered("chunk", tid, 1, seq, ev));
+    }
+    let seq = n + 2;
+    let mut result = TaskOp::ordered(
+        "result",
+        tid,
+        1,
+        seq,
+        ServerMessage::response(sid, tid, seq, "all", &Json::Null).to_json(),
+    );
+    result.content = Some("all".into());
+    ops.push(result);
+    ops
+}
+
+fn logged_types_and_seqs(entries: &[fleet::session_log::LogEntry]) -> Vec<(String, u32)> {
+    entries
+        .iter()
+        .map(|e| {
+            let m: ServerMessage = serde_json::from_str(&e.json).unwrap();
+            (m.message_type, m.seq.unwrap_or(0))
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Callbacks shuffled, duplicated and split into several calls still log each event once,
+    /// in seq order, and complete the task.
+    #[test]
+    fn any_arrival_order_logs_each_event_once_in_order(
+        n in 1u32..8,
+        order in Just(()).prop_perturb(|_, mut rng| {
+            // A random permutation of 0..12 with some indexes repeated.
+            let mut v: Vec<usize> = (0..12).collect();
+            for i in (1..v.len()).rev() { v.swap(i, rng.random_range(0..=i)); }
+            let dups: Vec<usize> = (0..4).map(|_| rng.random_range(0..12)).collect();
+            v.extend(dups);
+            v
+        }),
+        splits in prop::collection::vec(1usize..5, 1..6),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let f = fixture().await;
+            let (sid, tid) = session_with_task(&f).await;
+            let all = callbacks(&sid, &tid, n);
+            let arrivals: Vec<TaskOp> = order.iter().filter(|&&i| i < all.len()).map(|&i| all[i].clone()).collect();
+            // Make sure every callback arrives at least once.
+            let mut arrivals = arrivals;
+            arrivals.extend(all.iter().cloned());
+            let mut rest = &arrivals[..];
+            let mut k = 0;
+            while !rest.is_empty() {
+                let take = splits[k % splits.len()].min(rest.len());
+                f.chat.tasks.apply(&sid, &rest[..take]).await.unwrap();
+                rest = &rest[take..];
+                k += 1;
+            }
+            let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+            assert_eq!(task.state(), Some(TaskState::Completed));
+            assert_eq!(task.result.as_deref(), Some("all"));
+            assert_eq!(task.chunks, n);
+            let log = f.log.replay_after(&sid, None, None, 1000).await.unwrap();
+            let mut want: Vec<(String, u32)> = (0..n).map(|i| ("chat_streaming".to_owned(), i + 2)).collect();
+            want.push(("chat_response".to_owned(), n + 2));
+            assert_eq!(logged_types_and_seqs(&log), want);
+        });
+    }
+}
+
+#[tokio::test]
+async fn stale_attempts_and_late_callbacks_change_nothing() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let all = callbacks(&sid, &tid, 2);
+
+    let mut stale = all[1].clone();
+    stale.attempt = Some(2);
+    let applied = f.chat.tasks.apply(&sid, &[stale]).await.unwrap();
+    assert_eq!(applied.statuses, vec![OpStatus::Stale]);
+
+    f.chat.tasks.apply(&sid, &all[..2]).await.unwrap();
+    let ev =
+        ServerMessage::chat_error(&sid, &tid, None, "cancelled", "stop", &Json::Null).to_json();
+    let cancelled = f
+        .chat
+        .tasks
+        .apply(
+            &sid,
+            &[TaskOp::end("cancel", &tid, "cancelled", "stop", ev)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancelled.ended.len(), 1);
+    assert_eq!(cancelled.ended[0].state, TaskState::Cancelled);
+
+    let late = f.chat.tasks.apply(&sid, &all[2..]).await.unwrap();
+    assert_eq!(late.statuses, vec![OpStatus::Terminal, OpStatus::Terminal]);
+    assert!(late.events.is_empty());
+
+    let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+    assert_eq!(task.state, "cancelled");
+    assert_eq!(task.error.unwrap().error_type, "cancelled");
+    let log = f.log.replay_after(&sid, None, None, 100).await.unwrap();
+    assert_eq!(
+        logged_types_and_seqs(&log),
+        vec![("chat_streaming".into(), 2), ("chat_error".into(), 0)]
+    );
+    let status = f.chat.status(&sid).await.unwrap();
+    assert_eq!(status.totals.cancelled, 1);
+    assert_eq!(status.active_task, None);
+}
+
+#[tokio::test]
+async fn each_logged_event_names_the_one_before_it() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let applied = f
+        .chat
+        .tasks
+        .apply(&sid, &callbacks(&sid, &tid, 3))
+        .await
+        .unwrap();
+    assert_eq!(applied.events.len(), 4);
+    assert_eq!(applied.events[0].prev, "");
+    for pair in applied.events.windows(2) {
+        assert_eq!(pair[1].prev, pair[0].event_id);
+    }
+    assert_eq!(applied.last_event_id, applied.events[3].event_id);
+}
+
+#[tokio::test]
+async fn idempotency_keys_and_closed_sessions() {
+    let f = fixture().await;
+    let (sid, _) = session_with_task(&f).await;
+    let msg = || SubmitMessage {
+        message: "hi".into(),
+        idempotency_key: Some("k1".into()),
+        source: "rest",
+        ..Default::default()
+    };
+    let first = f.chat.submit(&sid, msg()).await.unwrap();
+    let again = f.chat.submit(&sid, msg()).await.unwrap();
+    assert_eq!(first.task_id, again.task_id);
+    assert!(again.duplicate);
+    assert_eq!(f.chat.status(&sid).await.unwrap().totals.tasks, 2);
+
+    let applied = f
+        .chat
+        .tasks
+        .apply(&sid, &[TaskOp::session("close", "{}".into())])
+        .await
+        .unwrap();
+    assert_eq!(applied.statuses, vec![OpStatus::Applied]);
+    let refused = f
+        .chat
+        .submit(
+            &sid,
+            SubmitMessage {
+                message: "late".into(),
+                source: "rest",
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(fleet::session::ChatError::SessionClosed(_))),
+        "{refused:?}"
+    );
+}
