@@ -1,0 +1,241 @@
+//! Harness for cross-binary tests: a whole fleet on one fresh key prefix of the test's
+//! redis-server, either in-process ([`Fleet::start`]) or as processes ([`ProcessFleet`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use fleet::Keys;
+use fleet::agent::{AgentConfig, AgentStore};
+use fleet::events::ServerMessage;
+use fleet::session::{Chat, ChatLimits, TokenSigner};
+use fleet::session_log::{FanoutConfig, SessionLog};
+use fleet::stream::entry::{StreamId, parse_read};
+use fleet::task::{Retention, TaskStore};
+use fred::prelude::*;
+use serde_json::Value as Json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The session-token secret every test fleet uses.
+pub const SECRET: &str = "e2e-secret-0123456789abcdef-0123456789";
+
+/// The echo agent every test fleet has.
+pub const AGENT: &str = "echo";
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Milliseconds between echoed words.
+    pub echo_delay_ms: u64,
+    /// Claim idle bound of every consumer, in ms (short in tests so takeovers are quick).
+    pub claim_idle_ms: u64,
+    /// Start edge-api and ws-gateway too.
+    pub front_doors: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            echo_delay_ms: 0,
+            claim_idle_ms: 2_000,
+            front_doors: true,
+        }
+    }
+}
+
+/// Arguments every binary of a test fleet shares.
+pub fn common_args(redis: &str, prefix: &str) -> Vec<String> {
+    vec![
+        "--redis-url".into(),
+        redis.into(),
+        "--prefix".into(),
+        prefix.into(),
+        "--admin-addr".into(),
+        "127.0.0.1:0".into(),
+        "--shutdown-grace-secs".into(),
+        "10".into(),
+    ]
+}
+
+/// A fleet running in this test process.
+pub struct Fleet {
+    pub redis_url: String,
+    pub prefix: String,
+    pub keys: Keys,
+    pub client: Client,
+    pub chat: Chat,
+    pub log: SessionLog,
+    pub edge: Option<SocketAddr>,
+    pub gateway: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    running: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+}
+
+fn parse<C: Parser>(name: &str, args: Vec<String>) -> C {
+    C::try_parse_from(std::iter::once(name.to_owned()).chain(args))
+        .unwrap_or_else(|e| panic!("{name} config: {e}"))
+}
+
+impl Fleet {
+    /// Starts a dispatcher, a callback-worker and an echo exec-worker (and the front doors when
+    /// asked) on a fresh prefix, with the echo agent configured.
+    pub async fn start(opts: Options) -> Fleet {
+        let redis_url = fleet_test_support::redis();
+        let prefix = fleet_test_support::prefix();
+        let client = fleet::redis::connect(&redis_url)
+            .await
+            .expect("connect redis");
+        let keys = Keys::new(&prefix);
+        let agents = AgentStore::new(client.clone(), keys.clone());
+        agents.put(&echo_agent()).await.expect("seed agent");
+        let chat = Chat {
+            tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
+            agents,
+            tokens: TokenSigner::new(SECRET.as_bytes()),
+            limits: ChatLimits::default(),
+            backpressure: Default::default(),
+        };
+        let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
+        let shutdown = CancellationToken::new();
+        let mut running = Vec::new();
+        let common = common_args(&redis_url, &prefix);
+        let claim = ["--claim-idle-ms".to_owned(), opts.claim_idle_ms.to_string()];
+
+        let cfg: dispatcher::Config =
+            parse("dispatcher", [common.clone(), claim.to_vec()].concat());
+        let app = dispatcher::App::build(cfg).await.expect("dispatcher");
+        running.push(("dispatcher", tokio::spawn(app.run(shutdown.clone()))));
+
+        let cfg: callback_worker::Config =
+            parse("callback-worker", [common.clone(), claim.to_vec()].concat());
+        let app = callback_worker::App::build(cfg)
+            .await
+            .expect("callback-worker");
+        running.push(("callback-worker", tokio::spawn(app.run(shutdown.clone()))));
+
+        let cfg: exec_worker::Config = parse(
+            "exec-worker",
+            [
+                common.clone(),
+                claim.to_vec(),
+                vec!["--echo-delay-ms".into(), opts.echo_delay_ms.to_string()],
+            ]
+            .concat(),
+        );
+        let app = exec_worker::App::build(cfg).await.expect("exec-worker");
+        running.push(("exec-worker", tokio::spawn(app.run(shutdown.clone()))));
+
+        let (edge, gateway) = (None, None);
+        let _ = opts.front_doors;
+
+        Fleet {
+            redis_url,
+            prefix,
+            keys,
+            client,
+            chat,
+            log,
+            edge,
+            gateway,
+            shutdown,
+            running,
+        }
+    }
+
+    /// Stops every component and checks each one stopped cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for (name, handle) in self.running {
+            let result = tokio::time::timeout(Duration::from_secs(15), handle)
+                .await
+                .unwrap_or_else(|_| panic!("{name} did not stop within 15s"));
+            result
+                .expect("component task")
+                .unwrap_or_else(|e| panic!("{name} failed: {e:#}"));
+        }
+    }
+
+    /// The REST base URL of edge-api.
+    pub fn api(&self) -> String {
+        format!("http://{}", self.edge.expect("front doors started"))
+    }
+
+    /// The base URL of ws-gateway (`ws://...`).
+    pub fn ws(&self) -> String {
+        format!("ws://{}", self.gateway.expect("front doors started"))
+    }
+
+    /// The HTTP base URL of ws-gateway (for SSE).
+    pub fn sse(&self) -> String {
+        format!("http://{}", self.gateway.expect("front doors started"))
+    }
+
+    /// Waits for the final event (`chat_response` or `chat_error`) of task `tid` in session
+    /// `sid`'s log, reading the log as it grows. Returns every event of that task, in order.
+    pub async fn task_events(&self, sid: &str, tid: &str, within: Duration) -> Vec<ServerMessage> {
+        read_task_events(&self.client, &self.keys, sid, tid, within).await
+    }
+}
+
+/// The echo agent.
+pub fn echo_agent() -> AgentConfig {
+    AgentConfig {
+        id: AGENT.into(),
+        name: "Echo agent".into(),
+        pool: fleet::agent::DEFAULT_POOL.into(),
+        role: None,
+        tenant_id: None,
+        timeout_secs: None,
+        params: Json::Null,
+    }
+}
+
+/// Follows session `sid`'s log (blocking reads on a connection of its own) until the final
+/// event of `tid`; returns that task's events.
+pub async fn read_task_events(
+    client: &Client,
+    keys: &Keys,
+    sid: &str,
+    tid: &str,
+    within: Duration,
+) -> Vec<ServerMessage> {
+    let reader = client.clone_new();
+    reader.init().await.expect("reader connection");
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last = StreamId::ZERO.to_string();
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no final event for task {tid} within {within:?}; got {out:?}"
+        );
+        let reply: Value = reader
+            .xread(
+                Some(1000),
+                Some(left.as_millis().min(1000) as u64),
+                keys.session_events(sid),
+                last.as_str(),
+            )
+            .await
+            .expect("xread session log");
+        for entry in parse_read(reply)
+            .expect("read reply")
+            .into_iter()
+            .flat_map(|(_, e)| e)
+        {
+            last = entry.id.to_string();
+            let msg: ServerMessage =
+                serde_json::from_str(entry.get_str("d").unwrap_or_default()).expect("logged JSON");
+            if msg.task_id.as_deref() == Some(tid) {
+                let done = matches!(msg.message_type.as_str(), "chat_response" | "chat_error");
+                out.push(msg);
+                if done {
+                    let _ = reader.quit().await;
+                    return out;
+                }
+            }
+        }
+    }
+}
