@@ -62,20 +62,30 @@ pub async fn supervise(
         done = workers.join_next() => done,
         _ = shutdown.cancelled() => None,
     };
-    if let Some(done) = early {
-        shutdown.cancel();
-        let (name, result) = done.unwrap_or(("worker", Err(anyhow::anyhow!("worker panicked"))));
-        drain(
-            async { while workers.join_next().await.is_some() {} },
-            grace,
-        )
-        .await;
-        return match result {
-            Err(e) => Err(e.context(format!("{name} stopped"))),
-            Ok(()) => Err(anyhow::anyhow!("{name} stopped before shutdown")),
-        };
-    }
     let mut failure = None;
+    match early {
+        // A worker may see the shutdown before this select does: that is a normal stop.
+        Some(Ok((name, Err(e)))) if shutdown.is_cancelled() => {
+            tracing::error!(worker = name, error = %e, "worker failed while stopping");
+            failure = Some(e);
+        }
+        Some(_) if shutdown.is_cancelled() => {}
+        Some(done) => {
+            shutdown.cancel();
+            let (name, result) =
+                done.unwrap_or(("worker", Err(anyhow::anyhow!("worker panicked"))));
+            drain(
+                async { while workers.join_next().await.is_some() {} },
+                grace,
+            )
+            .await;
+            return match result {
+                Err(e) => Err(e.context(format!("{name} stopped"))),
+                Ok(()) => Err(anyhow::anyhow!("{name} stopped before shutdown")),
+            };
+        }
+        None => {}
+    }
     let finished = drain(
         async {
             while let Some(done) = workers.join_next().await {

@@ -143,6 +143,39 @@ impl Fleet {
         }
     }
 
+    /// The harness alone (Redis, prefix, agent, chat API), for tests that run the workers as
+    /// processes.
+    pub async fn start_without_workers() -> Fleet {
+        let redis_url = fleet_test_support::redis();
+        let prefix = fleet_test_support::prefix();
+        let client = fleet::redis::connect(&redis_url)
+            .await
+            .expect("connect redis");
+        let keys = Keys::new(&prefix);
+        let agents = AgentStore::new(client.clone(), keys.clone());
+        agents.put(&echo_agent()).await.expect("seed agent");
+        let chat = Chat {
+            tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
+            agents,
+            tokens: TokenSigner::new(SECRET.as_bytes()),
+            limits: ChatLimits::default(),
+            backpressure: Default::default(),
+        };
+        let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
+        Fleet {
+            redis_url,
+            prefix,
+            keys,
+            client,
+            chat,
+            log,
+            edge: None,
+            gateway: None,
+            shutdown: CancellationToken::new(),
+            running: Vec::new(),
+        }
+    }
+
     /// Stops every component and checks each one stopped cleanly.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -238,4 +271,75 @@ pub async fn read_task_events(
             }
         }
     }
+}
+
+/// Starts Fleet binary `name` as a process on `redis` / `prefix` with `extra` arguments.
+pub fn spawn_binary(
+    name: &str,
+    redis: &str,
+    prefix: &str,
+    extra: &[&str],
+) -> fleet_test_support::FleetProcess {
+    let mut args = common_args(redis, prefix);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fleet_test_support::FleetProcess::spawn(name, &args, &[])
+}
+
+/// Sum of a field of several session hashes (e.g. `tasks_completed`).
+pub async fn sum_session_field(client: &Client, keys: &Keys, sids: &[String], field: &str) -> i64 {
+    let pipeline = client.pipeline();
+    for sid in sids {
+        let _: () = pipeline
+            .hget(keys.session(sid), field)
+            .await
+            .expect("queue hget");
+    }
+    let values: Vec<Option<i64>> = pipeline.all().await.expect("hget pipeline");
+    values.into_iter().flatten().sum()
+}
+
+/// Checks that a session log shows every task of `tids` streaming its chunks once each, in
+/// order, then one final response; returns the number of chunks seen.
+pub fn assert_clean_streams(log: &[fleet::session_log::LogEntry], tids: &[String]) -> usize {
+    use std::collections::HashMap;
+    let mut next_index: HashMap<&str, u64> = HashMap::new();
+    let mut finished: HashMap<&str, bool> = HashMap::new();
+    let mut chunks = 0;
+    for e in log {
+        let m: ServerMessage = serde_json::from_str(&e.json).expect("logged JSON");
+        let Some(tid) = tids
+            .iter()
+            .find(|t| Some(t.as_str()) == m.task_id.as_deref())
+        else {
+            continue;
+        };
+        assert!(
+            !finished.get(tid.as_str()).copied().unwrap_or(false),
+            "event after the final one for {tid}: {m:?}"
+        );
+        match m.message_type.as_str() {
+            "chat_streaming" => {
+                let want = next_index.entry(tid).or_insert(0);
+                assert_eq!(
+                    m.data["chunk_index"].as_u64(),
+                    Some(*want),
+                    "chunk out of order or repeated for {tid}"
+                );
+                *want += 1;
+                chunks += 1;
+            }
+            "chat_response" => {
+                finished.insert(tid, true);
+            }
+            other => panic!("unexpected {other} for {tid}: {m:?}"),
+        }
+    }
+    for tid in tids {
+        assert!(
+            finished.get(tid.as_str()).copied().unwrap_or(false),
+            "task {tid} has no final response"
+        );
+    }
+    chunks
 }
