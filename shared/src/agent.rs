@@ -147,12 +147,15 @@ impl AgentsFile {
     }
 }
 
+/// A cached read: when it was made, and what it found.
+type CachedAgent = (Instant, Option<AgentConfig>);
+
 /// Agent configs in Redis, with a short-lived read cache.
 #[derive(Clone)]
 pub struct AgentStore {
     client: Client,
     keys: Keys,
-    cache: Arc<Mutex<HashMap<String, (Instant, Option<AgentConfig>)>>>,
+    cache: Arc<Mutex<HashMap<String, CachedAgent>>>,
 }
 
 impl AgentStore {
@@ -201,10 +204,10 @@ impl AgentStore {
 
     /// Reads an agent, trusting a read younger than [`CACHE_TTL`].
     pub async fn get_cached(&self, id: &str) -> Result<Option<AgentConfig>, AgentError> {
-        if let Some((at, agent)) = self.cache.lock().expect("agent cache").get(id) {
-            if at.elapsed() < CACHE_TTL {
-                return Ok(agent.clone());
-            }
+        if let Some((at, agent)) = self.cache.lock().expect("agent cache").get(id)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(agent.clone());
         }
         let agent = self.get(id).await?;
         self.cache

@@ -50,12 +50,14 @@ pub fn client(url: &str) -> Result<Client, ConnectError> {
         url: redact(url),
         source,
     })?;
-    let mut connection = ConnectionConfig::default();
-    connection.connection_timeout = Duration::from_secs(5);
-    connection.max_command_attempts = 3;
-    connection.unresponsive = UnresponsiveConfig {
-        max_timeout: Some(Duration::from_secs(10)),
-        interval: Duration::from_secs(1),
+    let connection = ConnectionConfig {
+        connection_timeout: Duration::from_secs(5),
+        max_command_attempts: 3,
+        unresponsive: UnresponsiveConfig {
+            max_timeout: Some(Duration::from_secs(10)),
+            interval: Duration::from_secs(1),
+        },
+        ..Default::default()
     };
     let perf = PerformanceConfig {
         default_command_timeout: Duration::from_secs(15),

@@ -303,13 +303,13 @@ impl Chat {
                     what: "agent",
                     id: req.agent_id.clone(),
                 })?;
-        if let (Some(want), Some(have)) = (&req.tenant_id, &agent.tenant_id) {
-            if want != have {
-                return Err(ChatError::NotFound {
-                    what: "agent",
-                    id: req.agent_id,
-                });
-            }
+        if let (Some(want), Some(have)) = (&req.tenant_id, &agent.tenant_id)
+            && want != have
+        {
+            return Err(ChatError::NotFound {
+                what: "agent",
+                id: req.agent_id,
+            });
         }
         let sid = Uuid::now_v7().to_string();
         let now = now_ms();
@@ -428,12 +428,12 @@ impl Chat {
                 self.limits.max_message_bytes
             )));
         }
-        if let Some(k) = &msg.idempotency_key {
-            if k.is_empty() || k.len() > 128 || k.contains(char::is_control) {
-                return Err(ChatError::Invalid(
-                    "idempotency key must be 1-128 printable characters".into(),
-                ));
-            }
+        if let Some(k) = &msg.idempotency_key
+            && (k.is_empty() || k.len() > 128 || k.contains(char::is_control))
+        {
+            return Err(ChatError::Invalid(
+                "idempotency key must be 1-128 printable characters".into(),
+            ));
         }
         if let Some(t) = &msg.task_id {
             check_id("task", t)?;

@@ -45,10 +45,10 @@ impl Telemetry {
 
     /// Flushes and stops the exporter.
     pub fn shutdown(self) {
-        if let Some(p) = self.provider {
-            if let Err(e) = p.shutdown() {
-                eprintln!("trace exporter shutdown: {e}");
-            }
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("trace exporter shutdown: {e}");
         }
     }
 }

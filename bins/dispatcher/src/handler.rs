@@ -164,10 +164,10 @@ impl Dispatcher {
         let mut pools: Vec<String> = applied.ended.iter().map(|t| t.pool.clone()).collect();
         if redelivered && applied.statuses.first() == Some(&OpStatus::Terminal) {
             // An earlier delivery may have ended it and died before telling the executor.
-            if let Some(t) = self.tasks.get(&c.session_id, &c.task_id).await? {
-                if t.state == "cancelled" {
-                    pools.extend(t.pool);
-                }
+            if let Some(t) = self.tasks.get(&c.session_id, &c.task_id).await?
+                && t.state == "cancelled"
+            {
+                pools.extend(t.pool);
             }
         }
         for pool in pools.into_iter().filter(|p| !p.is_empty()) {

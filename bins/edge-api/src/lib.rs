@@ -1,1 +1,317 @@
-//! edge-api: REST (and gRPC) front door: sessions, tasks, agents, health.
+//! edge-api: the REST front door of Fleet: chat sessions, tasks, agent configs, health.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`routes`] | the router, its shared state and the 404 / 405 fallbacks |
+//! | [`routes::chat`] | `/api/v1/chat/...`: sessions and their tasks (session-token auth) |
+//! | [`routes::agents`] | `/api/v1/agents/...`: agent configs (API-key auth) |
+//! | [`auth`] | session-token and API-key checks, as extractors |
+//! | [`error`] | [`error::ApiError`], the one error every route answers with |
+//! | [`extract`] | JSON and path extractors that answer with [`error::ApiError`] |
+//! | [`http_metrics`] | per-route request counters and latency histograms |
+//! | [`public_url`] | the WebSocket / SSE URLs handed to clients |
+//!
+//! [`App::build`] validates the config, connects Redis, seeds agents from a file and binds the
+//! listener; [`App::run`] serves until its token is cancelled, then drains. Health and metrics
+//! (`/health/...`, `/metrics`) are served on the REST port too. A gRPC server
+//! (`FLEET_GRPC_ADDR`) will sit next to the REST one in [`App`].
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod http_metrics;
+pub mod public_url;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use fleet::agent::AgentStore;
+use fleet::session::{Backpressure, Chat, ChatLimits, TokenSigner};
+use fleet::task::TaskStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::auth::ApiKeys;
+use crate::public_url::PublicUrls;
+use crate::routes::AppState;
+
+/// The secret used with `--dev` when no `FLEET_SECRET` is given; ws-gateway `--dev` checks
+/// tokens with the same one (keep the two equal). Never use it in production: anyone who
+/// knows it can forge session tokens.
+pub const DEV_SECRET: &str = "fleet-dev-secret-do-not-use-in-production";
+
+/// Shortest accepted `FLEET_SECRET`, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// edge-api's flags; each mirrors an environment variable (flags win).
+#[derive(clap::Parser, Clone)]
+#[command(
+    name = "edge-api",
+    version,
+    about = "Fleet's REST front door: chat sessions, tasks, agent configs and health.",
+    long_about = "Fleet's REST front door.\n\n\
+        Opens chat sessions (POST /api/v1/chat/init) with a signed session token, accepts \
+        messages as tasks (POST /api/v1/chat/{session_id}/task) and queues them on the \
+        `<prefix>:tasks` stream for the dispatchers, answers task and session status, cancels \
+        tasks and closes sessions. Manages agent configs (/api/v1/agents, guarded by API keys) \
+        and serves /health, /health/ready, /health/detailed and /metrics on the same port.\n\n\
+        Refuses to start without FLEET_SECRET unless --dev is given."
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: fleet::config::CommonArgs,
+
+    /// Address the REST API (and health and metrics) listens on; port 0 picks a free port.
+    #[arg(long, env = "FLEET_HTTP_ADDR", default_value = "0.0.0.0:8001")]
+    pub http_addr: SocketAddr,
+
+    /// Secret that signs session tokens (at least 16 bytes). Must be the same for every
+    /// edge-api and ws-gateway of a fleet.
+    #[arg(long, env = "FLEET_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+
+    /// Development mode: without FLEET_SECRET, sign tokens with a fixed, publicly known secret.
+    /// FLEET_DEV takes true/false, 1/0, yes/no or on/off.
+    #[arg(long, env = "FLEET_DEV", value_parser = clap::builder::BoolishValueParser::new())]
+    pub dev: bool,
+
+    /// Comma-separated API keys that guard /api/v1/agents (sent as `X-API-Key: <key>` or
+    /// `Authorization: Bearer <key>`). Empty leaves those routes open.
+    #[arg(
+        long,
+        env = "FLEET_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Public base URL of the WebSocket gateway handed to clients, e.g. `wss://chat.example.com`.
+    /// Unset: derived from each request (its Host without the port, ws or wss after
+    /// `X-Forwarded-Proto`, port 8002).
+    #[arg(long, env = "FLEET_PUBLIC_WS_URL")]
+    pub public_ws_url: Option<String>,
+
+    /// TOML or YAML file of agent configs upserted at start (`[[agents]] id = ... name = ...`).
+    #[arg(long, env = "FLEET_AGENTS_FILE")]
+    pub agents_file: Option<PathBuf>,
+
+    /// Refuse new tasks (429) while the dispatchers' backlog is above this many entries;
+    /// 0 never refuses.
+    #[arg(long, env = "FLEET_MAX_BACKLOG", default_value_t = 100_000)]
+    pub max_backlog: u64,
+
+    /// Largest request body accepted, in bytes (413 above it).
+    #[arg(long, env = "FLEET_MAX_BODY_BYTES", default_value_t = 262_144)]
+    pub max_body_bytes: usize,
+
+    /// Largest user message accepted, in bytes (400 above it).
+    #[arg(long, env = "FLEET_MAX_MESSAGE_BYTES", default_value_t = 65_536)]
+    pub max_message_bytes: usize,
+
+    /// Deadline of a task whose agent config sets no `timeout_secs`, in seconds.
+    #[arg(long, env = "FLEET_TASK_TIMEOUT_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub task_timeout_secs: u64,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("common", &self.common)
+            .field("http_addr", &self.http_addr)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("dev", &self.dev)
+            .field("api_keys", &format_args!("{} key(s)", self.api_keys.len()))
+            .field("public_ws_url", &self.public_ws_url)
+            .field("agents_file", &self.agents_file)
+            .field("max_backlog", &self.max_backlog)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("task_timeout_secs", &self.task_timeout_secs)
+            .finish()
+    }
+}
+
+impl Config {
+    /// The secret that signs session tokens, or why there is none to use.
+    pub fn signing_secret(&self) -> anyhow::Result<String> {
+        let secret = match (&self.secret, self.dev) {
+            (Some(s), _) if !s.is_empty() => s.clone(),
+            (_, true) => {
+                tracing::warn!(
+                    "no FLEET_SECRET: --dev signs session tokens with a publicly known secret; \
+                     never run this in production"
+                );
+                DEV_SECRET.to_owned()
+            }
+            _ => anyhow::bail!("FLEET_SECRET is required; pass --dev for a development default"),
+        };
+        anyhow::ensure!(
+            secret.len() >= MIN_SECRET_BYTES,
+            "FLEET_SECRET must be at least {MIN_SECRET_BYTES} bytes (it is {})",
+            secret.len()
+        );
+        Ok(secret)
+    }
+
+    /// The limits of the chat API.
+    pub fn chat_limits(&self) -> ChatLimits {
+        ChatLimits {
+            max_message_bytes: self.max_message_bytes,
+            default_task_timeout: Duration::from_secs(self.task_timeout_secs),
+            ..ChatLimits::default()
+        }
+    }
+}
+
+/// edge-api, built and bound, ready to [`run`](App::run).
+pub struct App {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: AppState,
+    grace: Duration,
+    /// Stops the back-pressure sampler when the app ends (or is dropped unrun).
+    _background: DropGuard,
+}
+
+impl App {
+    /// Checks the config, connects Redis, upserts the agents file and binds the listener.
+    pub async fn build(cfg: Config) -> anyhow::Result<App> {
+        let secret = cfg.signing_secret()?;
+        let urls = PublicUrls::new(cfg.public_ws_url.as_deref())?;
+        let api_keys = ApiKeys::new(&cfg.api_keys);
+        if api_keys.is_empty() {
+            tracing::warn!("FLEET_API_KEYS is empty: /api/v1/agents is open to anyone");
+        }
+
+        let client = fleet::redis::connect(&cfg.common.redis_url).await?;
+        let keys = cfg.common.keys();
+        let agents = AgentStore::new(client.clone(), keys.clone());
+        if let Some(path) = &cfg.agents_file {
+            let n = agents
+                .load_file(path)
+                .await
+                .with_context(|| format!("cannot load FLEET_AGENTS_FILE `{}`", path.display()))?;
+            tracing::info!(agents = n, file = %path.display(), "agents loaded");
+        }
+
+        // Install the Prometheus recorder before the first metric is recorded.
+        fleet::admin::prometheus();
+        let background = CancellationToken::new();
+        let backpressure = if cfg.max_backlog > 0 {
+            let backlog =
+                fleet::backlog::spawn_sampler(client.clone(), keys.clone(), background.clone());
+            Backpressure::new(backlog, cfg.max_backlog)
+        } else {
+            Backpressure::default()
+        };
+
+        let chat = Chat {
+            tasks: TaskStore::new(client.clone(), keys.clone(), cfg.common.retention()),
+            agents,
+            tokens: TokenSigner::new(secret.as_bytes()),
+            limits: cfg.chat_limits(),
+            backpressure,
+        };
+        let health = fleet::admin::Health::new(
+            "edge-api",
+            client,
+            vec![(keys.tasks(), fleet::keys::GROUP_DISPATCHERS.into())],
+        );
+        let state = AppState::new(chat, api_keys, urls, health, cfg.max_body_bytes);
+
+        let listener = TcpListener::bind(cfg.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on FLEET_HTTP_ADDR {}", cfg.http_addr))?;
+        let addr = listener.local_addr()?;
+        Ok(App {
+            listener,
+            addr,
+            state,
+            grace: cfg.common.grace(),
+            _background: background.drop_guard(),
+        })
+    }
+
+    /// The address the REST API listens on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets requests in flight finish, at most the
+    /// shutdown grace period.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let router = routes::router(self.state.clone());
+        tracing::info!(addr = %self.addr, "edge-api listening");
+        let signal = shutdown.clone().cancelled_owned();
+        let mut server = tokio::spawn(
+            axum::serve(
+                self.listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(signal)
+            .into_future(),
+        );
+        tokio::select! {
+            served = &mut server => {
+                // The server only ends by itself when accepting connections failed.
+                served.context("http server task")?.context("http server")?;
+                return Ok(());
+            }
+            _ = shutdown.cancelled() => {}
+        }
+        tracing::info!("draining requests in flight");
+        let drained = fleet::shutdown::drain(
+            async {
+                match (&mut server).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "http server failed while draining"),
+                    Err(e) => tracing::error!(error = %e, "http server task failed"),
+                }
+            },
+            self.grace,
+        )
+        .await;
+        if !drained {
+            server.abort();
+        }
+        tracing::info!("edge-api stopped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn secrets_are_required_long_enough_or_dev() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("edge-api").chain(args.iter().copied())).unwrap()
+        };
+        let ok = parse(&["--secret", "0123456789abcdef"]);
+        assert_eq!(ok.signing_secret().unwrap(), "0123456789abcdef");
+        assert!(
+            parse(&["--secret", "0123456789abcde"])
+                .signing_secret()
+                .is_err()
+        );
+        assert_eq!(parse(&["--dev"]).signing_secret().unwrap(), DEV_SECRET);
+        let keys = ApiKeys::new(&parse(&["--api-keys", "a, b,,c"]).api_keys);
+        assert!(keys.accepts("b") && keys.accepts("c") && !keys.accepts(""));
+        let limits =
+            parse(&["--max-message-bytes", "10", "--task-timeout-secs", "7"]).chat_limits();
+        assert_eq!(limits.max_message_bytes, 10);
+        assert_eq!(limits.default_task_timeout, Duration::from_secs(7));
+    }
+}

@@ -303,10 +303,11 @@ impl<H: Handler> ConsumerLoop<H> {
             Err(e) => tracing::warn!(stream = %cfg.stream, error = %e, "reclaim failed"),
         }
 
-        if cfg.trim && round % 4 == 1 {
-            if let Err(e) = groups::trim_acknowledged(&self.client, &cfg.stream).await {
-                tracing::debug!(stream = %cfg.stream, error = %e, "trim skipped");
-            }
+        if cfg.trim
+            && round % 4 == 1
+            && let Err(e) = groups::trim_acknowledged(&self.client, &cfg.stream).await
+        {
+            tracing::debug!(stream = %cfg.stream, error = %e, "trim skipped");
         }
         if round % 20 == 1 {
             groups::forget_stale_consumers(

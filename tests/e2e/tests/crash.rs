@@ -149,29 +149,29 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     let l = load().await;
     let (redis, prefix) = (l.fleet.redis_url.clone(), l.fleet.prefix.clone());
     let exec_args = [&worker_args()[..], &["--echo-delay-ms", "3"]].concat();
-    let mut procs = vec![
+    let mut procs = [
         spawn_binary("dispatcher", &redis, &prefix, &worker_args()),
         spawn_binary("callback-worker", &redis, &prefix, &worker_args()),
         spawn_binary("exec-worker", &redis, &prefix, &exec_args),
     ];
     let mut threshold = 150;
-    for i in 0..procs.len() {
+    for proc in procs.iter_mut() {
         l.wait_completed(threshold, Duration::from_secs(60)).await;
-        let name = procs[i].name().to_owned();
-        let status = procs[i].terminate(Duration::from_secs(15)).await;
+        let name = proc.name().to_owned();
+        let status = proc.terminate(Duration::from_secs(15)).await;
         let status =
             status.unwrap_or_else(|| panic!("{name} did not exit within its grace period"));
         assert!(
             status.success(),
             "{name} exited with {status}:\n{}",
-            procs[i].log()
+            proc.log()
         );
         let args: Vec<&str> = if name == "exec-worker" {
             exec_args.clone()
         } else {
             worker_args().to_vec()
         };
-        procs[i] = spawn_binary(&name, &redis, &prefix, &args);
+        *proc = spawn_binary(&name, &redis, &prefix, &args);
         threshold += 250;
     }
     l.wait_completed(TASKS as i64, Duration::from_secs(90))
