@@ -242,12 +242,36 @@ pub struct SessionClose {
     pub reason: String,
 }
 
+/// A planning-side event (`planning.event`), e.g. a story moving to BUILD. Arrives from NATS
+/// `agile.events` through nats-bridge; the dispatcher derives atomic subtasks from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanningEvent {
+    /// Where the event came from, unique per event (e.g. `agile.events:<stream sequence>` or the
+    /// publisher's `Nats-Msg-Id`).
+    pub event_id: String,
+    /// `TRANSITION`, ...
+    pub event_type: String,
+    pub case_id: String,
+    #[serde(default)]
+    pub plan_id: String,
+    #[serde(default)]
+    pub from_state: String,
+    #[serde(default)]
+    pub to_state: String,
+    /// When the planning side says it happened (as it sent it).
+    #[serde(default)]
+    pub timestamp: String,
+    #[serde(default)]
+    pub metadata: Json,
+}
+
 messages! {
     /// Commands on `fleet:tasks`, consumed by the dispatchers.
     pub enum TaskCommand {
         "task.submit" => Submit(TaskSubmit),
         "task.cancel" => Cancel(TaskCancel),
         "session.close" => SessionClose(SessionClose),
+        "planning.event" => PlanningEvent(PlanningEvent),
     }
 }
 
@@ -305,7 +329,9 @@ pub struct Started {
     pub session_id: String,
     pub task_id: String,
     pub attempt: u32,
-    /// Position of this callback among the task attempt's callbacks, from 1.
+    /// Position of this callback among the task attempt's callbacks, from 1. 0 means
+    /// "unordered": applied on arrival while the task is open (for executors that cannot
+    /// number their callbacks, e.g. NATS-side runners sending one final answer).
     pub seq: u32,
     #[serde(default)]
     pub executor: String,
@@ -387,6 +413,30 @@ impl Callback {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// fleet:outbound
+// ---------------------------------------------------------------------------------------------
+
+/// A message for nats-bridge to publish to NATS JetStream (`nats.publish`). The bridge sets
+/// `Nats-Msg-Id` to the envelope id, so JetStream drops a republished duplicate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NatsPublish {
+    /// The subject, e.g. `agent.requests` or `orchestrator.events`.
+    pub subject: String,
+    /// The JSON payload, as text (what NATS-side services in any language read).
+    pub payload: String,
+    /// Extra NATS headers (`traceparent` is added from the envelope's `tp`).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+messages! {
+    /// What nats-bridge publishes, on `fleet:outbound` (group `bridge`).
+    pub enum Outbound {
+        "nats.publish" => Publish(NatsPublish),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +498,27 @@ mod tests {
                 session_id: s,
                 reason: r
             })),
+            (
+                ids(),
+                "[A-Z]{1,10}",
+                ids(),
+                ids(),
+                "[A-Z]{0,8}",
+                "[A-Z]{0,8}",
+                json()
+            )
+                .prop_map(|(e, t, c, p, f, to, md)| TaskCommand::PlanningEvent(
+                    PlanningEvent {
+                        event_id: e,
+                        event_type: t,
+                        case_id: c,
+                        plan_id: p,
+                        from_state: f,
+                        to_state: to,
+                        timestamp: "2026-11-21T12:00:00Z".into(),
+                        metadata: md,
+                    }
+                )),
         ]
     }
 
@@ -536,6 +607,11 @@ mod tests {
         #[test]
         fn callbacks_round_trip(msg in callback()) {
             roundtrip(msg, None);
+        }
+
+        #[test]
+        fn outbound_round_trips(subject in "[a-z.]{1,20}", payload in ".{0,64}", headers in prop::collection::btree_map("[a-z-]{1,8}", ".{0,8}", 0..3)) {
+            roundtrip(Outbound::Publish(NatsPublish { subject, payload, headers }), None);
         }
 
         #[test]

@@ -28,8 +28,41 @@ use crate::stream::producer;
 use crate::task::{Created, TaskError, TaskStore, TaskView};
 use crate::time::now_ms;
 
-/// The secret `--dev` uses when `FLEET_SECRET` is unset. Never for production.
+/// The secret `--dev` uses when `FLEET_SECRET` is unset. Never for production: anyone who
+/// knows it can forge session tokens.
 pub const DEV_SECRET: &str = "fleet-dev-secret-do-not-use-in-production";
+
+/// Shortest accepted `FLEET_SECRET`, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Why no signing secret can be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("FLEET_SECRET is required; pass --dev for a development default")]
+    Missing,
+    #[error("FLEET_SECRET must be at least {MIN_SECRET_BYTES} bytes (it is {0})")]
+    TooShort(usize),
+}
+
+/// The secret that signs session tokens: `secret` when given, [`DEV_SECRET`] with `dev`
+/// (logged as a warning), otherwise an error. Every edge-api and ws-gateway of a fleet must end
+/// up with the same one.
+pub fn signing_secret(secret: Option<&str>, dev: bool) -> Result<String, SecretError> {
+    let secret = match (secret, dev) {
+        (Some(s), _) if !s.is_empty() => s.to_owned(),
+        (_, true) => {
+            tracing::warn!(
+                "no FLEET_SECRET: --dev signs session tokens with a publicly known secret; never run this in production"
+            );
+            DEV_SECRET.to_owned()
+        }
+        _ => return Err(SecretError::Missing),
+    };
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(SecretError::TooShort(secret.len()));
+    }
+    Ok(secret)
+}
 
 /// Signs and checks session tokens: `v1.<session_id>.<expires_ms>.<HMAC-SHA256, base64url>`.
 #[derive(Clone)]

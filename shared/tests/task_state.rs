@@ -248,3 +248,32 @@ async fn idempotency_keys_and_closed_sessions() {
         "{refused:?}"
     );
 }
+
+#[tokio::test]
+async fn unordered_callbacks_apply_on_arrival_while_the_task_is_open() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let mut result = TaskOp::ordered(
+        "result",
+        &tid,
+        1,
+        0,
+        ServerMessage::response(&sid, &tid, 0, "done", &Json::Null).to_json(),
+    );
+    result.content = Some("done".into());
+    let applied = f.chat.tasks.apply(&sid, &[result.clone()]).await.unwrap();
+    assert_eq!(applied.statuses, vec![OpStatus::Applied]);
+    let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+    assert_eq!(task.state, "completed");
+    assert_eq!(task.result.as_deref(), Some("done"));
+    let again = f.chat.tasks.apply(&sid, &[result]).await.unwrap();
+    assert_eq!(again.statuses, vec![OpStatus::Terminal]);
+    assert_eq!(
+        f.log
+            .replay_after(&sid, None, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

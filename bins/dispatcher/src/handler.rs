@@ -38,6 +38,12 @@ impl Dispatcher {
             TaskCommand::Submit(s) => (s.session_id.as_str(), s.task_id.as_str()),
             TaskCommand::Cancel(c) => (c.session_id.as_str(), c.task_id.as_str()),
             TaskCommand::SessionClose(c) => (c.session_id.as_str(), ""),
+            TaskCommand::PlanningEvent(_) => {
+                return Outcome::DeadLetter(
+                    "planning events need subtask derivation, which this dispatcher does not have"
+                        .into(),
+                );
+            }
         };
         let span = tracing::info_span!(
             "dispatch",
@@ -58,6 +64,7 @@ impl Dispatcher {
                 TaskCommand::Submit(s) => self.submit(s, redelivered).await,
                 TaskCommand::Cancel(c) => self.cancel(c, redelivered).await,
                 TaskCommand::SessionClose(c) => self.close(c, redelivered).await,
+                TaskCommand::PlanningEvent(_) => Ok(()),
             }
         }
         .instrument(span)

@@ -38,13 +38,7 @@ use crate::auth::ApiKeys;
 use crate::public_url::PublicUrls;
 use crate::routes::AppState;
 
-/// The secret used with `--dev` when no `FLEET_SECRET` is given; ws-gateway `--dev` checks
-/// tokens with the same one (keep the two equal). Never use it in production: anyone who
-/// knows it can forge session tokens.
-pub const DEV_SECRET: &str = "fleet-dev-secret-do-not-use-in-production";
-
-/// Shortest accepted `FLEET_SECRET`, in bytes.
-pub const MIN_SECRET_BYTES: usize = 16;
+pub use fleet::session::{DEV_SECRET, MIN_SECRET_BYTES};
 
 /// edge-api's flags; each mirrors an environment variable (flags win).
 #[derive(clap::Parser, Clone)]
@@ -138,23 +132,10 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// The secret that signs session tokens, or why there is none to use.
     pub fn signing_secret(&self) -> anyhow::Result<String> {
-        let secret = match (&self.secret, self.dev) {
-            (Some(s), _) if !s.is_empty() => s.clone(),
-            (_, true) => {
-                tracing::warn!(
-                    "no FLEET_SECRET: --dev signs session tokens with a publicly known secret; \
-                     never run this in production"
-                );
-                DEV_SECRET.to_owned()
-            }
-            _ => anyhow::bail!("FLEET_SECRET is required; pass --dev for a development default"),
-        };
-        anyhow::ensure!(
-            secret.len() >= MIN_SECRET_BYTES,
-            "FLEET_SECRET must be at least {MIN_SECRET_BYTES} bytes (it is {})",
-            secret.len()
-        );
-        Ok(secret)
+        Ok(fleet::session::signing_secret(
+            self.secret.as_deref(),
+            self.dev,
+        )?)
     }
 
     /// The limits of the chat API.

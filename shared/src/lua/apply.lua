@@ -11,6 +11,7 @@
 -- Seq-ordered ops apply strictly in seq order: a duplicate (seq <= applied) is dropped, an early
 -- one (seq > applied + 1) is parked in the task hash as p:<seq> and applied when its
 -- predecessor arrives, so events reach the log in order whatever order the ops came in.
+-- seq 0 means unordered: the op applies on arrival while the task is open.
 -- Returns { statuses, events, ended, last_eid }:
 --   statuses: one per op: applied | duplicate | buffered | stale | terminal | missing
 --   events:   flat { prev_eid, eid, json, ... } of every event appended
@@ -49,7 +50,8 @@ end
 
 -- One in-order step; returns the task's state after it.
 local function step(tkey, op, state)
-  redis.call('HSET', tkey, 'seq', op.s, 'updated_ms', now)
+  if tonumber(op.s) > 0 then redis.call('HSET', tkey, 'seq', op.s) end
+  redis.call('HSET', tkey, 'updated_ms', now)
   if op.op == 'started' then
     if state == 'queued' or state == 'dispatched' then
       redis.call('HSET', tkey, 'state', 'running', 'started_ms', now)
@@ -108,6 +110,10 @@ local function apply_one(op)
   if tonumber(t[2]) ~= tonumber(op.a) then return 'stale' end
   local applied = tonumber(t[3]) or 0
   local seq = tonumber(op.s)
+  if seq == 0 then
+    step(tkey, op, state)
+    return 'applied'
+  end
   if seq <= applied then return 'duplicate' end
   if seq > applied + 1 then
     redis.call('HSET', tkey, 'p:' .. seq, cjson.encode(op))
