@@ -1,0 +1,1 @@
+//! nats-bridge: JetStream <-> Redis Streams.

@@ -1,0 +1,1 @@
+//! placeholder: the orchestrator.v1 gRPC API
