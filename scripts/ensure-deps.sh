@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Fleet's dev run and tests need and the machine lacks: redis-server and
-# nats-server (Debian packages). Rust itself is expected (rustup).
+# nats-server (Debian packages), and the Python executor example's packages (PyPI).
+# Rust itself is expected (rustup).
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/local/sbin/$1" ]; }
@@ -21,3 +22,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "cargo is missing: install Rust from https://rustup.rs" >&2; exit 1; }
+
+# The Python executor example (and its test) needs redis-py and msgpack.
+root=$(cd "$(dirname "$0")/.." && pwd)
+if command -v python3 >/dev/null 2>&1 && ! python3 -c "import redis, msgpack" >/dev/null 2>&1; then
+  echo "installing the Python executor's packages (redis, msgpack)" >&2
+  req="$root/examples/python-executor/requirements.txt"
+  python3 -m pip install -q -r "$req" 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages -r "$req"
+fi

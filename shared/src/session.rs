@@ -268,6 +268,18 @@ pub struct SessionTotals {
     pub timed_out: i64,
 }
 
+/// Counts WebSocket connections on a session hash that still exists.
+/// KEYS: session; ARGV: delta, now_ms.
+static PRESENCE: std::sync::LazyLock<fred::types::scripts::Script> = std::sync::LazyLock::new(
+    || {
+        fred::types::scripts::Script::from_lua(
+            "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+         if tonumber(ARGV[1]) ~= 0 then redis.call('HINCRBY', KEYS[1], 'ws_connections', ARGV[1]) end \
+         redis.call('HSET', KEYS[1], 'ws_seen_ms', ARGV[2]) return 1",
+        )
+    },
+);
+
 /// A WebSocket counts as connected while its gateway refreshed `ws_seen_ms` this recently.
 pub const WS_PRESENCE_WINDOW_MS: i64 = 45_000;
 
@@ -606,13 +618,16 @@ impl Chat {
         Ok(status)
     }
 
-    /// Records a WebSocket (dis)connection on the session (`delta` +1 / -1).
+    /// Records a WebSocket (dis)connection on the session (`delta` +1 / -1). A session that
+    /// expired meanwhile is left alone (not recreated without its TTL).
     pub async fn websocket_presence(&self, sid: &str, delta: i64) -> Result<(), ChatError> {
-        let key = self.keys().session(sid);
-        let pipeline = self.client().pipeline();
-        let _: () = pipeline.hincrby(&key, "ws_connections", delta).await?;
-        let _: () = pipeline.hset(&key, ("ws_seen_ms", now_ms())).await?;
-        let _: Vec<Value> = pipeline.all().await?;
+        let _: Value = PRESENCE
+            .evalsha_with_reload(
+                self.client(),
+                vec![self.keys().session(sid)],
+                vec![delta, now_ms()],
+            )
+            .await?;
         Ok(())
     }
 
@@ -622,13 +637,18 @@ impl Chat {
             return Ok(());
         }
         let now = now_ms();
-        let pipeline = self.client().pipeline();
-        for sid in sids {
-            let _: () = pipeline
-                .hset(self.keys().session(sid), ("ws_seen_ms", now))
-                .await?;
+        for chunk in sids.chunks(256) {
+            let beats = chunk.iter().map(|sid| {
+                PRESENCE.evalsha_with_reload::<Value, _, _>(
+                    self.client(),
+                    vec![self.keys().session(sid)],
+                    vec![0, now],
+                )
+            });
+            for beat in futures::future::join_all(beats).await {
+                beat?;
+            }
         }
-        let _: Vec<Value> = pipeline.all().await?;
         Ok(())
     }
 }

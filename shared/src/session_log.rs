@@ -35,6 +35,8 @@ pub struct LoggedEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogEntry {
     pub event_id: StreamId,
+    /// The session's event before this one (`None` for its first event).
+    pub prev: Option<StreamId>,
     pub task_id: String,
     pub json: String,
 }
@@ -43,9 +45,15 @@ impl LogEntry {
     fn from_entry(e: &StreamEntry) -> LogEntry {
         LogEntry {
             event_id: e.id,
+            prev: e.get_str("p").and_then(|p| p.parse().ok()),
             task_id: e.get_str("t").unwrap_or_default().to_owned(),
             json: e.get_str("d").unwrap_or_default().to_owned(),
         }
+    }
+
+    /// Whether events of the session between `after` and this entry were trimmed from the log.
+    pub fn lost_since(&self, after: StreamId) -> bool {
+        self.event_id > after && self.prev.is_some_and(|p| p > after)
     }
 }
 
@@ -231,8 +239,8 @@ impl SessionLog {
             .collect())
     }
 
-    /// The oldest event id still in the log of `sid`, if any.
-    pub async fn oldest(&self, sid: &str) -> Result<Option<StreamId>, Error> {
+    /// The oldest event still in the log of `sid`, if any.
+    pub async fn oldest(&self, sid: &str) -> Result<Option<LogEntry>, Error> {
         let reply: Value = self
             .client
             .xrange(self.keys.session_events(sid), "-", "+", Some(1))
@@ -240,6 +248,6 @@ impl SessionLog {
         Ok(parse_entries(reply)
             .unwrap_or_default()
             .first()
-            .map(|e| e.id))
+            .map(LogEntry::from_entry))
     }
 }

@@ -277,3 +277,61 @@ async fn unordered_callbacks_apply_on_arrival_while_the_task_is_open() {
         1
     );
 }
+
+#[tokio::test]
+async fn presence_never_recreates_an_expired_session() {
+    let f = fixture().await;
+    let (sid, _) = session_with_task(&f).await;
+    f.chat.websocket_presence(&sid, 1).await.unwrap();
+    assert!(f.chat.status(&sid).await.unwrap().websocket_connected);
+
+    let gone = "0190aaaa-0000-7000-8000-000000000000";
+    f.chat.websocket_presence(gone, 1).await.unwrap();
+    f.chat
+        .websocket_heartbeat(&[gone.to_owned()])
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.chat.status(gone).await,
+        Err(fleet::session::ChatError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn the_log_tells_whether_events_were_trimmed_before_its_oldest() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let applied = f
+        .chat
+        .tasks
+        .apply(&sid, &callbacks(&sid, &tid, 3))
+        .await
+        .unwrap();
+    let ids: Vec<fleet::stream::StreamId> = applied
+        .events
+        .iter()
+        .map(|e| e.event_id.parse().unwrap())
+        .collect();
+    let oldest = f.log.oldest(&sid).await.unwrap().unwrap();
+    assert_eq!(oldest.prev, None, "the first event has no predecessor");
+    assert!(!oldest.lost_since(fleet::stream::StreamId::ZERO));
+
+    // Trim the first two events away.
+    let _: i64 = fred::prelude::StreamsInterface::xdel(
+        f.chat.tasks.client(),
+        f.chat.tasks.keys().session_events(&sid),
+        vec![ids[0].to_string(), ids[1].to_string()],
+    )
+    .await
+    .unwrap();
+    let oldest = f.log.oldest(&sid).await.unwrap().unwrap();
+    assert_eq!(oldest.event_id, ids[2]);
+    assert!(
+        !oldest.lost_since(ids[1]),
+        "a client that saw ids[1] lost nothing"
+    );
+    assert!(
+        oldest.lost_since(ids[0]),
+        "a client that saw only ids[0] lost ids[1]"
+    );
+}

@@ -32,6 +32,9 @@ pub struct Options {
     pub claim_idle_ms: u64,
     /// Start edge-api and ws-gateway too.
     pub front_doors: bool,
+    /// Start a dispatcher, a callback-worker and an exec-worker in-process (tests that run the
+    /// workers as processes turn this off).
+    pub workers: bool,
 }
 
 impl Default for Options {
@@ -40,6 +43,7 @@ impl Default for Options {
             echo_delay_ms: 0,
             claim_idle_ms: 2_000,
             front_doors: true,
+            workers: true,
         }
     }
 }
@@ -102,32 +106,51 @@ impl Fleet {
         let common = common_args(&redis_url, &prefix);
         let claim = ["--claim-idle-ms".to_owned(), opts.claim_idle_ms.to_string()];
 
-        let cfg: dispatcher::Config =
-            parse("dispatcher", [common.clone(), claim.to_vec()].concat());
-        let app = dispatcher::App::build(cfg).await.expect("dispatcher");
-        running.push(("dispatcher", tokio::spawn(app.run(shutdown.clone()))));
+        if opts.workers {
+            let cfg: dispatcher::Config =
+                parse("dispatcher", [common.clone(), claim.to_vec()].concat());
+            let app = dispatcher::App::build(cfg).await.expect("dispatcher");
+            running.push(("dispatcher", tokio::spawn(app.run(shutdown.clone()))));
 
-        let cfg: callback_worker::Config =
-            parse("callback-worker", [common.clone(), claim.to_vec()].concat());
-        let app = callback_worker::App::build(cfg)
-            .await
-            .expect("callback-worker");
-        running.push(("callback-worker", tokio::spawn(app.run(shutdown.clone()))));
+            let cfg: callback_worker::Config =
+                parse("callback-worker", [common.clone(), claim.to_vec()].concat());
+            let app = callback_worker::App::build(cfg)
+                .await
+                .expect("callback-worker");
+            running.push(("callback-worker", tokio::spawn(app.run(shutdown.clone()))));
 
-        let cfg: exec_worker::Config = parse(
-            "exec-worker",
-            [
-                common.clone(),
-                claim.to_vec(),
-                vec!["--echo-delay-ms".into(), opts.echo_delay_ms.to_string()],
-            ]
-            .concat(),
-        );
-        let app = exec_worker::App::build(cfg).await.expect("exec-worker");
-        running.push(("exec-worker", tokio::spawn(app.run(shutdown.clone()))));
+            let cfg: exec_worker::Config = parse(
+                "exec-worker",
+                [
+                    common.clone(),
+                    claim.to_vec(),
+                    vec!["--echo-delay-ms".into(), opts.echo_delay_ms.to_string()],
+                ]
+                .concat(),
+            );
+            let app = exec_worker::App::build(cfg).await.expect("exec-worker");
+            running.push(("exec-worker", tokio::spawn(app.run(shutdown.clone()))));
+        }
 
-        let (edge, gateway) = (None, None);
-        let _ = opts.front_doors;
+        let (mut edge, mut gateway) = (None, None);
+        if opts.front_doors {
+            let secret = vec!["--secret".to_owned(), SECRET.to_owned()];
+            let http = vec!["--http-addr".to_owned(), "127.0.0.1:0".to_owned()];
+            let base = [common_args(&redis_url, &prefix)[..4].to_vec(), secret, http].concat();
+
+            let cfg: edge_api::Config = parse("edge-api", base.clone());
+            let app = edge_api::App::build(cfg).await.expect("edge-api");
+            edge = Some(app.http_addr());
+            running.push(("edge-api", tokio::spawn(app.run(shutdown.clone()))));
+
+            let cfg: ws_gateway::Config = parse(
+                "ws-gateway",
+                [base, vec!["--admin-addr".into(), "127.0.0.1:0".into()]].concat(),
+            );
+            let app = ws_gateway::App::build(cfg).await.expect("ws-gateway");
+            gateway = Some(app.http_addr());
+            running.push(("ws-gateway", tokio::spawn(app.run(shutdown.clone()))));
+        }
 
         Fleet {
             redis_url,
@@ -143,8 +166,8 @@ impl Fleet {
         }
     }
 
-    /// The harness alone (Redis, prefix, agent, chat API), for tests that run the workers as
-    /// processes.
+    /// The harness alone (Redis, prefix, agent, chat API, no component), for tests that run
+    /// every component as a process.
     pub async fn start_without_workers() -> Fleet {
         let redis_url = fleet_test_support::redis();
         let prefix = fleet_test_support::prefix();
@@ -342,4 +365,118 @@ pub fn assert_clean_streams(log: &[fleet::session_log::LogEntry], tids: &[String
         );
     }
     chunks
+}
+
+/// A WebSocket chat client, as a browser would hold one.
+pub struct WsClient {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    /// Every server message received, in order.
+    pub received: Vec<ServerMessage>,
+}
+
+impl WsClient {
+    /// Connects to `url` (e.g. the `websocket_url` edge-api handed out).
+    pub async fn connect(url: &str) -> WsClient {
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        WsClient {
+            socket,
+            received: Vec::new(),
+        }
+    }
+
+    /// Sends a `chat_message`.
+    pub async fn send_chat(&mut self, message: &str) {
+        use futures::SinkExt;
+        let frame =
+            serde_json::json!({"message_type": "chat_message", "data": {"message": message}});
+        self.socket
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                frame.to_string(),
+            ))
+            .await
+            .expect("send chat_message");
+    }
+
+    /// The next server message (panics after `within`).
+    pub async fn next(&mut self, within: Duration) -> ServerMessage {
+        use futures::StreamExt;
+        loop {
+            let frame = tokio::time::timeout(within, self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("no message within {within:?}; got {:?}", self.received))
+                .expect("socket open")
+                .expect("frame");
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
+                let m: ServerMessage = serde_json::from_str(&t).expect("server JSON");
+                self.received.push(m.clone());
+                return m;
+            }
+        }
+    }
+
+    /// Reads until `done` says so; returns the messages read meanwhile.
+    pub async fn until(
+        &mut self,
+        within: Duration,
+        mut done: impl FnMut(&ServerMessage) -> bool,
+    ) -> Vec<ServerMessage> {
+        let mut out = Vec::new();
+        loop {
+            let m = self.next(within).await;
+            let stop = done(&m);
+            out.push(m);
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+/// True for the final event of task `tid`.
+pub fn is_final_of(m: &ServerMessage, tid: &str) -> bool {
+    m.task_id.as_deref() == Some(tid)
+        && matches!(m.message_type.as_str(), "chat_response" | "chat_error")
+}
+
+/// Checks what one client received: per task, chunks with indexes 0, 1, 2, ... then one final
+/// response, no event id twice, event ids increasing. Returns the number of chunks.
+pub fn assert_clean_delivery(received: &[ServerMessage], tids: &[String]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut last: Option<StreamId> = None;
+    for m in received {
+        if let Some(id) = &m.event_id {
+            let id: StreamId = id.parse().expect("event id");
+            assert!(seen.insert(id), "event {id} delivered twice");
+            assert!(
+                last.is_none_or(|l| id > l),
+                "event {id} out of order after {last:?}"
+            );
+            last = Some(id);
+        }
+    }
+    let as_log: Vec<fleet::session_log::LogEntry> = received
+        .iter()
+        .filter(|m| m.event_id.is_some())
+        .map(|m| fleet::session_log::LogEntry {
+            event_id: m
+                .event_id
+                .as_deref()
+                .unwrap_or_default()
+                .parse()
+                .unwrap_or_default(),
+            prev: None,
+            task_id: m.task_id.clone().unwrap_or_default(),
+            json: serde_json::to_string(m).expect("json"),
+        })
+        .collect();
+    assert_clean_streams(&as_log, tids)
 }

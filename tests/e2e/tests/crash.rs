@@ -1,11 +1,14 @@
 //! kill -9 and SIGTERM of worker processes in the middle of 1,000 tasks: every task still
-//! completes, and every session log (what clients are served from) shows each task's chunks once,
-//! in order, then its response.
+//! completes, every session log shows each task's chunks once, in order, then its response, and
+//! so does every WebSocket client watching a session through ws-gateway.
 
 use std::time::Duration;
 
 use fleet::session::{InitSession, SubmitMessage};
-use fleet_e2e::{AGENT, Fleet, assert_clean_streams, spawn_binary, sum_session_field};
+use fleet_e2e::{
+    AGENT, Fleet, Options, WsClient, assert_clean_delivery, assert_clean_streams, spawn_binary,
+    sum_session_field,
+};
 use fleet_test_support::eventually;
 
 const TASKS: usize = 1000;
@@ -15,13 +18,20 @@ struct Load {
     fleet: Fleet,
     sids: Vec<String>,
     tids: Vec<Vec<String>>,
+    /// One WebSocket client per session, connected before anything was submitted.
+    clients: Vec<WsClient>,
 }
 
-/// A harness without in-process workers (the processes are the workers), with sessions and
-/// 1,000 submitted tasks.
+/// Front doors in-process (the workers run as processes), sessions each watched by a WebSocket
+/// client, and 1,000 submitted tasks.
 async fn load() -> Load {
-    let fleet = Fleet::start_without_workers().await;
+    let fleet = Fleet::start(Options {
+        workers: false,
+        ..Default::default()
+    })
+    .await;
     let mut sids = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..SESSIONS {
         let s = fleet
             .chat
@@ -31,6 +41,13 @@ async fn load() -> Load {
             })
             .await
             .unwrap();
+        let url = format!(
+            "{}/ws/chat/{}?token={}",
+            fleet.ws(),
+            s.session_id,
+            s.session_token
+        );
+        clients.push(WsClient::connect(&url).await);
         sids.push(s.session_id);
     }
     let mut tids = vec![Vec::new(); SESSIONS];
@@ -50,7 +67,12 @@ async fn load() -> Load {
             .unwrap();
         tids[s].push(t.task_id);
     }
-    Load { fleet, sids, tids }
+    Load {
+        fleet,
+        sids,
+        tids,
+        clients,
+    }
 }
 
 impl Load {
@@ -69,6 +91,40 @@ impl Load {
             (self.completed().await >= at_least).then_some(())
         })
         .await;
+    }
+
+    /// Every client gets every task's chunks once, in order, then its response.
+    async fn check_clients(&mut self) {
+        let mut chunks = 0;
+        for (s, client) in self.clients.iter_mut().enumerate() {
+            let tids = &self.tids[s];
+            let mut open: std::collections::HashSet<&str> =
+                tids.iter().map(String::as_str).collect();
+            // Read until every task of the session has ended (what arrived before is kept too).
+            for m in &client.received {
+                if m.message_type == "chat_response" {
+                    open.remove(m.task_id.as_deref().unwrap_or_default());
+                }
+            }
+            while !open.is_empty() {
+                let m = client.next(Duration::from_secs(30)).await;
+                if m.message_type == "chat_response" {
+                    open.remove(m.task_id.as_deref().unwrap_or_default());
+                }
+            }
+            let events: Vec<_> = client
+                .received
+                .iter()
+                .filter(|m| m.event_id.is_some())
+                .cloned()
+                .collect();
+            chunks += assert_clean_delivery(&events, tids);
+        }
+        assert_eq!(
+            chunks,
+            TASKS * 5,
+            "every client saw each of its tasks' five words exactly once"
+        );
     }
 
     async fn check_logs(&self) {
@@ -109,7 +165,7 @@ fn worker_args() -> [&'static str; 6] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_each_worker_mid_run_loses_and_repeats_nothing() {
-    let l = load().await;
+    let mut l = load().await;
     let (redis, prefix) = (l.fleet.redis_url.clone(), l.fleet.prefix.clone());
     let exec = |r: &str, p: &str| {
         spawn_binary(
@@ -138,6 +194,7 @@ async fn kill_9_of_each_worker_mid_run_loses_and_repeats_nothing() {
     l.wait_completed(TASKS as i64, Duration::from_secs(90))
         .await;
     l.check_logs().await;
+    l.check_clients().await;
     for p in [&mut dispatcher, &mut callbacks, &mut executor] {
         assert!(p.running(), "{} died:\n{}", p.name(), p.log());
     }
@@ -146,7 +203,7 @@ async fn kill_9_of_each_worker_mid_run_loses_and_repeats_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_and_loses_nothing() {
-    let l = load().await;
+    let mut l = load().await;
     let (redis, prefix) = (l.fleet.redis_url.clone(), l.fleet.prefix.clone());
     let exec_args = [&worker_args()[..], &["--echo-delay-ms", "3"]].concat();
     let mut procs = [
@@ -177,5 +234,6 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing() {
     l.wait_completed(TASKS as i64, Duration::from_secs(90))
         .await;
     l.check_logs().await;
+    l.check_clients().await;
     l.fleet.stop().await;
 }

@@ -1,0 +1,181 @@
+//! Who may read a session: the token check and the resume point, shared by WebSocket and SSE.
+//!
+//! The session token comes as `Authorization: Bearer <token>` or `?token=<token>` (browsers
+//! cannot set headers on a WebSocket or an `EventSource`). Each refusal has a WebSocket close code
+//! and an HTTP status ([`Refusal`]).
+
+use axum::Json;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fleet::session::{Chat, ChatError, TokenError};
+use fleet::stream::entry::StreamId;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::connection::Resume;
+
+/// The query string of `/ws/chat/{id}` and `/sse/chat/{id}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct AccessQuery {
+    pub token: Option<String>,
+    pub last_event_id: Option<String>,
+}
+
+/// WebSocket close codes of the gateway.
+pub mod close {
+    /// Normal end of a connection the client asked to close.
+    pub const NORMAL: u16 = 1000;
+    /// The gateway is shutting down; reconnect (elsewhere) with `last_event_id`.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The gateway cannot serve the connection (storage unavailable).
+    pub const INTERNAL: u16 = 1011;
+    /// Malformed request: bad `last_event_id`.
+    pub const BAD_REQUEST: u16 = 4000;
+    /// Missing, invalid, expired token, or a token of another session.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// No such session.
+    pub const NOT_FOUND: u16 = 4004;
+    /// Frame too large, or too many malformed frames.
+    pub const POLICY: u16 = 4008;
+}
+
+/// Why a client may not read a session.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("missing session token")]
+    MissingToken,
+    #[error("{0}")]
+    Token(TokenError),
+    #[error("session not found")]
+    NotFound,
+    #[error("last_event_id `{0}` is not an event id (expected <ms>-<seq>)")]
+    BadLastEventId(String),
+    #[error("session storage unavailable; retry later")]
+    Unavailable,
+}
+
+impl Refusal {
+    /// The WebSocket close code and a short reason (at most 123 bytes).
+    pub fn close_frame(&self) -> (u16, &'static str) {
+        match self {
+            Refusal::MissingToken => (close::UNAUTHORIZED, "missing session token"),
+            Refusal::Token(TokenError::Expired) => (close::UNAUTHORIZED, "session token expired"),
+            Refusal::Token(TokenError::WrongSession) => {
+                (close::UNAUTHORIZED, "session token is for another session")
+            }
+            Refusal::Token(_) => (close::UNAUTHORIZED, "invalid session token"),
+            Refusal::NotFound => (close::NOT_FOUND, "session not found"),
+            Refusal::BadLastEventId(_) => (close::BAD_REQUEST, "malformed last_event_id"),
+            Refusal::Unavailable => (close::INTERNAL, "session storage unavailable"),
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Refusal::MissingToken | Refusal::Token(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Refusal::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Refusal::BadLastEventId(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let mut res = (
+            status,
+            Json(json!({"error": {"code": code, "message": self.to_string()}})),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        res
+    }
+}
+
+/// The bearer token of a request: the `Authorization` header first, then `?token=`.
+pub fn token(headers: &HeaderMap, query: &AccessQuery) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .or_else(|| query.token.clone().filter(|t| !t.is_empty()))
+}
+
+/// Checks the token of session `sid`, the resume point, and that the session exists.
+pub async fn admit(
+    chat: &Chat,
+    sid: &str,
+    token: Option<&str>,
+    last_event_id: Option<&str>,
+) -> Result<Resume, Refusal> {
+    let token = token.ok_or(Refusal::MissingToken)?;
+    chat.authorize(sid, token).map_err(Refusal::Token)?;
+    let after = match last_event_id.map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(raw) => Some(parse_event_id(raw)?),
+    };
+    let status = match chat.status(sid).await {
+        Ok(s) => s,
+        Err(ChatError::NotFound { .. }) => return Err(Refusal::NotFound),
+        Err(e) => {
+            tracing::warn!(session_id = sid, error = %e, "session status unavailable");
+            return Err(Refusal::Unavailable);
+        }
+    };
+    Ok(Resume {
+        after,
+        session_last: status.last_event_id.and_then(|l| l.parse().ok()),
+    })
+}
+
+/// A client-supplied event id: `<ms>-<seq>` (Redis also accepts a bare `<ms>`).
+pub fn parse_event_id(raw: &str) -> Result<StreamId, Refusal> {
+    raw.parse::<StreamId>()
+        .map_err(|_| Refusal::BadLastEventId(raw.chars().take(64).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_token_wins_over_the_query() {
+        let mut headers = HeaderMap::new();
+        let q = AccessQuery {
+            token: Some("q".into()),
+            last_event_id: None,
+        };
+        assert_eq!(token(&headers, &q).as_deref(), Some("q"));
+        headers.insert(header::AUTHORIZATION, "Bearer h".parse().unwrap());
+        assert_eq!(token(&headers, &q).as_deref(), Some("h"));
+        assert_eq!(token(&HeaderMap::new(), &AccessQuery::default()), None);
+    }
+
+    #[test]
+    fn event_ids_parse_or_refuse() {
+        assert_eq!(parse_event_id("17-3").unwrap(), StreamId { ms: 17, seq: 3 });
+        assert!(matches!(
+            parse_event_id("nope"),
+            Err(Refusal::BadLastEventId(_))
+        ));
+        assert_eq!(
+            Refusal::BadLastEventId("x".into()).close_frame().0,
+            close::BAD_REQUEST
+        );
+        assert_eq!(
+            Refusal::Token(TokenError::WrongSession).close_frame().0,
+            close::UNAUTHORIZED
+        );
+    }
+}

@@ -1,0 +1,306 @@
+//! The per-client delivery state machine, shared by WebSocket and SSE clients.
+//!
+//! Guarantee: a client receives every event of its session after its `last_event_id`, in log
+//! order, each once, across reconnects, gateway restarts and lost fan-out entries.
+//!
+//! How ([`Delivery`]):
+//!
+//! 1. Subscribe to live entries **first** (they queue in the subscription), **then** replay the
+//!    session log after `last_event_id`, page by page. An event logged after the replay read
+//!    has its fan-out entry written after that, so the subscription sees it.
+//! 2. Track `last`, the id of the newest event handed out. For each live entry:
+//!    * `event_id <= last`: a duplicate (already replayed or delivered): skip;
+//!    * it has a payload and `prev == last` (`prev` empty: the session's first event, which
+//!      follows only "nothing delivered"): hand it out as is;
+//!    * otherwise (a gap: a fan-out entry was lost; or a nudge without payload): read the log
+//!      after `last` up to `event_id` inclusive and hand those out. This is a *gap fill*.
+//! 3. A client whose subscription overflowed is told the newest dropped id and gap-fills up to it.
+//!
+//! When `last_event_id` is older than the oldest event still in the log, what is left is
+//! delivered after an `error` message with `error_type` `events_lost`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use fleet::events::{ServerMessage, with_event_id};
+use fleet::session_log::SessionLog;
+use fleet::stream::entry::StreamId;
+
+use crate::registry::{Live, Registry, Signal, Subscription, Transport};
+
+/// Events read from the log per XRANGE.
+pub const PAGE: u64 = 256;
+
+/// `error_type` of the message telling a client that events it asked for are gone.
+pub const EVENTS_LOST: &str = "events_lost";
+
+/// One message for the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Set for events of the session log; `None` for replies that are not part of it.
+    pub event_id: Option<StreamId>,
+    /// The JSON text to send (with `event_id` spliced in for log events).
+    pub json: String,
+}
+
+impl Outgoing {
+    fn event(event_id: StreamId, json: &str) -> Self {
+        Outgoing {
+            event_id: Some(event_id),
+            json: with_event_id(json, &event_id.to_string()),
+        }
+    }
+
+    /// A reply that is not part of the session's history.
+    pub fn reply(msg: &ServerMessage) -> Self {
+        Outgoing {
+            event_id: None,
+            json: msg.to_json(),
+        }
+    }
+}
+
+/// How far to read the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// To its end (the replay on connect).
+    End,
+    /// Up to this event id, inclusive (a gap fill).
+    Upto(StreamId),
+}
+
+/// Where a client starts.
+#[derive(Clone, Debug, Default)]
+pub struct Resume {
+    /// The last event the client has (`None`: send everything the log holds).
+    pub after: Option<StreamId>,
+    /// The session's newest event id, as its hash records it.
+    pub session_last: Option<StreamId>,
+}
+
+/// Delivers a session's events to one client. See the module docs.
+pub struct Delivery {
+    log: SessionLog,
+    live: Subscription,
+    /// The newest event handed out (or queued in `pending`).
+    last: Option<StreamId>,
+    pending: VecDeque<Outgoing>,
+    catch_up: Option<Target>,
+}
+
+impl Delivery {
+    /// Subscribes to the session's live events, then prepares the replay after `resume.after`.
+    /// Reads the log once, to tell whether events the client asks for were trimmed.
+    pub async fn start(
+        log: SessionLog,
+        registry: &Arc<Registry>,
+        sid: &str,
+        transport: Transport,
+        resume: Resume,
+    ) -> Result<Delivery, fred::error::Error> {
+        // Live events first, so that nothing logged after the replay's read can slip by.
+        let live = registry.subscribe(sid, transport);
+        let mut pending = VecDeque::new();
+        if let Some(after) = resume.after {
+            let lost = match log.oldest(sid).await? {
+                Some(oldest) if oldest.lost_since(after) => Some(format!(
+                    "events before {} are no longer in the session log; events between \
+                     {after} and {} are lost",
+                    oldest.event_id, oldest.event_id
+                )),
+                None if resume.session_last.is_some_and(|l| l > after) => Some(format!(
+                    "the session log no longer holds the events after {after}; they are lost"
+                )),
+                _ => None,
+            };
+            if let Some(message) = lost {
+                metrics::counter!("fleet_ws_events_lost_total").increment(1);
+                pending.push_back(Outgoing::reply(&ServerMessage::error(
+                    sid,
+                    EVENTS_LOST,
+                    &message,
+                )));
+            }
+        }
+        Ok(Delivery {
+            log,
+            live,
+            last: resume.after,
+            pending,
+            catch_up: Some(Target::End),
+        })
+    }
+
+    pub fn session_id(&self) -> &str {
+        self.live.session_id()
+    }
+
+    /// The newest event id handed out so far.
+    pub fn last_event_id(&self) -> Option<StreamId> {
+        self.last
+    }
+
+    /// The next message for the client: waits for live events when there is nothing to send.
+    /// Cancel-safe: state changes only after each read completed.
+    pub async fn next(&mut self) -> Result<Outgoing, fred::error::Error> {
+        loop {
+            if let Some(out) = self.pending.pop_front() {
+                if self.pending.is_empty() && self.pending.capacity() > 16 {
+                    // A replay page was delivered: give its buffer back.
+                    self.pending = VecDeque::new();
+                }
+                return Ok(out);
+            }
+            if let Some(target) = self.catch_up {
+                // Boxed: an idle connection should not carry the read's state.
+                Box::pin(self.read_page(target)).await?;
+                continue;
+            }
+            match self.live.recv().await {
+                Signal::Live(live) => self.on_live(&live),
+                Signal::Lagged(until) => self.gap_fill(until),
+            }
+        }
+    }
+
+    /// Applies the delivery rule to one live entry.
+    fn on_live(&mut self, live: &Live) {
+        if self.last.is_some_and(|l| live.event_id <= l) {
+            return; // already delivered
+        }
+        match &live.json {
+            Some(json) if live.prev == self.last => {
+                self.pending.push_back(Outgoing::event(live.event_id, json));
+                self.last = Some(live.event_id);
+            }
+            _ => self.gap_fill(live.event_id),
+        }
+    }
+
+    fn gap_fill(&mut self, until: StreamId) {
+        if self.last.is_some_and(|l| until <= l) {
+            return;
+        }
+        metrics::counter!("fleet_ws_gap_fills_total").increment(1);
+        self.catch_up = Some(match self.catch_up {
+            // A replay to the end covers any gap.
+            Some(Target::End) => Target::End,
+            Some(Target::Upto(u)) => Target::Upto(u.max(until)),
+            None => Target::Upto(until),
+        });
+    }
+
+    /// Reads one page of the log after `last`, up to `target`.
+    async fn read_page(&mut self, target: Target) -> Result<(), fred::error::Error> {
+        let until = match target {
+            Target::End => None,
+            Target::Upto(u) => Some(u),
+        };
+        if let (Some(u), Some(l)) = (until, self.last)
+            && u <= l
+        {
+            self.catch_up = None;
+            return Ok(());
+        }
+        let page = self
+            .log
+            .replay_after(self.live.session_id(), self.last, until, PAGE)
+            .await?;
+        let more = page.len() as u64 >= PAGE;
+        for entry in page {
+            if self.last.is_none_or(|l| entry.event_id > l) {
+                self.pending
+                    .push_back(Outgoing::event(entry.event_id, &entry.json));
+                self.last = Some(entry.event_id);
+            }
+        }
+        if !more {
+            self.catch_up = None;
+            if let Some(u) = until {
+                // Whatever the log no longer holds up to `u` is gone; do not ask again.
+                self.last = Some(self.last.map_or(u, |l| l.max(u)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet::Keys;
+    use fleet::session_log::FanoutConfig;
+
+    use super::*;
+
+    fn id(ms: u64) -> StreamId {
+        StreamId { ms, seq: 0 }
+    }
+
+    fn live(ms: u64, prev: Option<u64>, payload: bool) -> Live {
+        Live {
+            event_id: id(ms),
+            prev: prev.map(id),
+            json: payload.then(|| format!("{{\"n\":{ms}}}").into_boxed_str()),
+        }
+    }
+
+    /// A delivery whose replay is over, resuming after `last`; never touches Redis.
+    async fn delivery(last: Option<u64>) -> (Delivery, Arc<Registry>) {
+        let registry = Arc::new(Registry::default());
+        let log = SessionLog::new(
+            fred::prelude::Client::default(),
+            Keys::new("t"),
+            FanoutConfig::default(),
+        );
+        let mut d = Delivery::start(log, &registry, "s", Transport::Sse, Resume::default())
+            .await
+            .expect("no I/O without a resume point");
+        d.catch_up = None;
+        d.last = last.map(id);
+        (d, registry)
+    }
+
+    #[tokio::test]
+    async fn in_order_entries_are_delivered_and_duplicates_skipped() {
+        let (mut d, _r) = delivery(None).await;
+        d.on_live(&live(5, None, true)); // the session's first event
+        d.on_live(&live(6, Some(5), true));
+        d.on_live(&live(6, Some(5), true)); // duplicate
+        d.on_live(&live(4, None, true)); // older than delivered
+        let sent: Vec<_> = d.pending.iter().map(|o| o.event_id).collect();
+        assert_eq!(sent, vec![Some(id(5)), Some(id(6))]);
+        assert_eq!(d.pending[1].json, "{\"event_id\":\"6-0\",\"n\":6}");
+        assert_eq!(d.catch_up, None);
+        assert_eq!(d.last_event_id(), Some(id(6)));
+    }
+
+    #[tokio::test]
+    async fn a_gap_or_a_nudge_reads_the_log_up_to_the_entry() {
+        let (mut d, _r) = delivery(Some(5)).await;
+        d.on_live(&live(8, Some(7), true)); // 6..7 missing
+        assert!(d.pending.is_empty());
+        assert_eq!(d.catch_up, Some(Target::Upto(id(8))));
+
+        let (mut d, _r) = delivery(Some(5)).await;
+        d.on_live(&live(9, None, false)); // a nudge
+        assert_eq!(d.catch_up, Some(Target::Upto(id(9))));
+
+        // Nothing delivered yet, but the entry has a predecessor: read the log from its start.
+        let (mut d, _r) = delivery(None).await;
+        d.on_live(&live(3, Some(2), true));
+        assert_eq!(d.catch_up, Some(Target::Upto(id(3))));
+
+        // A nudge for what was delivered changes nothing.
+        let (mut d, _r) = delivery(Some(9)).await;
+        d.on_live(&live(9, None, false));
+        assert_eq!(d.catch_up, None);
+    }
+
+    #[tokio::test]
+    async fn a_lag_mark_becomes_a_gap_fill() {
+        let (mut d, _r) = delivery(Some(5)).await;
+        d.gap_fill(id(7));
+        d.gap_fill(id(12));
+        assert_eq!(d.catch_up, Some(Target::Upto(id(12))));
+    }
+}

@@ -1,0 +1,77 @@
+//! The client-facing router and the state its handlers share.
+//!
+//! | route | handler |
+//! |---|---|
+//! | `GET /ws/chat/{session_id}` | [`crate::ws::upgrade`] |
+//! | `GET /sse/chat/{session_id}` | [`crate::sse::stream`] |
+//!
+//! Anything else answers 404 with the JSON error shape.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::http::{HeaderName, Method, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use fleet::session::Chat;
+use fleet::session_log::SessionLog;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::cors::{Any, CorsLayer};
+
+use crate::registry::Registry;
+
+/// Size limits of WebSocket clients.
+#[derive(Clone, Copy, Debug)]
+pub struct WsLimits {
+    /// Largest client frame (and message) accepted; larger ones close the socket with 4008.
+    pub max_frame_bytes: usize,
+}
+
+impl WsLimits {
+    /// Frames up to this size are read whole, so that the close after an oversized one is a clean
+    /// handshake; past it the socket is cut at the frame header.
+    pub fn hard_cap(&self) -> usize {
+        self.max_frame_bytes.saturating_mul(4).max(4096)
+    }
+}
+
+/// What every client-facing handler shares.
+pub struct Gateway {
+    pub chat: Chat,
+    pub log: SessionLog,
+    pub registry: Arc<Registry>,
+    pub limits: WsLimits,
+    /// Cancelled when the gateway shuts down: sockets close with 1001, SSE streams end.
+    pub closing: CancellationToken,
+    /// Tracks WebSocket connections, so that shutdown can wait for their close handshakes.
+    pub connections: TaskTracker,
+}
+
+/// The router of the client-facing port.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET])
+        .allow_headers([
+            header::AUTHORIZATION,
+            HeaderName::from_static("last-event-id"),
+        ]);
+    Router::new()
+        .route("/ws/chat/{session_id}", get(crate::ws::upgrade))
+        .route("/sse/chat/{session_id}", get(crate::sse::stream))
+        .fallback(not_found)
+        .with_state(gateway)
+        .layer(cors)
+}
+
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        Json(
+            json!({"error": {"code": "not_found", "message": "no such route; use /ws/chat/{session_id} or /sse/chat/{session_id}"}}),
+        ),
+    )
+}

@@ -1,0 +1,407 @@
+//! `GET /ws/chat/{session_id}`: the WebSocket of a chat session.
+//!
+//! The upgrade always succeeds; a refused client is told why with a close code: 4001 (token
+//! missing, invalid, expired or of another session), 4004 (no such session), 4000 (malformed
+//! `last_event_id`). An admitted client gets the session's events ([`crate::connection`]) and
+//! may send, as JSON text frames:
+//!
+//! * `{"message_type":"chat_message","data":{"message":"...","metadata":{},"task_id"?,"idempotency_key"?}}`:
+//!   submitted like `POST /api/v1/chat/{id}/task`; answered with `task_queued` (or an `error`
+//!   message) on this connection only;
+//! * `{"message_type":"ping"}`: answered with `pong`.
+//!
+//! Anything else gets an `error` message; the [`MAX_MALFORMED`]th bad frame closes the socket with
+//! 4008, and so does a frame over `--max-frame-bytes`. On shutdown every socket closes with 1001.
+//!
+//! One task per socket (the one axum spawns for the upgrade) does everything: it reads frames,
+//! sends events and pings. Rarely taken, large futures (replay pages, submits) are boxed so that
+//! an idle connection stays small.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Uri};
+use axum::response::Response;
+use fleet::events::{ChatMessageData, ClientMessage, ServerMessage, message_type};
+use fleet::session::{ChatError, SubmitMessage};
+use futures::future::BoxFuture;
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::access::{self, AccessQuery, close};
+use crate::connection::{Delivery, Outgoing};
+use crate::presence;
+use crate::registry::Transport;
+use crate::routes::Gateway;
+
+/// Malformed frames tolerated on one connection; this many closes it with 4008.
+pub const MAX_MALFORMED: u32 = 5;
+/// A server ping goes out this often; a client that sent nothing (not even the pong) between two
+/// pings is dropped.
+pub const PING_EVERY: Duration = Duration::from_secs(30);
+/// A send that takes longer drops the connection (the client reconnects and resumes).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a close handshake may take.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Read buffer of each socket; grows only while a large frame is read.
+pub const READ_BUFFER_BYTES: usize = 4096;
+
+/// The upgrade handler.
+pub async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    Path(sid): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let (token, last_event_id, bad_query) = match Query::<AccessQuery>::try_from_uri(&uri) {
+        Ok(Query(q)) => (access::token(&headers, &q), q.last_event_id, false),
+        Err(_) => (None, None, true),
+    };
+    // Taken before the upgrade, so that shutdown waits for this connection's close.
+    let tracked = gw.connections.token();
+    let hard_cap = gw.limits.hard_cap();
+    let span = tracing::info_span!("ws", session_id = %sid);
+    ws.read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_frame_size(hard_cap)
+        .max_message_size(hard_cap)
+        .on_upgrade(move |socket| {
+            async move {
+                let _tracked = tracked;
+                let request = Request {
+                    sid,
+                    token,
+                    last_event_id,
+                    bad_query,
+                };
+                serve(gw, socket, request).await;
+            }
+            .instrument(span)
+        })
+}
+
+struct Request {
+    sid: String,
+    token: Option<String>,
+    last_event_id: Option<String>,
+    bad_query: bool,
+}
+
+/// How a connection ends.
+enum End {
+    /// Send a close frame and wait for the client's.
+    Close(u16, &'static str),
+    /// The client's stream broke on an oversized frame: send a close frame, linger briefly.
+    CloseBroken(u16, &'static str),
+    /// The client sent a close frame: flush the automatic reply.
+    ClientClosed,
+    /// The client is gone: nothing more to say.
+    Gone,
+}
+
+/// What to do about one client frame.
+enum Action {
+    Nothing,
+    Reply(ServerMessage),
+    Submit(ChatMessageData),
+    End(End),
+}
+
+async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
+    if req.bad_query {
+        return finish(
+            socket,
+            End::Close(close::BAD_REQUEST, "malformed query string"),
+        )
+        .await;
+    }
+    let admitted = Box::pin(access::admit(
+        &gw.chat,
+        &req.sid,
+        req.token.as_deref(),
+        req.last_event_id.as_deref(),
+    ))
+    .await;
+    let resume = match admitted {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::debug!(reason = %refusal, "websocket refused");
+            let (code, reason) = refusal.close_frame();
+            return finish(socket, End::Close(code, reason)).await;
+        }
+    };
+    if gw.closing.is_cancelled() {
+        return finish(socket, End::Close(close::GOING_AWAY, "going away")).await;
+    }
+    let started = Box::pin(Delivery::start(
+        gw.log.clone(),
+        &gw.registry,
+        &req.sid,
+        Transport::WebSocket,
+        resume,
+    ))
+    .await;
+    let mut delivery = match started {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "session log unavailable");
+            return finish(
+                socket,
+                End::Close(close::INTERNAL, "session log unavailable"),
+            )
+            .await;
+        }
+    };
+    drop(req);
+    Box::pin(presence::record(&gw.chat, delivery.session_id(), 1)).await;
+    metrics::gauge!("fleet_ws_connections").increment(1.0);
+    tracing::debug!("websocket admitted");
+
+    let mut conn = Connection {
+        gw: &gw,
+        malformed: 0,
+    };
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut heard, mut pinged) = (false, false);
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = gw.closing.cancelled() => break End::Close(close::GOING_AWAY, "going away"),
+            frame = socket.recv() => {
+                heard = true;
+                let action = match frame {
+                    Some(Ok(msg)) => conn.on_frame(delivery.session_id(), msg),
+                    Some(Err(e)) => break too_large_or_gone(&e),
+                    None => break End::Gone,
+                };
+                let reply = match action {
+                    Action::Nothing => continue,
+                    Action::End(end) => break end,
+                    Action::Reply(msg) => msg,
+                    Action::Submit(data) => Box::pin(conn.submit(delivery.session_id(), data)).await,
+                };
+                if send(&mut socket, Outgoing::reply(&reply).json).await.is_err() {
+                    break End::Gone;
+                }
+            }
+            out = delivery.next() => match out {
+                Ok(out) => {
+                    if send(&mut socket, out.json).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "session log unavailable");
+                    break End::Close(close::INTERNAL, "session log unavailable");
+                }
+            },
+            _ = ping.tick() => {
+                // Anything heard since the last ping (its pong at least) proves the peer alive.
+                if pinged && !heard {
+                    tracing::debug!("no answer to the last ping; dropping the client");
+                    break End::Gone;
+                }
+                heard = false;
+                pinged = true;
+                if tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Default::default())))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    break End::Gone;
+                }
+            }
+        }
+    };
+    let sid = delivery.session_id().to_owned();
+    // Unregister before the close handshake: nothing more will be sent.
+    drop(delivery);
+    finish(socket, end).await;
+    metrics::gauge!("fleet_ws_connections").decrement(1.0);
+    Box::pin(presence::record(&gw.chat, &sid, -1)).await;
+    tracing::debug!("websocket ended");
+}
+
+/// Per-connection state that only frames from the client change.
+struct Connection<'a> {
+    gw: &'a Gateway,
+    malformed: u32,
+}
+
+impl Connection<'_> {
+    fn on_frame(&mut self, sid: &str, msg: Message) -> Action {
+        let text = match msg {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                metrics::counter!("fleet_ws_messages_received_total").increment(1);
+                return self.malformed(
+                    sid,
+                    "unsupported_frame",
+                    "binary frames are not supported; send JSON text".into(),
+                );
+            }
+            Message::Ping(_) | Message::Pong(_) => return Action::Nothing,
+            Message::Close(_) => return Action::End(End::ClientClosed),
+        };
+        metrics::counter!("fleet_ws_messages_received_total").increment(1);
+        if text.len() > self.gw.limits.max_frame_bytes {
+            return Action::End(End::Close(close::POLICY, "message too large"));
+        }
+        let msg: ClientMessage = match serde_json::from_str(text.as_str()) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.malformed(
+                    sid,
+                    "invalid_message",
+                    format!("frame is not a JSON client message: {e}"),
+                );
+            }
+        };
+        match msg.message_type.as_str() {
+            message_type::PING => {
+                Action::Reply(ServerMessage::new(message_type::PONG, sid, None, json!({})))
+            }
+            message_type::CHAT_MESSAGE => match serde_json::from_value::<ChatMessageData>(msg.data)
+            {
+                Ok(data) => Action::Submit(data),
+                Err(e) => self.malformed(
+                    sid,
+                    "invalid_request",
+                    format!("chat_message data is not valid: {e}"),
+                ),
+            },
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                self.malformed(
+                    sid,
+                    "unknown_message_type",
+                    format!("unknown message_type `{shown}`; expected chat_message or ping"),
+                )
+            }
+        }
+    }
+
+    fn malformed(&mut self, sid: &str, code: &str, message: String) -> Action {
+        self.malformed += 1;
+        metrics::counter!("fleet_ws_malformed_frames_total").increment(1);
+        if self.malformed >= MAX_MALFORMED {
+            return Action::End(End::Close(close::POLICY, "too many malformed messages"));
+        }
+        Action::Reply(ServerMessage::error(sid, code, &message))
+    }
+
+    /// Submits a chat message the way `POST /api/v1/chat/{id}/task` does.
+    async fn submit(&self, sid: &str, data: ChatMessageData) -> ServerMessage {
+        let submitted = self
+            .gw
+            .chat
+            .submit(
+                sid,
+                SubmitMessage {
+                    message: data.message,
+                    metadata: data.metadata,
+                    task_id: data.task_id,
+                    idempotency_key: data.idempotency_key,
+                    source: "ws",
+                },
+            )
+            .await;
+        match submitted {
+            Ok(s) => {
+                let mut body = json!({"task_id": s.task_id, "status": s.status});
+                if s.duplicate {
+                    body["duplicate"] = true.into();
+                }
+                ServerMessage::new(message_type::TASK_QUEUED, sid, Some(&s.task_id), body)
+            }
+            Err(e) => {
+                let (code, message) = submit_error(&e);
+                ServerMessage::error(sid, code, &message)
+            }
+        }
+    }
+}
+
+/// The `error_type` and message of a refused submit; never leaks storage details.
+pub fn submit_error(e: &ChatError) -> (&'static str, String) {
+    match e {
+        ChatError::Invalid(m) => ("invalid_request", m.clone()),
+        ChatError::NotFound { .. } => ("not_found", e.to_string()),
+        ChatError::SessionClosed(_) => ("session_closed", e.to_string()),
+        ChatError::Conflict(_) => ("conflict", e.to_string()),
+        ChatError::Overloaded { .. } => ("overloaded", e.to_string()),
+        ChatError::Unavailable(detail) => {
+            tracing::warn!(error = %detail, "submit failed");
+            ("unavailable", "storage unavailable; retry later".to_owned())
+        }
+    }
+}
+
+fn too_large_or_gone(e: &axum::Error) -> End {
+    use std::error::Error as _;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let capacity = e
+        .source()
+        .and_then(|s| s.downcast_ref::<WsError>())
+        .is_some_and(|e| matches!(e, WsError::Capacity(_)));
+    if capacity {
+        End::CloseBroken(close::POLICY, "message too large")
+    } else {
+        tracing::debug!(error = %e, "websocket read failed");
+        End::Gone
+    }
+}
+
+async fn send(socket: &mut WebSocket, json: String) -> Result<(), ()> {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(json.into()))).await {
+        Ok(Ok(())) => {
+            metrics::counter!("fleet_ws_messages_sent_total").increment(1);
+            Ok(())
+        }
+        _ => Err(()),
+    }
+}
+
+/// Ends the connection as `end` says, bounded by [`CLOSE_TIMEOUT`]. Boxed: it is reached from
+/// several places of [`serve`] and would otherwise weigh on every idle connection.
+fn finish(mut socket: WebSocket, end: End) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let (code, reason, broken) = match end {
+            End::Gone => return,
+            End::ClientClosed => {
+                // Reading on flushes the close reply tungstenite queued, then ends the stream.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                    while let Some(Ok(_)) = socket.recv().await {}
+                })
+                .await;
+                return;
+            }
+            End::Close(code, reason) => (code, reason, false),
+            End::CloseBroken(code, reason) => (code, reason, true),
+        };
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if socket.send(frame).await.is_err() {
+                return;
+            }
+            if broken {
+                // The stream cannot be read past the oversized frame; give the client time to
+                // read the close frame before the socket (with unread bytes) is reset.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return;
+            }
+            while let Some(Ok(msg)) = socket.recv().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    })
+}

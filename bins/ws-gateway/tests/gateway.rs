@@ -1,0 +1,517 @@
+//! ws-gateway end to end: a real Redis, the gateway in-process, clients over real sockets.
+
+mod common;
+
+use common::*;
+use fred::prelude::*;
+use futures::SinkExt;
+use serde_json::{Value as Json, json};
+use tokio_tungstenite::tungstenite::protocol::Message;
+
+fn assert_chunk(m: &Json, content: &str) {
+    assert_eq!(m["message_type"], "chat_streaming", "{m}");
+    assert_eq!(m["data"]["content"], content, "{m}");
+}
+
+#[tokio::test]
+async fn chunks_then_the_response_arrive_in_order_over_websocket_and_sse() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    ping_pong(&mut ws).await;
+    let mut sse = SseStream::new(
+        SseStream::open(&format!("{}?token={}", gw.sse_url(&s.sid), s.token), &[]).await,
+    );
+
+    let mut logged = Vec::new();
+    for (seq, content) in [(1, "Hel"), (2, "lo "), (3, "world")] {
+        logged.push(fleet.chunk(&s.sid, &tid, seq, content).await);
+    }
+    logged.extend(
+        fleet
+            .emit(&s.sid, &[result(&s.sid, &tid, 4, "Hello world")], true)
+            .await,
+    );
+    let want: Vec<String> = logged.iter().map(|e| e.event_id.clone()).collect();
+
+    let got = recv_n(&mut ws, 4).await;
+    assert_eq!(event_ids(&got), want);
+    assert_chunk(&got[0], "Hel");
+    assert_chunk(&got[1], "lo ");
+    assert_chunk(&got[2], "world");
+    assert_eq!(got[3]["message_type"], "chat_response");
+    assert_eq!(got[3]["data"]["content"], "Hello world");
+    assert_eq!(got[3]["data"]["is_final"], true);
+    for m in &got {
+        assert_eq!(m["session_id"], s.sid.as_str());
+        assert_eq!(m["task_id"], tid.as_str());
+    }
+    // Nothing more: the next message is the answer to a ping.
+    ping_pong(&mut ws).await;
+
+    let events = sse.next_n(4).await;
+    for (ev, want_id) in events.iter().zip(&want) {
+        assert_eq!(ev.id.as_deref(), Some(want_id.as_str()));
+        assert_eq!(ev.data["event_id"], want_id.as_str());
+    }
+    assert_eq!(events[3].data["message_type"], "chat_response");
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_gets_exactly_the_events_it_missed() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    fleet.chunk(&s.sid, &tid, 1, "a").await;
+    fleet.chunk(&s.sid, &tid, 2, "b").await;
+    let first = recv_n(&mut ws, 2).await;
+    assert_chunk(&first[1], "b");
+    let last_seen = first[1]["event_id"].as_str().unwrap().to_owned();
+    ws.close(None).await.expect("client close");
+    drop(ws);
+
+    // Missed while away.
+    let c = fleet.chunk(&s.sid, &tid, 3, "c").await;
+    let d = fleet.chunk(&s.sid, &tid, 4, "d").await;
+
+    let mut ws = ws_connect(&ws_url(&gw, &s, Some(&last_seen))).await;
+    let e = fleet
+        .emit(&s.sid, &[result(&s.sid, &tid, 5, "abcd")], true)
+        .await
+        .remove(0);
+    let got = recv_n(&mut ws, 3).await;
+    assert_eq!(
+        event_ids(&got),
+        vec![c.event_id, d.event_id, e.event_id.clone()]
+    );
+    assert_chunk(&got[0], "c");
+    assert_chunk(&got[1], "d");
+    assert_eq!(got[2]["message_type"], "chat_response");
+    ping_pong(&mut ws).await;
+
+    // Resuming at the newest event sends nothing old; a Bearer header works as well.
+    let mut ws = ws_connect_request(
+        &format!("{}?last_event_id={}", gw.ws_url(&s.sid), e.event_id),
+        Some(&s.token),
+    )
+    .await;
+    ping_pong(&mut ws).await;
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_lost_fanout_entry_is_read_from_the_log_before_the_next_event() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    // Once the first event is in, the replay is over: later ones arrive live.
+    fleet.chunk(&s.sid, &tid, 1, "a").await;
+    assert_chunk(&recv_json(&mut ws).await, "a");
+
+    let lost = fleet
+        .emit(&s.sid, &[chunk(&s.sid, &tid, 2, "b")], false)
+        .await
+        .remove(0);
+    let next = fleet.chunk(&s.sid, &tid, 3, "c").await;
+    assert_eq!(next.prev, lost.event_id);
+    let got = recv_n(&mut ws, 2).await;
+    assert_eq!(event_ids(&got), vec![lost.event_id, next.event_id]);
+    assert_chunk(&got[0], "b");
+    assert_chunk(&got[1], "c");
+    ping_pong(&mut ws).await;
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("fleet_ws_gap_fills_total") && !l.ends_with(" 0")),
+        "a gap fill is counted:\n{metrics}"
+    );
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_nudge_alone_delivers_the_events_it_points_at() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    fleet.chunk(&s.sid, &tid, 1, "a").await;
+    assert_chunk(&recv_json(&mut ws).await, "a");
+
+    let lost = fleet
+        .emit(
+            &s.sid,
+            &[chunk(&s.sid, &tid, 2, "b"), result(&s.sid, &tid, 3, "ab")],
+            false,
+        )
+        .await;
+    fleet.nudge(&s.sid, &lost[1].event_id).await;
+    let got = recv_n(&mut ws, 2).await;
+    assert_eq!(
+        event_ids(&got),
+        vec![lost[0].event_id.clone(), lost[1].event_id.clone()]
+    );
+    assert_eq!(got[1]["message_type"], "chat_response");
+    // A nudge for what was delivered already sends nothing.
+    fleet.nudge(&s.sid, &lost[1].event_id).await;
+    ping_pong(&mut ws).await;
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_chat_message_over_the_websocket_queues_a_task() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+
+    send_text(
+        &mut ws,
+        r#"{"message_type":"chat_message","data":{"message":"hello there","metadata":{"k":1},"idempotency_key":"k1"}}"#,
+    )
+    .await;
+    let queued = recv_json(&mut ws).await;
+    assert_eq!(queued["message_type"], "task_queued", "{queued}");
+    assert_eq!(queued["session_id"], s.sid.as_str());
+    let tid = queued["task_id"].as_str().expect("task_id").to_owned();
+    assert_eq!(queued["data"]["task_id"], tid.as_str());
+    assert_eq!(queued["data"]["status"], "queued");
+    assert!(queued["timestamp"].is_string());
+    assert!(queued.get("event_id").is_none(), "replies are not logged");
+
+    let task = fleet.chat.task(&s.sid, &tid).await.expect("task");
+    assert_eq!(task.state, "queued");
+    assert_eq!(task.message, "hello there");
+    assert_eq!(task.metadata, json!({"k": 1}));
+    let reply: Value = fleet
+        .client
+        .xrange(fleet.keys.tasks(), "-", "+", None)
+        .await
+        .expect("xrange");
+    let entries = fleet::stream::entry::parse_entries(reply).expect("entries");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.get_str("kind") == Some("task.submit")),
+        "a task.submit entry on {}: {entries:?}",
+        fleet.keys.tasks()
+    );
+
+    // The same idempotency key answers with the same task.
+    send_text(
+        &mut ws,
+        r#"{"message_type":"chat_message","data":{"content":"hello there","idempotency_key":"k1"}}"#,
+    )
+    .await;
+    let again = recv_json(&mut ws).await;
+    assert_eq!(again["task_id"], tid.as_str(), "{again}");
+
+    // A refused submit answers with an error and keeps the connection.
+    send_text(
+        &mut ws,
+        r#"{"message_type":"chat_message","data":{"message":"   "}}"#,
+    )
+    .await;
+    let refused = recv_json(&mut ws).await;
+    assert_eq!(refused["message_type"], "error", "{refused}");
+    assert_eq!(refused["data"]["error"]["error_type"], "invalid_request");
+    ping_pong(&mut ws).await;
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn refused_clients_are_closed_with_4xxx_codes() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let other = fleet.session().await;
+
+    let mut ws = ws_connect(&gw.ws_url(&s.sid)).await;
+    assert_eq!(recv_close(&mut ws).await.0, 4001, "missing token");
+    let mut ws = ws_connect(&format!("{}?token=nope", gw.ws_url(&s.sid))).await;
+    let (code, reason) = recv_close(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (4001, "invalid session token"));
+    let mut ws = ws_connect(&format!("{}?token={}", gw.ws_url(&s.sid), other.token)).await;
+    assert_eq!(recv_close(&mut ws).await.0, 4001, "another session's token");
+
+    let ghost = "0190f0a1-aaaa-7bbb-8ccc-ddddeeeeffff";
+    let token = fleet.chat.tokens.sign(ghost, i64::MAX);
+    let mut ws = ws_connect(&format!("{}?token={token}", gw.ws_url(ghost))).await;
+    let (code, reason) = recv_close(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (4004, "session not found"));
+
+    let mut ws = ws_connect(&ws_url(&gw, &s, Some("not-an-id"))).await;
+    assert_eq!(recv_close(&mut ws).await.0, 4000, "malformed last_event_id");
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn oversized_and_repeatedly_malformed_frames_close_with_4008() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway_with(&["--max-frame-bytes", "1024"]).await;
+    let s = fleet.session().await;
+
+    // One malformed frame: an error message, and the connection stays usable.
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    send_text(&mut ws, "{not json").await;
+    let err = recv_json(&mut ws).await;
+    assert_eq!(err["message_type"], "error", "{err}");
+    assert_eq!(err["data"]["error"]["error_type"], "invalid_message");
+    ping_pong(&mut ws).await;
+    send_text(&mut ws, r#"{"message_type":"dance"}"#).await;
+    let err = recv_json(&mut ws).await;
+    assert_eq!(err["data"]["error"]["error_type"], "unknown_message_type");
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    let err = recv_json(&mut ws).await;
+    assert_eq!(err["data"]["error"]["error_type"], "unsupported_frame");
+    send_text(&mut ws, r#"{"message_type":"chat_message","data":{}}"#).await;
+    let err = recv_json(&mut ws).await;
+    assert_eq!(err["data"]["error"]["error_type"], "invalid_request");
+    // The fifth closes.
+    send_text(&mut ws, "[]").await;
+    assert_eq!(
+        recv_close(&mut ws).await,
+        (4008, "too many malformed messages".to_owned())
+    );
+
+    // A frame over the limit closes at once.
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    let big = format!(
+        r#"{{"message_type":"chat_message","data":{{"message":"{}"}}}}"#,
+        "x".repeat(2000)
+    );
+    send_text(&mut ws, &big).await;
+    assert_eq!(
+        recv_close(&mut ws).await,
+        (4008, "message too large".to_owned())
+    );
+
+    // Far over the limit too (the gateway stops reading at the frame header).
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    let _ = ws.send(Message::text("y".repeat(64 * 1024))).await;
+    assert_eq!(recv_close(&mut ws).await.0, 4008);
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn sse_resumes_from_last_event_id_and_refuses_bad_tokens_with_json() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+    let a = fleet.chunk(&s.sid, &tid, 1, "a").await;
+    let b = fleet.chunk(&s.sid, &tid, 2, "b").await;
+
+    // The Last-Event-ID header (what EventSource sends on reconnect) wins over the query.
+    let url = format!("{}?last_event_id=0-0", gw.sse_url(&s.sid));
+    let auth = format!("Bearer {}", s.token);
+    let res = SseStream::open(
+        &url,
+        &[
+            ("authorization", auth.as_str()),
+            ("last-event-id", a.event_id.as_str()),
+        ],
+    )
+    .await;
+    let mut sse = SseStream::new(res);
+    let first = sse.next().await.expect("event");
+    assert_eq!(first.id.as_deref(), Some(b.event_id.as_str()));
+    assert_eq!(first.data["data"]["content"], "b");
+    let c = fleet.chunk(&s.sid, &tid, 3, "c").await;
+    let next = sse.next().await.expect("event");
+    assert_eq!(next.id.as_deref(), Some(c.event_id.as_str()));
+
+    // The query parameter works too.
+    let res = SseStream::open(
+        &format!(
+            "{}?token={}&last_event_id={}",
+            gw.sse_url(&s.sid),
+            s.token,
+            b.event_id
+        ),
+        &[],
+    )
+    .await;
+    let mut sse = SseStream::new(res);
+    assert_eq!(
+        sse.next().await.expect("event").id.as_deref(),
+        Some(c.event_id.as_str())
+    );
+
+    let res = SseStream::open(&format!("{}?token=nope", gw.sse_url(&s.sid)), &[]).await;
+    assert_eq!(res.status(), 401);
+    let body: Json = res.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert!(body["error"]["message"].is_string());
+
+    let ghost = "0190f0a1-aaaa-7bbb-8ccc-ddddeeeeffff";
+    let token = fleet.chat.tokens.sign(ghost, i64::MAX);
+    let res = SseStream::open(&format!("{}?token={token}", gw.sse_url(ghost)), &[]).await;
+    assert_eq!(res.status(), 404);
+    let body: Json = res.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "not_found");
+
+    let res = SseStream::open(
+        &format!("{}?token={}&last_event_id=x", gw.sse_url(&s.sid), s.token),
+        &[],
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn trimmed_events_are_reported_as_lost_before_what_is_left() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+    let mut ids = Vec::new();
+    for seq in 1..=5 {
+        ids.push(
+            fleet
+                .chunk(&s.sid, &tid, seq, &seq.to_string())
+                .await
+                .event_id,
+        );
+    }
+    let _: u64 = fleet
+        .client
+        .xtrim(fleet.keys.session_events(&s.sid), ("MAXLEN", "=", 2_i64))
+        .await
+        .expect("trim");
+
+    let mut ws = ws_connect(&ws_url(&gw, &s, Some(&ids[0]))).await;
+    let lost = recv_json(&mut ws).await;
+    assert_eq!(lost["message_type"], "error", "{lost}");
+    assert_eq!(lost["data"]["error"]["error_type"], "events_lost");
+    assert!(
+        lost["data"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&ids[3]),
+        "{lost}"
+    );
+    let rest = recv_n(&mut ws, 2).await;
+    assert_eq!(event_ids(&rest), ids[3..].to_vec());
+    ping_pong(&mut ws).await;
+
+    // A client that has everything left hears nothing about losses.
+    let mut ws = ws_connect(&ws_url(&gw, &s, Some(&ids[4]))).await;
+    ping_pong(&mut ws).await;
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn presence_follows_the_websocket() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    assert!(!fleet.chat.status(&s.sid).await.unwrap().websocket_connected);
+
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    // The pong comes from the connection's main loop, which starts after presence is recorded.
+    ping_pong(&mut ws).await;
+    let status = fleet.chat.status(&s.sid).await.unwrap();
+    assert!(status.websocket_connected);
+    assert_eq!(status.websocket_connections, 1);
+
+    ws.close(None).await.expect("client close");
+    fleet_test_support::eventually(WAIT, "presence cleared after the close", || async {
+        let st = fleet.chat.status(&s.sid).await.unwrap();
+        (!st.websocket_connected && st.websocket_connections == 0).then_some(())
+    })
+    .await;
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1001_ends_sse_and_returns_ok() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    ping_pong(&mut ws).await;
+    let mut sse = SseStream::new(
+        SseStream::open(&format!("{}?token={}", gw.sse_url(&s.sid), s.token), &[]).await,
+    );
+
+    gw.shutdown.cancel();
+    assert_eq!(recv_close(&mut ws).await, (1001, "going away".to_owned()));
+    assert!(sse.next().await.is_none(), "the SSE stream ends");
+    let run = tokio::time::timeout(WAIT, gw.run)
+        .await
+        .expect("run returns")
+        .expect("no panic");
+    assert!(run.is_ok(), "{run:?}");
+    // Presence was taken back on the way out.
+    let st = fleet.chat.status(&s.sid).await.unwrap();
+    assert_eq!(st.websocket_connections, 0);
+}
+
+#[tokio::test]
+async fn admin_port_serves_health_and_metrics() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let health: Json = reqwest::get(format!("http://{}/health", gw.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["service"], "ws-gateway");
+    let s = fleet.session().await;
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    ping_pong(&mut ws).await;
+    let metrics = gw.metrics().await;
+    for name in [
+        "fleet_ws_connections",
+        "fleet_ws_messages_sent_total",
+        "fleet_ws_messages_received_total",
+    ] {
+        assert!(metrics.contains(name), "{name} in\n{metrics}");
+    }
+    let res = reqwest::get(format!("http://{}/nope", gw.http))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_gateway_after_a_restart() {
+    let fleet = Fleet::new().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+    let first = fleet.gateway().await;
+    let mut ws = ws_connect(&ws_url(&first, &s, None)).await;
+    fleet.chunk(&s.sid, &tid, 1, "a").await;
+    let a = recv_json(&mut ws).await;
+    first.shutdown.cancel();
+    assert_eq!(recv_close(&mut ws).await.0, 1001);
+    drop(ws);
+    first.run.await.unwrap().expect("clean stop");
+
+    // Written while no gateway runs: only the log has them once the next one starts.
+    let b = fleet.chunk(&s.sid, &tid, 2, "b").await;
+    let second = fleet.gateway().await;
+    let mut ws = ws_connect(&ws_url(&second, &s, a["event_id"].as_str())).await;
+    let c = fleet
+        .emit(&s.sid, &[result(&s.sid, &tid, 3, "abc")], true)
+        .await
+        .remove(0);
+    let got = recv_n(&mut ws, 2).await;
+    assert_eq!(event_ids(&got), vec![b.event_id, c.event_id]);
+    ping_pong(&mut ws).await;
+    second.stop().await.expect("clean stop");
+}
