@@ -41,7 +41,7 @@ fi
 
 echo "building (cargo build --workspace --bins)..."
 cargo build --workspace --bins --quiet
-bin="$root/target/debug"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 edge=$(free_port 8001)
 gateway=$(free_port 8002)

@@ -1,0 +1,103 @@
+//! An entry no worker can decode, on each worker's stream, lands in the dead-letter stream with
+//! its reason, and every worker keeps serving.
+
+use std::time::Duration;
+
+use fleet::session::{InitSession, SubmitMessage};
+use fleet::stream::entry::parse_entries;
+use fleet_e2e::{AGENT, Fleet, Options};
+use fred::prelude::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_every_stream_is_dead_lettered_and_work_goes_on() {
+    let fleet = Fleet::start(Options {
+        front_doors: false,
+        ..Default::default()
+    })
+    .await;
+    let streams = [
+        fleet.keys.tasks(),
+        fleet.keys.callbacks(),
+        fleet.keys.exec(fleet::agent::DEFAULT_POOL),
+    ];
+    for stream in &streams {
+        let _: String = fleet
+            .client
+            .xadd(
+                stream,
+                false,
+                None,
+                "*",
+                vec![
+                    ("v", "1"),
+                    ("kind", "no.such.kind"),
+                    ("id", "x"),
+                    ("ts", "1"),
+                    ("body", "x"),
+                ],
+            )
+            .await
+            .unwrap();
+        let _: String = fleet
+            .client
+            .xadd(stream, false, None, "*", vec![("hello", "world")])
+            .await
+            .unwrap();
+    }
+
+    let letters =
+        fleet_test_support::eventually(Duration::from_secs(10), "six dead letters", || async {
+            let v: Value = fleet
+                .client
+                .xrange(fleet.keys.dlq(), "-", "+", None)
+                .await
+                .unwrap();
+            let l = parse_entries(v).unwrap();
+            (l.len() >= 6).then_some(l)
+        })
+        .await;
+    assert_eq!(letters.len(), 6);
+    for stream in &streams {
+        let mine: Vec<_> = letters
+            .iter()
+            .filter(|l| l.get_str("stream") == Some(stream.as_str()))
+            .collect();
+        assert_eq!(mine.len(), 2, "two dead letters from {stream}");
+        assert!(mine.iter().all(|l| {
+            l.get_str("reason")
+                .unwrap()
+                .starts_with("undecodable entry")
+        }));
+        assert!(
+            mine.iter()
+                .any(|l| l.get_str("orig.hello") == Some("world"))
+        );
+    }
+
+    // Every worker is still there: a task goes all the way through.
+    let sid = fleet
+        .chat
+        .init_session(InitSession {
+            agent_id: AGENT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .session_id;
+    let tid = fleet
+        .chat
+        .submit(
+            &sid,
+            SubmitMessage {
+                message: "still here".into(),
+                source: "rest",
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .task_id;
+    let events = fleet.task_events(&sid, &tid, Duration::from_secs(10)).await;
+    assert_eq!(events.last().unwrap().message_type, "chat_response");
+    fleet.stop().await;
+}
