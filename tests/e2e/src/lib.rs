@@ -480,3 +480,27 @@ pub fn assert_clean_delivery(received: &[ServerMessage], tids: &[String]) -> usi
         .collect();
     assert_clean_streams(&as_log, tids)
 }
+
+impl WsClient {
+    /// Reads until the server closes the connection; returns its close code (text messages
+    /// received meanwhile are kept in `received`).
+    pub async fn close_code(&mut self, within: Duration) -> Option<u16> {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let frame = tokio::time::timeout(within, self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("not closed within {within:?}"));
+            match frame {
+                Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(m) = serde_json::from_str(&t) {
+                        self.received.push(m);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! SIGTERM to edge-api and ws-gateway processes under load: each exits 0 within its grace
+//! period, and every task it accepted still completes.
+
+use std::time::Duration;
+
+use fleet_e2e::{AGENT, Fleet, Options, SECRET, WsClient, is_final_of};
+use fleet_test_support::{FleetProcess, eventually, free_port};
+use serde_json::{Value as Json, json};
+
+fn front_door(name: &str, fleet: &Fleet, http: u16) -> FleetProcess {
+    let mut args = fleet_e2e::common_args(&fleet.redis_url, &fleet.prefix);
+    if name == "edge-api" {
+        // edge-api serves its admin routes on the REST port.
+        let at = args
+            .iter()
+            .position(|a| a == "--admin-addr")
+            .expect("common args name an admin address");
+        args.drain(at..at + 2);
+    }
+    args.extend([
+        "--secret".into(),
+        SECRET.into(),
+        "--http-addr".into(),
+        format!("127.0.0.1:{http}"),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    FleetProcess::spawn(name, &args, &[])
+}
+
+async fn healthy(url: &str) {
+    eventually(Duration::from_secs(20), url, || async {
+        reqwest::get(url)
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_doors_exit_zero_on_sigterm_and_what_they_accepted_completes() {
+    let fleet = Fleet::start(Options {
+        front_doors: false,
+        echo_delay_ms: 2,
+        ..Default::default()
+    })
+    .await;
+    let (api_port, ws_port) = (free_port(), free_port());
+    let mut api = front_door("edge-api", &fleet, api_port);
+    let mut gateway = front_door("ws-gateway", &fleet, ws_port);
+    let api_url = format!("http://127.0.0.1:{api_port}");
+    healthy(&format!("{api_url}/health/ready")).await;
+    eventually(Duration::from_secs(20), "ws-gateway listening", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+
+    let http = reqwest::Client::new();
+    let init: Json = http
+        .post(format!("{api_url}/api/v1/chat/init"))
+        .json(&json!({"agent_id": AGENT}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = init["session_id"].as_str().unwrap().to_owned();
+    let token = init["session_token"].as_str().unwrap().to_owned();
+    let mut ws = WsClient::connect(&format!(
+        "ws://127.0.0.1:{ws_port}/ws/chat/{sid}?token={token}"
+    ))
+    .await;
+
+    // Load over REST until edge-api goes away; SIGTERM it once 50 tasks are accepted.
+    let submitter = {
+        let (http, api_url, sid, token) =
+            (http.clone(), api_url.clone(), sid.clone(), token.clone());
+        tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for i in 0.. {
+                let res = http
+                    .post(format!("{api_url}/api/v1/chat/{sid}/task"))
+                    .bearer_auth(&token)
+                    .json(&json!({"message": format!("load {i} a b c")}))
+                    .send()
+                    .await;
+                match res {
+                    Ok(r) if r.status() == 202 => {
+                        let body: Json = r.json().await.unwrap();
+                        accepted.push(body["task_id"].as_str().unwrap().to_owned());
+                    }
+                    _ => break,
+                }
+            }
+            accepted
+        })
+    };
+    eventually(Duration::from_secs(30), "50 accepted tasks", || async {
+        let s = fleet.chat.status(&sid).await.ok()?;
+        (s.totals.tasks >= 50).then_some(())
+    })
+    .await;
+    let status = api
+        .terminate(Duration::from_secs(15))
+        .await
+        .expect("edge-api exits within its grace period");
+    assert!(
+        status.success(),
+        "edge-api exited with {status}:\n{}",
+        api.log()
+    );
+    let accepted = submitter.await.unwrap();
+    assert!(accepted.len() >= 50);
+
+    // Everything edge-api accepted completes; the gateway streams it.
+    for tid in &accepted {
+        fleet.task_events(&sid, tid, Duration::from_secs(30)).await;
+        assert_eq!(fleet.chat.task(&sid, tid).await.unwrap().state, "completed");
+    }
+    let last = accepted.last().unwrap().clone();
+    ws.until(Duration::from_secs(30), |m| is_final_of(m, &last))
+        .await;
+
+    // SIGTERM the gateway while a client is connected: the client is told it is going away.
+    let status = gateway
+        .terminate(Duration::from_secs(15))
+        .await
+        .expect("ws-gateway exits within its grace period");
+    assert!(
+        status.success(),
+        "ws-gateway exited with {status}:\n{}",
+        gateway.log()
+    );
+    assert_eq!(ws.close_code(Duration::from_secs(5)).await, Some(1001));
+    fleet.stop().await;
+}
