@@ -312,3 +312,36 @@ async fn trims_only_what_every_group_acknowledged() {
         "nothing the slow group still needs was trimmed"
     );
 }
+
+#[tokio::test]
+async fn group_gauges_report_lag_pending_and_the_oldest_pending_age() {
+    fleet::admin::prometheus(); // as every binary does at build time
+    let (client, keys) = setup().await;
+    let stream = keys.tasks();
+    groups::ensure_group(&client, &stream, GROUP).await.unwrap();
+    for i in 0..3 {
+        producer::send(&client, &stream, None, &cancel(&format!("t{i}")))
+            .await
+            .unwrap();
+    }
+    // One delivered and left pending, two never delivered.
+    let _: Value = client
+        .xreadgroup(GROUP, "c", Some(1), None, false, &stream, ">")
+        .await
+        .unwrap();
+    groups::sample(&client, &stream, GROUP).await.unwrap();
+    let text = fleet::admin::prometheus().render();
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(&stream))
+            .unwrap_or_else(|| panic!("{name} for {stream} in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(line("fleet_stream_lag{"), 2.0);
+    assert_eq!(line("fleet_stream_pending{"), 1.0);
+    assert!(line("fleet_stream_oldest_pending_age_seconds{") >= 0.0);
+}

@@ -10,9 +10,11 @@
 //! 3. decodes each entry; an entry that does not decode is dead-lettered with the reason;
 //! 4. hands the decoded batch to the handler, which answers one [`Outcome`] per entry;
 //! 5. writes dead letters and acks (`XACK` with every id of the batch) in one pipeline;
-//! 6. every `claim_idle / 2`: renews its claim on entries still being handled, takes over entries
-//!    idle past `claim_idle` (dead consumers), dead-letters those delivered `max_deliveries` times,
-//!    trims the stream below what every group acknowledged, and forgets stale consumers;
+//! 6. every `claim_idle / 2` (at most 5 s): renews its claim on entries still being handled,
+//!    samples the group's lag, pending count and oldest pending age into gauges, takes over
+//!    entries idle past `claim_idle` (dead consumers), dead-letters those delivered
+//!    `max_deliveries` times, trims the stream below what every group acknowledged, and forgets
+//!    stale consumers;
 //! 7. on shutdown: stops reading, lets the batches in hand finish and ack, and returns.
 
 use std::collections::BTreeMap;
@@ -106,6 +108,9 @@ impl ConsumerConfig {
     }
 }
 
+/// Maintenance (claim renewal, reclaim, gauges) runs at least this often.
+pub const MAX_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// A consumer name no other process will use: `<worker>-<host>-<pid>-<random>`.
 pub fn unique_consumer_name(worker: &str) -> String {
     let host = std::env::var("HOSTNAME")
@@ -174,7 +179,9 @@ impl<H: Handler> ConsumerLoop<H> {
 
         let permits = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
         let mut batches: JoinSet<()> = JoinSet::new();
-        let maintenance_every = (cfg.claim_idle / 2).max(Duration::from_millis(50));
+        let maintenance_every = (cfg.claim_idle / 2)
+            .min(MAX_MAINTENANCE_INTERVAL)
+            .max(Duration::from_millis(50));
         let mut next_maintenance = Instant::now();
         let mut maintenance_round: u64 = 0;
         let mut backoff = Duration::from_millis(50);
@@ -290,6 +297,9 @@ impl<H: Handler> ConsumerLoop<H> {
     async fn maintain(&self, permits: &Arc<Semaphore>, batches: &mut JoinSet<()>, round: u64) {
         let cfg = &self.cfg;
         self.renew_claims().await;
+        if let Err(e) = groups::sample(&self.client, &cfg.stream, &cfg.group).await {
+            tracing::debug!(stream = %cfg.stream, error = %e, "group sample failed");
+        }
 
         match self.reclaim().await {
             Ok((entries, deliveries)) if !entries.is_empty() => {

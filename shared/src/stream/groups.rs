@@ -151,6 +151,32 @@ async fn oldest_pending(
     Ok(parts.next().and_then(|v| parse_id(v).ok()))
 }
 
+/// Samples `group` on `stream` into the gauges `fleet_stream_lag` (entries not yet delivered),
+/// `fleet_stream_pending` (delivered, not acknowledged) and
+/// `fleet_stream_oldest_pending_age_seconds` (age of the oldest unacknowledged entry, from its
+/// id's timestamp; 0 when none), labelled by stream and group.
+pub async fn sample(client: &Client, stream: &str, group_name: &str) -> Result<(), Error> {
+    let Some(g) = group(client, stream, group_name).await? else {
+        return Ok(());
+    };
+    let oldest = if g.pending > 0 {
+        oldest_pending(client, stream, group_name).await?
+    } else {
+        None
+    };
+    let age = oldest.map_or(0.0, |id| {
+        (crate::time::now_ms() - id.ms as i64).max(0) as f64 / 1000.0
+    });
+    let labels = [
+        ("stream", stream.to_owned()),
+        ("group", group_name.to_owned()),
+    ];
+    metrics::gauge!("fleet_stream_lag", &labels).set(g.lag.unwrap_or(0) as f64);
+    metrics::gauge!("fleet_stream_pending", &labels).set(g.pending as f64);
+    metrics::gauge!("fleet_stream_oldest_pending_age_seconds", &labels).set(age);
+    Ok(())
+}
+
 /// Trims `stream` below the oldest entry some group still needs (its oldest pending entry, or
 /// the entry after its last delivered one). Streams without groups are left alone.
 /// Returns the id trimmed below, if any.
