@@ -187,6 +187,34 @@ async fn dlq_list(client: &Client, dlq: &str, count: u64) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A message nats-bridge refused comes back through `fleet:outbound`, published to its subject.
+async fn replay_to_nats(
+    client: &Client,
+    dlq: &str,
+    letter: &fleet::stream::StreamEntry,
+) -> anyhow::Result<String> {
+    let subject = letter
+        .get_str("subject")
+        .context("NATS dead letter without a subject")?;
+    let payload = letter
+        .get_str("orig.data")
+        .context("NATS dead letter without its payload")?;
+    let outbound = dlq
+        .strip_suffix(":dlq")
+        .map(|p| fleet::Keys::new(p).outbound())
+        .context("dead-letter stream name")?;
+    let env = fleet::envelope::Envelope::new(fleet::envelope::Outbound::Publish(
+        fleet::envelope::NatsPublish {
+            subject: subject.to_owned(),
+            payload: payload.to_owned(),
+            headers: Default::default(),
+        },
+    ));
+    Ok(fleet::stream::producer::send(client, &outbound, None, &env)
+        .await?
+        .to_string())
+}
+
 async fn dlq_replay(client: &Client, dlq: &str, ids: &[String]) -> anyhow::Result<()> {
     for id in ids {
         let reply: Value = client
@@ -195,6 +223,15 @@ async fn dlq_replay(client: &Client, dlq: &str, ids: &[String]) -> anyhow::Resul
         let Some(letter) = parse_entries(reply)?.into_iter().next() else {
             bail!("no dead letter {id} in {dlq}");
         };
+        if letter.get_str("source") == Some("nats") {
+            let new_id = replay_to_nats(client, dlq, &letter).await?;
+            let _: i64 = client.xdel(dlq, id.as_str()).await?;
+            println!(
+                "{id} -> NATS {} (through {new_id})",
+                letter.get_str("subject").unwrap_or("?")
+            );
+            continue;
+        }
         let stream = letter
             .get_str("stream")
             .context("dead letter without a stream")?

@@ -198,8 +198,11 @@ impl<H: Handler> ConsumerLoop<H> {
 
             let available = permits.available_permits().min(cfg.batch);
             if available == 0 {
+                // Full: wait for a batch to finish, but keep maintenance (claim renewal above
+                // all) on schedule, or peers would take over the entries held here.
                 tokio::select! {
                     _ = batches.join_next() => {}
+                    _ = tokio::time::sleep_until(next_maintenance.into()) => {}
                     _ = shutdown.cancelled() => break,
                 }
                 continue;

@@ -138,18 +138,25 @@ impl Fleet {
             let http = vec!["--http-addr".to_owned(), "127.0.0.1:0".to_owned()];
             let base = [common_args(&redis_url, &prefix)[..4].to_vec(), secret, http].concat();
 
-            let cfg: edge_api::Config = parse("edge-api", base.clone());
+            // The gateway first, so that edge-api hands out its real address.
+            let cfg: ws_gateway::Config = parse(
+                "ws-gateway",
+                [
+                    base.clone(),
+                    vec!["--admin-addr".into(), "127.0.0.1:0".into()],
+                ]
+                .concat(),
+            );
+            let app = ws_gateway::App::build(cfg).await.expect("ws-gateway");
+            let gateway_addr = app.http_addr();
+            gateway = Some(gateway_addr);
+            running.push(("ws-gateway", tokio::spawn(app.run(shutdown.clone()))));
+
+            let public = vec!["--public-ws-url".to_owned(), format!("ws://{gateway_addr}")];
+            let cfg: edge_api::Config = parse("edge-api", [base, public].concat());
             let app = edge_api::App::build(cfg).await.expect("edge-api");
             edge = Some(app.http_addr());
             running.push(("edge-api", tokio::spawn(app.run(shutdown.clone()))));
-
-            let cfg: ws_gateway::Config = parse(
-                "ws-gateway",
-                [base, vec!["--admin-addr".into(), "127.0.0.1:0".into()]].concat(),
-            );
-            let app = ws_gateway::App::build(cfg).await.expect("ws-gateway");
-            gateway = Some(app.http_addr());
-            running.push(("ws-gateway", tokio::spawn(app.run(shutdown.clone()))));
         }
 
         Fleet {
