@@ -24,16 +24,16 @@ async fn init(fleet: &Fleet) -> Session {
         .unwrap();
     assert_eq!(res.status(), 201);
     let body: Json = res.json().await.unwrap();
-    assert!(
-        body["websocket_url"]
-            .as_str()
-            .unwrap()
-            .contains("/ws/chat/")
-    );
-    Session {
+    let s = Session {
         id: body["session_id"].as_str().unwrap().to_owned(),
         token: body["session_token"].as_str().unwrap().to_owned(),
-    }
+    };
+    // The URL edge-api hands out is the gateway's, with the token: usable as is.
+    assert_eq!(
+        body["websocket_url"].as_str().unwrap(),
+        ws_url(fleet, &s, None)
+    );
+    s
 }
 
 fn ws_url(fleet: &Fleet, s: &Session, last_event_id: Option<&str>) -> String {
