@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 
-# Cross-binary tests run the binaries as processes: build them first.
-cargo build --workspace --bins --quiet
+# Cross-binary tests run the binaries as processes: build them first. `--all-targets` builds
+# them with the same features as the tests below, so nextest reuses every artifact.
+cargo build --workspace --all-targets --quiet
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
