@@ -13,14 +13,18 @@
 //!
 //! Each stream carries one message enum (a [`Message`]): [`TaskCommand`] on `fleet:tasks`,
 //! [`ExecMessage`] on `fleet:exec:<pool>`, [`ExecControl`] on `fleet:exec:<pool>:control`,
-//! [`Callback`] on `fleet:callbacks`. An entry whose fields or body do not decode is an
-//! [`EnvelopeError`], which the consumer loop dead-letters with the error as its reason.
+//! [`AgentMessage`] on `fleet:agents:<role>` (and `fleet:agents:<role>:member:<id>`),
+//! [`AgentControl`] on `fleet:agents:<role>:control`, [`Callback`] on `fleet:callbacks`,
+//! [`Outbound`] on `fleet:outbound`, [`DecisionMessage`] on `fleet:decisions`. An entry whose
+//! fields or body do not decode is an [`EnvelopeError`], which the consumer loop dead-letters
+//! with the error as its reason.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use uuid::Uuid;
 
+use crate::deliberation::{Checks, DeliberationSpec, Rubric};
 use crate::time::now_ms;
 
 /// The envelope schema version written in `v`.
@@ -272,6 +276,9 @@ messages! {
         "task.cancel" => Cancel(TaskCancel),
         "session.close" => SessionClose(SessionClose),
         "planning.event" => PlanningEvent(PlanningEvent),
+        /// Start a deliberation (`task.deliberate`): the body is the whole spec, so any writer
+        /// can start one; the dispatcher creates the deliberation hash if the writer did not.
+        "task.deliberate" => Deliberate(DeliberationSpec),
     }
 }
 
@@ -320,8 +327,167 @@ messages! {
 }
 
 // ---------------------------------------------------------------------------------------------
+// fleet:agents:<role> (and :member:<agent_id>) and its control stream
+// ---------------------------------------------------------------------------------------------
+
+/// What an agent request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentAction {
+    /// Round 1 of a deliberation: write a proposal (answer: `proposal`).
+    Propose,
+    /// A review round: revise your proposal after reading `peers` (answer: `proposal`).
+    Review,
+    /// Architect step: choose the best of `peers`, the top candidates (answer: `selection`).
+    Select,
+    /// A subtask derived from a planning event, tracked as task `task_id` of session
+    /// `session_id` (answer: ordinary `started` / `chunk` / `result` / `error` callbacks).
+    Subtask,
+}
+
+impl AgentAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentAction::Propose => "propose",
+            AgentAction::Review => "review",
+            AgentAction::Select => "select",
+            AgentAction::Subtask => "subtask",
+        }
+    }
+}
+
+/// A proposal an agent sees: a peer's (review rounds) or a candidate's (selection).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerProposal {
+    /// `<deliberation>:<round>:<member>`.
+    #[serde(default)]
+    pub proposal_id: String,
+    pub member: String,
+    pub content: String,
+    /// Score and rank, for candidates (0 for peers, which are not scored yet).
+    #[serde(default)]
+    pub score: f64,
+    #[serde(default)]
+    pub rank: u32,
+}
+
+/// Work for a council agent (`agent.request`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentRequest {
+    pub action: AgentAction,
+    /// DEV, QA, ARCHITECT, DEVOPS or DATA.
+    pub role: String,
+    /// The council member the request is for (a registered agent id or a pool seat such as
+    /// `DEV-2`); answers carry it back. Empty for subtasks.
+    #[serde(default)]
+    pub member: String,
+    /// The deliberation (empty for subtasks).
+    #[serde(default)]
+    pub deliberation_id: String,
+    /// Round of the deliberation, from 1.
+    #[serde(default)]
+    pub round: u32,
+    #[serde(default)]
+    pub rounds: u32,
+    /// The task to solve.
+    pub description: String,
+    #[serde(default)]
+    pub requirements: Vec<String>,
+    #[serde(default)]
+    pub rubric: Rubric,
+    /// Constraint metadata and custom parameters.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Hydrated context from the Context service (empty when none).
+    #[serde(default)]
+    pub context: String,
+    /// Review: the peers' proposals of the previous round. Select: the candidates, best first.
+    #[serde(default)]
+    pub peers: Vec<PeerProposal>,
+    /// Subtask: the session and task it is tracked as (answers carry them back).
+    #[serde(default)]
+    pub session_id: String,
+    #[serde(default)]
+    pub task_id: String,
+    #[serde(default)]
+    pub attempt: u32,
+    /// Subtask: what to do (`implement`, `test`, `deploy`, ...).
+    #[serde(default)]
+    pub task_action: String,
+    /// Subtask: task ids it depends on.
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+    /// Subtask: 1 = highest.
+    #[serde(default)]
+    pub priority: u32,
+    /// Absolute deadline, ms since the epoch; the agent stops at it.
+    pub deadline_ms: i64,
+}
+
+/// Stop working on a deliberation (`agent.cancel`): sent to the members that did not answer
+/// before the deadline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentCancel {
+    pub deliberation_id: String,
+    /// The member to stop; empty: every member.
+    #[serde(default)]
+    pub member: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+messages! {
+    /// Work on `fleet:agents:<role>` (the role's pool, group `executors`) and
+    /// `fleet:agents:<role>:member:<agent_id>` (one registered member, group `executors`).
+    pub enum AgentMessage {
+        "agent.request" => Request(AgentRequest),
+    }
+}
+
+messages! {
+    /// Control entries on `fleet:agents:<role>:control`, read (without a group) by every agent
+    /// of the role.
+    pub enum AgentControl {
+        "agent.cancel" => Cancel(AgentCancel),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // fleet:callbacks
 // ---------------------------------------------------------------------------------------------
+
+/// A council member's proposal for one round of a deliberation (`proposal`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProposalCallback {
+    pub deliberation_id: String,
+    /// The member the request named.
+    pub member: String,
+    pub round: u32,
+    /// Which process answered (its agent id, or its consumer name).
+    #[serde(default)]
+    pub agent_id: String,
+    pub content: String,
+    /// The checks the agent ran (policy, lint, dry-run, extra ones); those not run are absent.
+    #[serde(default)]
+    pub checks: Checks,
+    /// The agent's own assessment, 0..1 (counts only when the rubric weighs it).
+    #[serde(default)]
+    pub self_score: Option<f64>,
+    #[serde(default)]
+    pub metadata: Json,
+}
+
+/// The architect's choice among the candidates (`selection`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SelectionCallback {
+    pub deliberation_id: String,
+    /// The architect member the request named.
+    pub member: String,
+    /// The chosen candidate's member id (or its proposal id).
+    pub winner: String,
+    #[serde(default)]
+    pub rationale: String,
+}
 
 /// The executor began the task (`started`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -397,11 +563,14 @@ messages! {
         "progress" => Progress(Progress),
         "result" => Result(TaskResult),
         "error" => Error(TaskFailure),
+        "proposal" => Proposal(ProposalCallback),
+        "selection" => Selection(SelectionCallback),
     }
 }
 
 impl Callback {
-    /// `(session_id, task_id, attempt, seq)` of the callback.
+    /// `(session_id, task_id, attempt, seq)` of the callback. Deliberation callbacks
+    /// (`proposal`, `selection`) belong to no session: `("", deliberation_id, round, 0)`.
     pub fn position(&self) -> (&str, &str, u32, u32) {
         match self {
             Callback::Started(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
@@ -409,6 +578,17 @@ impl Callback {
             Callback::Progress(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
             Callback::Result(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
             Callback::Error(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
+            Callback::Proposal(c) => ("", &c.deliberation_id, c.round, 0),
+            Callback::Selection(c) => ("", &c.deliberation_id, 0, 0),
+        }
+    }
+
+    /// The deliberation a `proposal` or `selection` is for; `None` for task callbacks.
+    pub fn deliberation_id(&self) -> Option<&str> {
+        match self {
+            Callback::Proposal(c) => Some(&c.deliberation_id),
+            Callback::Selection(c) => Some(&c.deliberation_id),
+            _ => None,
         }
     }
 }
@@ -434,6 +614,54 @@ messages! {
     /// What nats-bridge publishes, on `fleet:outbound` (group `bridge`).
     pub enum Outbound {
         "nats.publish" => Publish(NatsPublish),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fleet:decisions
+// ---------------------------------------------------------------------------------------------
+
+/// One proposal of a decision, summarised.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alternative {
+    pub proposal_id: String,
+    pub member: String,
+    pub score: f64,
+    pub rank: u32,
+    pub all_passed: bool,
+}
+
+/// The outcome of a completed deliberation (`deliberation.decision`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub deliberation_id: String,
+    /// `deliberate` or `orchestrate`.
+    pub kind: String,
+    pub role: String,
+    #[serde(default)]
+    pub case_id: String,
+    #[serde(default)]
+    pub story_id: String,
+    #[serde(default)]
+    pub plan_id: String,
+    /// The winning member, its proposal id, content and score.
+    pub winner: String,
+    pub winner_id: String,
+    pub winner_content: String,
+    pub score: f64,
+    /// `score` (top score) or `architect:<member>`.
+    pub selected_by: String,
+    /// Every proposal, best first (the winner included).
+    pub alternatives: Vec<Alternative>,
+    pub decided_ms: i64,
+    pub duration_ms: i64,
+}
+
+messages! {
+    /// Deliberation decisions on `fleet:decisions` (capped; read by whoever keeps decisions,
+    /// e.g. a graph store). The same decision goes to NATS `orchestrator.events`.
+    pub enum DecisionMessage {
+        "deliberation.decision" => Decision(Decision),
     }
 }
 
@@ -520,6 +748,255 @@ mod tests {
                     }
                 )),
         ]
+    }
+
+    fn finite() -> impl Strategy<Value = f64> {
+        -1.0e6f64..1.0e6
+    }
+
+    fn check() -> impl Strategy<Value = crate::deliberation::Check> {
+        (any::<bool>(), proptest::option::of(finite()), ".{0,8}").prop_map(
+            |(passed, score, message)| crate::deliberation::Check {
+                passed,
+                score,
+                message,
+            },
+        )
+    }
+
+    fn checks() -> impl Strategy<Value = Checks> {
+        (
+            proptest::option::of(check()),
+            proptest::option::of(check()),
+            proptest::option::of(check()),
+            prop::collection::btree_map("[a-z_]{1,8}", check(), 0..3),
+        )
+            .prop_map(|(policy, lint, dry_run, extra)| Checks {
+                policy,
+                lint,
+                dry_run,
+                extra,
+            })
+    }
+
+    fn rubric() -> impl Strategy<Value = Rubric> {
+        (
+            ".{0,16}",
+            prop::collection::btree_map("[a-z_]{1,8}", finite(), 0..3),
+            finite(),
+        )
+            .prop_map(|(description, weights, self_score_weight)| Rubric {
+                description,
+                weights,
+                self_score_weight,
+            })
+    }
+
+    fn spec() -> impl Strategy<Value = DeliberationSpec> {
+        (
+            (
+                ids(),
+                "deliberate|orchestrate",
+                "DEV|QA|ARCHITECT",
+                ".{0,64}",
+            ),
+            (1u32..17, 1u32..17, 1u32..6, any::<i64>(), any::<i64>()),
+            rubric(),
+            prop::collection::vec(".{0,16}", 0..3),
+            prop::collection::btree_map("[a-z]{1,6}", ".{0,8}", 0..3),
+            (0u32..11, ids(), ids(), ids()),
+        )
+            .prop_map(
+                |(
+                    (deliberation_id, kind, role, description),
+                    (num_agents, quorum, rounds, deadline_ms, created_ms),
+                    rubric,
+                    requirements,
+                    metadata,
+                    (architect_top_k, case_id, story_id, plan_id),
+                )| DeliberationSpec {
+                    deliberation_id,
+                    kind,
+                    role,
+                    description,
+                    num_agents,
+                    quorum,
+                    rounds,
+                    deadline_ms,
+                    rubric,
+                    requirements,
+                    metadata,
+                    architect_top_k,
+                    case_id,
+                    story_id,
+                    plan_id,
+                    created_ms,
+                },
+            )
+    }
+
+    fn peer() -> impl Strategy<Value = PeerProposal> {
+        (ids(), ids(), ".{0,32}", finite(), 0u32..9).prop_map(
+            |(proposal_id, member, content, score, rank)| PeerProposal {
+                proposal_id,
+                member,
+                content,
+                score,
+                rank,
+            },
+        )
+    }
+
+    fn agent_request() -> impl Strategy<Value = AgentRequest> {
+        (
+            prop_oneof![
+                Just(AgentAction::Propose),
+                Just(AgentAction::Review),
+                Just(AgentAction::Select),
+                Just(AgentAction::Subtask)
+            ],
+            ("DEV|QA", ids(), ids(), 0u32..6, 0u32..6, ".{0,64}"),
+            (
+                prop::collection::vec(".{0,16}", 0..3),
+                rubric(),
+                prop::collection::btree_map("[a-z]{1,6}", ".{0,8}", 0..3),
+                ".{0,16}",
+                prop::collection::vec(peer(), 0..3),
+            ),
+            (
+                ids(),
+                ids(),
+                0u32..3,
+                "[a-z]{0,8}",
+                prop::collection::vec(ids(), 0..3),
+            ),
+            (0u32..5, any::<i64>()),
+        )
+            .prop_map(
+                |(
+                    action,
+                    (role, member, deliberation_id, round, rounds, description),
+                    (requirements, rubric, metadata, context, peers),
+                    (session_id, task_id, attempt, task_action, dependencies),
+                    (priority, deadline_ms),
+                )| AgentRequest {
+                    action,
+                    role,
+                    member,
+                    deliberation_id,
+                    round,
+                    rounds,
+                    description,
+                    requirements,
+                    rubric,
+                    metadata,
+                    context,
+                    peers,
+                    session_id,
+                    task_id,
+                    attempt,
+                    task_action,
+                    dependencies,
+                    priority,
+                    deadline_ms,
+                },
+            )
+    }
+
+    fn deliberation_callback() -> impl Strategy<Value = Callback> {
+        prop_oneof![
+            (
+                (ids(), ids(), 1u32..6, ids(), ".{0,64}"),
+                checks(),
+                proptest::option::of(finite()),
+                json()
+            )
+                .prop_map(
+                    |(
+                        (deliberation_id, member, round, agent_id, content),
+                        checks,
+                        self_score,
+                        metadata,
+                    )| {
+                        Callback::Proposal(ProposalCallback {
+                            deliberation_id,
+                            member,
+                            round,
+                            agent_id,
+                            content,
+                            checks,
+                            self_score,
+                            metadata,
+                        })
+                    }
+                ),
+            (ids(), ids(), ids(), ".{0,32}").prop_map(
+                |(deliberation_id, member, winner, rationale)| {
+                    Callback::Selection(SelectionCallback {
+                        deliberation_id,
+                        member,
+                        winner,
+                        rationale,
+                    })
+                }
+            ),
+        ]
+    }
+
+    fn decision() -> impl Strategy<Value = Decision> {
+        (
+            (
+                ids(),
+                "deliberate|orchestrate",
+                "DEV|QA",
+                ids(),
+                ids(),
+                ids(),
+            ),
+            (
+                ids(),
+                ids(),
+                ".{0,32}",
+                finite(),
+                "score|architect:[a-z]{1,4}",
+            ),
+            prop::collection::vec(
+                (ids(), ids(), finite(), 1u32..9, any::<bool>()).prop_map(
+                    |(proposal_id, member, score, rank, all_passed)| Alternative {
+                        proposal_id,
+                        member,
+                        score,
+                        rank,
+                        all_passed,
+                    },
+                ),
+                0..4,
+            ),
+            (any::<i64>(), any::<i64>()),
+        )
+            .prop_map(
+                |(
+                    (deliberation_id, kind, role, case_id, story_id, plan_id),
+                    (winner, winner_id, winner_content, score, selected_by),
+                    alternatives,
+                    (decided_ms, duration_ms),
+                )| Decision {
+                    deliberation_id,
+                    kind,
+                    role,
+                    case_id,
+                    story_id,
+                    plan_id,
+                    winner,
+                    winner_id,
+                    winner_content,
+                    score,
+                    selected_by,
+                    alternatives,
+                    decided_ms,
+                    duration_ms,
+                },
+            )
     }
 
     fn callback() -> impl Strategy<Value = Callback> {
@@ -610,6 +1087,28 @@ mod tests {
         }
 
         #[test]
+        fn deliberation_commands_round_trip(spec in spec()) {
+            roundtrip(TaskCommand::Deliberate(spec), None);
+        }
+
+        #[test]
+        fn agent_messages_round_trip(req in agent_request(), id in ids(), member in "[a-z0-9-]{0,8}", reason in ".{0,16}") {
+            roundtrip(AgentMessage::Request(req), None);
+            roundtrip(AgentControl::Cancel(AgentCancel { deliberation_id: id, member, reason }), None);
+        }
+
+        #[test]
+        fn deliberation_callbacks_round_trip(msg in deliberation_callback()) {
+            prop_assert!(msg.deliberation_id().is_some());
+            roundtrip(msg, None);
+        }
+
+        #[test]
+        fn decisions_round_trip(d in decision()) {
+            roundtrip(DecisionMessage::Decision(d), None);
+        }
+
+        #[test]
         fn outbound_round_trips(subject in "[a-z.]{1,20}", payload in ".{0,64}", headers in prop::collection::btree_map("[a-z-]{1,8}", ".{0,8}", 0..3)) {
             roundtrip(Outbound::Publish(NatsPublish { subject, payload, headers }), None);
         }
@@ -618,6 +1117,8 @@ mod tests {
         fn arbitrary_bodies_never_panic(kind in "[a-z.]{1,16}", body in prop::collection::vec(any::<u8>(), 0..64)) {
             let _ = TaskCommand::decode_body(&kind, &body);
             let _ = Callback::decode_body(&kind, &body);
+            let _ = AgentMessage::decode_body(&kind, &body);
+            let _ = DecisionMessage::decode_body(&kind, &body);
         }
     }
 

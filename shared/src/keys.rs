@@ -10,14 +10,25 @@
 //! | `<p>:tasks` | stream | commands in (`task.submit`, `task.cancel`, `session.close`, ...) |
 //! | `<p>:exec:<pool>` | stream | execution requests for the executors of a pool |
 //! | `<p>:exec:<pool>:control` | stream, capped | control entries (`exec.cancel`) every executor of the pool reads |
-//! | `<p>:agents:<role>` | stream | deliberation requests to council agents |
+//! | `<p>:agents:<role>` | stream | agent requests (`agent.request`) to the role's shared pool |
+//! | `<p>:agents:<role>:member:<agent_id>` | stream | agent requests to one registered council member |
+//! | `<p>:agents:<role>:control` | stream, capped | `agent.cancel` entries every agent of the role reads |
 //! | `<p>:callbacks` | stream | executor -> orchestrator progress and results |
 //! | `<p>:{s:<sid>}` | hash | session state |
 //! | `<p>:{s:<sid>}:task:<tid>` | hash | task state |
 //! | `<p>:{s:<sid>}:events` | stream, capped, TTL | the session's client-facing event log |
 //! | `<p>:{s:<sid>}:idem:<key>` | string, TTL | `Idempotency-Key` -> task id |
 //! | `<p>:fanout:<shard>` | stream, capped | live delivery to ws-gateways |
-//! | `<p>:deadlines` | sorted set | `<sid>/<tid>` scored by deadline (ms) |
+//! | `<p>:deadlines` | sorted set | `<sid>/<tid>` (tasks) and `d:<id>` (deliberations) scored by deadline (ms) |
+//! | `<p>:{d:<id>}` | hash, TTL | deliberation state (see [`crate::deliberation`]) |
+//! | `<p>:{d:<id>}:proposals` | hash, TTL | `<round>:<member>` -> proposal JSON |
+//! | `<p>:{d:<id>}:events` | stream, capped, TTL | the deliberation's progress updates |
+//! | `<p>:council:<role>` | set | agent ids registered for a role |
+//! | `<p>:council-agent:<id>` | hash | a registered agent (role, capabilities, status, heartbeat) |
+//! | `<p>:council-def:<role>` | hash | a council defined with `CreateCouncil` |
+//! | `<p>:councils` | set | roles with a defined council |
+//! | `<p>:stats` | hash | fleet-wide counters (deliberations, planning events) |
+//! | `<p>:stats:latency:<kind>` | stream, capped | recent deliberation / orchestration durations (`ms`) |
 //! | `<p>:outbound` | stream | what nats-bridge publishes to NATS |
 //! | `<p>:dlq` | stream, capped | dead letters |
 //! | `<p>:decisions` | stream, capped | deliberation decisions |
@@ -34,6 +45,10 @@ pub const GROUP_CALLBACK_WORKERS: &str = "callback-workers";
 pub const GROUP_EXECUTORS: &str = "executors";
 /// Consumer group of the nats-bridges on `<p>:outbound`.
 pub const GROUP_BRIDGE: &str = "bridge";
+
+/// Prefix of the `<p>:deadlines` members that stand for deliberations (`d:<id>`); task members
+/// are `<sid>/<tid>` and never start with it (ids cannot contain `/`).
+pub const DELIBERATION_DEADLINE_PREFIX: &str = "d:";
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "fleet";
@@ -79,6 +94,66 @@ impl Keys {
     /// Deliberation requests for the council agents of `role`.
     pub fn agents(&self, role: &str) -> String {
         format!("{}:agents:{role}", self.prefix)
+    }
+
+    /// Agent requests for one registered council member of `role`.
+    pub fn agent_member(&self, role: &str, agent_id: &str) -> String {
+        format!("{}:agents:{role}:member:{agent_id}", self.prefix)
+    }
+
+    /// Control entries (`agent.cancel`) that every agent of `role` reads without a group.
+    pub fn agents_control(&self, role: &str) -> String {
+        format!("{}:agents:{role}:control", self.prefix)
+    }
+
+    /// Deliberation state hash.
+    pub fn deliberation(&self, id: &str) -> String {
+        format!("{}:{{d:{id}}}", self.prefix)
+    }
+
+    /// A deliberation's proposals: `<round>:<member>` -> proposal JSON.
+    pub fn deliberation_proposals(&self, id: &str) -> String {
+        format!("{}:{{d:{id}}}:proposals", self.prefix)
+    }
+
+    /// A deliberation's progress updates.
+    pub fn deliberation_events(&self, id: &str) -> String {
+        format!("{}:{{d:{id}}}:events", self.prefix)
+    }
+
+    /// The member of `<p>:deadlines` that stands for deliberation `id`.
+    pub fn deliberation_deadline_member(id: &str) -> String {
+        format!("{DELIBERATION_DEADLINE_PREFIX}{id}")
+    }
+
+    /// Agent ids registered for `role`.
+    pub fn council(&self, role: &str) -> String {
+        format!("{}:council:{role}", self.prefix)
+    }
+
+    /// A registered agent.
+    pub fn council_agent(&self, agent_id: &str) -> String {
+        format!("{}:council-agent:{agent_id}", self.prefix)
+    }
+
+    /// A council defined with `CreateCouncil`.
+    pub fn council_def(&self, role: &str) -> String {
+        format!("{}:council-def:{role}", self.prefix)
+    }
+
+    /// Roles with a defined council.
+    pub fn councils(&self) -> String {
+        format!("{}:councils", self.prefix)
+    }
+
+    /// Fleet-wide counters.
+    pub fn stats(&self) -> String {
+        format!("{}:stats", self.prefix)
+    }
+
+    /// Recent durations (ms) of finished deliberations of `kind` (`deliberate`, `orchestrate`).
+    pub fn stats_latency(&self, kind: &str) -> String {
+        format!("{}:stats:latency:{kind}", self.prefix)
     }
 
     /// Executor -> orchestrator callbacks.
@@ -166,6 +241,16 @@ mod tests {
         assert!(k.task("abc", "x").contains(tag));
         assert!(k.idempotency("abc", "k").contains(tag));
         assert_eq!(k.task("abc", "x"), "t1:{s:abc}:task:x");
+    }
+
+    #[test]
+    fn deliberation_keys_share_one_hash_tag() {
+        let k = Keys::new("t1");
+        assert_eq!(k.deliberation("x"), "t1:{d:x}");
+        assert!(k.deliberation_proposals("x").starts_with("t1:{d:x}:"));
+        assert!(k.deliberation_events("x").starts_with("t1:{d:x}:"));
+        assert_eq!(Keys::deliberation_deadline_member("x"), "d:x");
+        assert_ne!(k.agent_member("DEV", "control"), k.agents_control("DEV"));
     }
 
     #[test]

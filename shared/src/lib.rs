@@ -9,6 +9,9 @@
 //! | [`session_log`] | the per-session event log and the live fan-out to gateways |
 //! | [`session`] | sessions, tokens and the chat API every front door calls |
 //! | [`agent`] | agent configurations |
+//! | [`deliberation`] | multi-agent deliberation: state, scoring, the steps that move it |
+//! | [`council`] | council registry: agents per role, heartbeats, member choice |
+//! | [`planning`] | planning events -> atomic subtasks (rules, deterministic ids) |
 //! | [`events`] | client-facing WebSocket / SSE messages |
 //! | [`backlog`] | back-pressure from the dispatchers' backlog |
 //! | [`admin`] | health and metrics routes |
@@ -19,15 +22,19 @@
 //!
 //! Invariants: binaries talk to each other only through Redis Streams; every effect of an entry
 //! is written before the entry is acked and is idempotent; task state moves only through the
-//! scripts in [`task`]; this crate never serves HTTP routes other than [`admin`].
+//! scripts in [`task`], deliberation state only through those in [`deliberation::store`]; this
+//! crate never serves HTTP routes other than [`admin`].
 
 pub mod admin;
 pub mod agent;
 pub mod backlog;
 pub mod config;
+pub mod council;
+pub mod deliberation;
 pub mod envelope;
 pub mod events;
 pub mod keys;
+pub mod planning;
 pub mod redis;
 pub mod session;
 pub mod session_log;

@@ -1,5 +1,9 @@
-//! The callback-worker's handler: one atomic `apply` per session per batch.
+//! The callback-worker's handler: one atomic `apply` per session per batch for task callbacks;
+//! deliberation callbacks (`proposal`, `selection`) go to the deliberation store instead, in
+//! stream order per deliberation.
 
+use fleet::deliberation::Engine;
+use fleet::deliberation::engine::Handled;
 use fleet::envelope::Callback;
 use fleet::events::{ServerMessage, message_type};
 use fleet::session_log::SessionLog;
@@ -10,15 +14,38 @@ use fred::prelude::*;
 use serde_json::json;
 use tracing::Instrument;
 
+use crate::planning::PlanningNotifier;
+
 /// Handles the callbacks of `fleet:callbacks`.
 pub struct CallbackHandler {
     pub tasks: TaskStore,
     pub log: SessionLog,
+    /// Deliberation steps.
+    pub engine: Engine,
+    /// Planning notifications, when configured.
+    pub planning: Option<PlanningNotifier>,
 }
 
-/// The task op (with its rendered client event) a callback asks for.
-pub fn op_for(cb: &Callback) -> TaskOp {
+/// Why a deliberation callback can never apply, if it cannot.
+pub fn invalid_deliberation_callback(cb: &Callback) -> Option<String> {
+    let valid = fleet::agent::valid_name;
     match cb {
+        Callback::Proposal(p)
+            if !valid(&p.deliberation_id) || !valid(&p.member) || p.round == 0 =>
+        {
+            Some("invalid proposal: deliberation_id and member must be names and round >= 1".into())
+        }
+        Callback::Selection(s) if !valid(&s.deliberation_id) || !valid(&s.member) => {
+            Some("invalid selection: deliberation_id and member must be names".into())
+        }
+        _ => None,
+    }
+}
+
+/// The task op (with its rendered client event) a task callback asks for; `None` for
+/// deliberation callbacks, which do not touch task state.
+pub fn op_for(cb: &Callback) -> Option<TaskOp> {
+    Some(match cb {
         Callback::Started(c) => {
             TaskOp::ordered("started", &c.task_id, c.attempt, c.seq, String::new())
         }
@@ -44,6 +71,7 @@ pub fn op_for(cb: &Callback) -> TaskOp {
             op.content = Some(c.content.clone());
             op
         }
+        Callback::Proposal(_) | Callback::Selection(_) => return None,
         Callback::Error(c) => {
             let ev = ServerMessage::chat_error(
                 &c.session_id,
@@ -58,31 +86,55 @@ pub fn op_for(cb: &Callback) -> TaskOp {
             op.error_message = Some(c.message.clone());
             op
         }
-    }
+    })
 }
 
 impl Handler for CallbackHandler {
     type Msg = Callback;
 
     async fn handle(&self, batch: Vec<Delivery<Callback>>) -> Vec<Outcome> {
-        // Group by session, keeping stream order inside each group.
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut outcomes = vec![Outcome::Ack; batch.len()];
+        // Group task callbacks by session and deliberation callbacks by deliberation, keeping
+        // stream order inside each group.
+        let mut sessions: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut deliberations: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, d) in batch.iter().enumerate() {
-            let sid = d.envelope.msg.position().0;
-            match groups.iter_mut().find(|(s, _)| s == sid) {
+            let (groups, key) = match d.envelope.msg.deliberation_id() {
+                Some(id) => {
+                    if let Some(reason) = invalid_deliberation_callback(&d.envelope.msg) {
+                        outcomes[i] = Outcome::DeadLetter(reason);
+                        continue;
+                    }
+                    (&mut deliberations, id)
+                }
+                None => (&mut sessions, d.envelope.msg.position().0),
+            };
+            match groups.iter_mut().find(|(k, _)| k == key) {
                 Some((_, idx)) => idx.push(i),
-                None => groups.push((sid.to_owned(), vec![i])),
+                None => groups.push((key.to_owned(), vec![i])),
             }
         }
-        let results =
-            futures::future::join_all(groups.iter().map(|(sid, idx)| {
+        let session_results =
+            futures::future::join_all(sessions.iter().map(|(sid, idx)| {
                 self.apply_session(sid, idx.iter().map(|&i| &batch[i]).collect())
-            }))
-            .await;
-        let mut outcomes = vec![Outcome::Ack; batch.len()];
-        for ((_, idx), ok) in groups.iter().zip(results) {
+            }));
+        let deliberation_results = futures::future::join_all(
+            deliberations
+                .iter()
+                .map(|(_, idx)| self.apply_deliberation(idx.iter().map(|&i| &batch[i]).collect())),
+        );
+        let (session_results, deliberation_results) =
+            futures::future::join(session_results, deliberation_results).await;
+        for ((_, idx), ok) in sessions.iter().zip(session_results) {
             if !ok {
                 for &i in idx {
+                    outcomes[i] = Outcome::Retry;
+                }
+            }
+        }
+        for ((_, idx), oks) in deliberations.iter().zip(deliberation_results) {
+            for (&i, ok) in idx.iter().zip(oks) {
+                if !ok {
                     outcomes[i] = Outcome::Retry;
                 }
             }
@@ -92,6 +144,61 @@ impl Handler for CallbackHandler {
 }
 
 impl CallbackHandler {
+    /// Applies the callbacks of one deliberation, in order. Returns, for each, whether its
+    /// effects are written (a failure leaves it and those after it pending).
+    async fn apply_deliberation(&self, deliveries: Vec<&Delivery<Callback>>) -> Vec<bool> {
+        let mut oks = Vec::with_capacity(deliveries.len());
+        let mut failed = false;
+        for d in deliveries {
+            if failed {
+                oks.push(false);
+                continue;
+            }
+            let msg = &d.envelope.msg;
+            let kind = fleet::envelope::Message::kind(msg);
+            let id = msg.deliberation_id().unwrap_or_default();
+            let span = tracing::info_span!(
+                "deliberation_callback",
+                otel.name = %format!("fleet:callbacks process {kind}"),
+                otel.kind = "consumer",
+                messaging.system = "redis",
+                messaging.operation = "process",
+                fleet.deliberation_id = %id,
+                fleet.deliveries = d.deliveries,
+            );
+            fleet::telemetry::continue_from(&span, d.envelope.tp.as_deref(), d.deliveries > 1);
+            let redelivered = d.deliveries > 1;
+            let result = async {
+                match msg {
+                    Callback::Proposal(p) => self.engine.on_proposal(p, redelivered).await,
+                    Callback::Selection(s) => self.engine.on_selection(s).await,
+                    _ => Ok(Handled::Dropped("not a deliberation callback")),
+                }
+            }
+            .instrument(span)
+            .await;
+            match result {
+                Ok(handled) => {
+                    let status = match handled {
+                        Handled::Applied(s) | Handled::Dropped(s) => s,
+                    };
+                    metrics::counter!("fleet_callbacks_total", "kind" => kind, "status" => status)
+                        .increment(1);
+                    if matches!(handled, Handled::Dropped(_)) {
+                        tracing::debug!(deliberation_id = %id, kind, status, "deliberation callback dropped");
+                    }
+                    oks.push(true);
+                }
+                Err(e) => {
+                    tracing::warn!(deliberation_id = %id, error = %e, "deliberation callback failed; will retry");
+                    failed = true;
+                    oks.push(false);
+                }
+            }
+        }
+        oks
+    }
+
     /// Applies the callbacks of one session. Returns whether their effects are written.
     async fn apply_session(&self, sid: &str, deliveries: Vec<&Delivery<Callback>>) -> bool {
         let span = tracing::info_span!(
@@ -108,7 +215,10 @@ impl CallbackHandler {
         for d in &deliveries {
             fleet::telemetry::continue_from(&span, d.envelope.tp.as_deref(), d.deliveries > 1);
         }
-        let ops: Vec<TaskOp> = deliveries.iter().map(|d| op_for(&d.envelope.msg)).collect();
+        let (deliveries, ops): (Vec<&Delivery<Callback>>, Vec<TaskOp>) = deliveries
+            .into_iter()
+            .filter_map(|d| op_for(&d.envelope.msg).map(|op| (d, op)))
+            .unzip();
         let result = async {
             let applied = self.tasks.apply(sid, &ops).await?;
             let pipeline = self.tasks.client().pipeline();
@@ -132,6 +242,9 @@ impl CallbackHandler {
                     if matches!(status, OpStatus::Stale | OpStatus::Missing) {
                         tracing::debug!(kind, status = status.as_str(), "callback dropped");
                     }
+                }
+                if let Some(p) = &self.planning {
+                    p.tasks_ended(&self.tasks, sid, &applied.ended);
                 }
                 let now = now_ms();
                 for t in &applied.ended {

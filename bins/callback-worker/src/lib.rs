@@ -7,6 +7,14 @@
 //! appended to the session log. It then fans the new events out to the gateways and drops ended
 //! tasks from the deadline set. The sweeper ends overdue tasks `timed_out` and tells their
 //! executors to stop.
+//!
+//! Deliberation callbacks (`proposal`, `selection`) go to the deliberation store instead
+//! ([`fleet::deliberation::Engine`]): a complete round moves on to the next review round or to
+//! scoring, ranking, the architect step and the decision; the sweeper applies the quorum rule
+//! at each deliberation's deadline.
+//!
+//! With `FLEET_PLANNING_ADDR`, subtasks of planning sessions that end are reported to the
+//! Planning service ([`planning`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,6 +22,8 @@ use std::time::Duration;
 use clap::Parser;
 use fleet::admin::{self, Health};
 use fleet::config::{CommonArgs, ConsumerArgs};
+use fleet::council::Councils;
+use fleet::deliberation::{DeliberationStore, Engine, EngineConfig};
 use fleet::keys::GROUP_CALLBACK_WORKERS;
 use fleet::session_log::SessionLog;
 use fleet::stream::{ConsumerLoop, consumer::unique_consumer_name};
@@ -24,6 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 mod handler;
+pub mod planning;
 mod sweeper;
 
 pub use handler::CallbackHandler;
@@ -53,6 +64,15 @@ pub struct Config {
     /// Milliseconds between two scans for tasks past their deadline.
     #[arg(long, env = "FLEET_SWEEP_INTERVAL_MS", default_value_t = 500)]
     pub sweep_interval_ms: u64,
+
+    /// Address of a Planning service (`planning.v1.PlanningService`, e.g. `planning:50051`)
+    /// told with `UpdateTask` when a subtask of a planning session ends. Unset: not told.
+    #[arg(long, env = "FLEET_PLANNING_ADDR")]
+    pub planning_addr: Option<String>,
+
+    /// Milliseconds to wait for the Planning service.
+    #[arg(long, env = "FLEET_PLANNING_TIMEOUT_MS", default_value_t = 2000)]
+    pub planning_timeout_ms: u64,
 }
 
 /// A callback-worker process.
@@ -94,6 +114,22 @@ impl App {
             self.cfg.common.retention(),
         );
         let log = SessionLog::new(self.client.clone(), keys.clone(), self.cfg.common.fanout());
+        let engine = Engine::new(
+            DeliberationStore::new(
+                self.client.clone(),
+                keys.clone(),
+                self.cfg.common.retention().session_ttl_ms,
+            ),
+            Councils::new(self.client.clone(), keys.clone()),
+            EngineConfig::default(),
+        );
+        let planning = match &self.cfg.planning_addr {
+            Some(addr) => Some(planning::PlanningNotifier::new(
+                addr,
+                Duration::from_millis(self.cfg.planning_timeout_ms.max(1)),
+            )?),
+            None => None,
+        };
         let consumer = self.cfg.consumer.consumer(
             &keys,
             keys.callbacks(),
@@ -106,11 +142,15 @@ impl App {
             CallbackHandler {
                 tasks: tasks.clone(),
                 log: log.clone(),
+                engine: engine.clone(),
+                planning: planning.clone(),
             },
         );
         let sweeper = Sweeper {
             tasks,
             log,
+            engine,
+            planning,
             every: Duration::from_millis(self.cfg.sweep_interval_ms.max(10)),
         };
 

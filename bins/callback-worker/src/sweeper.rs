@@ -1,14 +1,20 @@
-//! The deadline sweeper: ends tasks past their deadline as `timed_out`.
+//! The deadline sweeper: ends tasks past their deadline as `timed_out`, and deliberations past
+//! theirs by the quorum rule.
 //!
-//! Open tasks sit in the sorted set `fleet:deadlines` scored by their deadline. Every interval
-//! the sweeper takes the overdue ones, ends each still-open one by compare-and-set (so several
-//! callback-workers sweeping at once end a task once), logs and fans out its `chat_error`, tells
-//! its executors to stop, and removes it from the set.
+//! Open tasks sit in the sorted set `fleet:deadlines` scored by their deadline (member
+//! `<sid>/<tid>`), open deliberations too (member `d:<id>`). Every interval the sweeper takes
+//! the overdue ones, ends each still-open task by compare-and-set (so several callback-workers
+//! sweeping at once end a task once), logs and fans out its `chat_error`, tells its executors to
+//! stop, and removes it from the set. An overdue deliberation completes with the proposals it
+//! has when they reach its quorum and times out otherwise; its stragglers get `agent.cancel`
+//! ([`fleet::deliberation::Engine::expire`], which also removes it from the set).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use fleet::deliberation::Engine;
 use fleet::events::ServerMessage;
+use fleet::keys::DELIBERATION_DEADLINE_PREFIX;
 use fleet::session_log::SessionLog;
 use fleet::task::{TaskOp, TaskStore};
 use fleet::time::now_ms;
@@ -22,6 +28,8 @@ const PER_SCAN: i64 = 500;
 pub struct Sweeper {
     pub tasks: TaskStore,
     pub log: SessionLog,
+    pub engine: Engine,
+    pub planning: Option<crate::planning::PlanningNotifier>,
     pub every: Duration,
 }
 
@@ -51,6 +59,27 @@ impl Sweeper {
             .await?;
         if overdue.is_empty() {
             return Ok(0);
+        }
+        let (deliberations, overdue): (Vec<String>, Vec<String>) = overdue
+            .into_iter()
+            .partition(|m| !m.contains('/') && m.starts_with(DELIBERATION_DEADLINE_PREFIX));
+        for m in &deliberations {
+            let id = &m[DELIBERATION_DEADLINE_PREFIX.len()..];
+            match self.engine.expire(id).await {
+                Ok(true) => {
+                    metrics::counter!("fleet_deliberations_expired_total").increment(1);
+                }
+                Ok(false) => {
+                    // Ended meanwhile (or unknown): nothing to wait for.
+                    let _: i64 = client.zrem(&key, m.as_str()).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(deliberation_id = %id, error = %e, "ending an overdue deliberation failed; will retry")
+                }
+            }
+        }
+        if overdue.is_empty() {
+            return Ok(deliberations.len());
         }
         let mut by_session: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for m in &overdue {
@@ -83,6 +112,9 @@ impl Sweeper {
             {
                 let _: Vec<Value> = pipeline.all().await?;
             }
+            if let Some(p) = &self.planning {
+                p.tasks_ended(&self.tasks, sid, &applied.ended);
+            }
             for t in &applied.ended {
                 metrics::counter!("fleet_tasks_timed_out_total").increment(1);
                 tracing::info!(session_id = %sid, task_id = %t.task_id, "task timed out");
@@ -95,6 +127,6 @@ impl Sweeper {
         }
         // Whatever was overdue is handled now (ended here, or already ended).
         let _: i64 = client.zrem(&key, overdue.clone()).await?;
-        Ok(overdue.len())
+        Ok(overdue.len() + deliberations.len())
     }
 }

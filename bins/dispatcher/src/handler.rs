@@ -1,17 +1,26 @@
 //! The dispatcher's handler of `fleet:tasks` commands.
 
+use std::sync::Arc;
+
 use fleet::agent::AgentStore;
+use fleet::deliberation::{DeliberationSpec, Engine};
 use fleet::envelope::{
-    Envelope, ExecMessage, ExecRequest, SessionClose, TaskCancel, TaskCommand, TaskSubmit,
+    AgentAction, AgentMessage, AgentRequest, Envelope, ExecMessage, ExecRequest, NatsPublish,
+    Outbound, PlanningEvent, SessionClose, TaskCancel, TaskCommand, TaskSubmit,
 };
 use fleet::events::{ServerMessage, message_type};
 use fleet::keys::Keys;
+use fleet::planning::{self, AgentRequestPayload, PlanningRules, Subtask};
 use fleet::session_log::SessionLog;
 use fleet::stream::{Delivery, Handler, Outcome, producer};
-use fleet::task::{Applied, Dispatched, OpStatus, TaskOp, TaskStore};
+use fleet::task::{Applied, Created, Dispatched, OpStatus, TaskOp, TaskStore};
+use fleet::time::now_ms;
 use fred::prelude::*;
 use serde_json::{Value as Json, json};
 use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::hydrate::{ContextHydrator, PHASE_DELIBERATION};
 
 /// Handles the commands of `fleet:tasks`.
 pub struct Dispatcher {
@@ -19,9 +28,42 @@ pub struct Dispatcher {
     pub agents: AgentStore,
     pub log: SessionLog,
     pub keys: Keys,
+    /// Deliberation steps.
+    pub engine: Engine,
+    /// Subtask derivation rules for planning events.
+    pub planning: Arc<PlanningRules>,
+    /// Context hydration, when configured.
+    pub context: Option<ContextHydrator>,
 }
 
-type Result<T> = std::result::Result<T, anyhow::Error>;
+/// Why a command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// It can never be carried out: dead-letter it with this reason.
+    #[error("{0}")]
+    Invalid(String),
+    /// A dependency failed: retry it.
+    #[error(transparent)]
+    Transient(#[from] anyhow::Error),
+}
+
+macro_rules! transient_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for DispatchError {
+            fn from(e: $t) -> Self { DispatchError::Transient(e.into()) }
+        }
+    )*};
+}
+transient_from!(
+    fred::error::Error,
+    fleet::task::TaskError,
+    fleet::agent::AgentError,
+    fleet::stream::producer::ProduceError,
+    fleet::deliberation::engine::EngineError,
+    fleet::planning::PlanningError
+);
+
+type Result<T> = std::result::Result<T, DispatchError>;
 
 impl Handler for Dispatcher {
     type Msg = TaskCommand;
@@ -38,12 +80,8 @@ impl Dispatcher {
             TaskCommand::Submit(s) => (s.session_id.as_str(), s.task_id.as_str()),
             TaskCommand::Cancel(c) => (c.session_id.as_str(), c.task_id.as_str()),
             TaskCommand::SessionClose(c) => (c.session_id.as_str(), ""),
-            TaskCommand::PlanningEvent(_) => {
-                return Outcome::DeadLetter(
-                    "planning events need subtask derivation, which this dispatcher does not have"
-                        .into(),
-                );
-            }
+            TaskCommand::PlanningEvent(e) => ("", e.case_id.as_str()),
+            TaskCommand::Deliberate(spec) => ("", spec.deliberation_id.as_str()),
         };
         let span = tracing::info_span!(
             "dispatch",
@@ -64,7 +102,8 @@ impl Dispatcher {
                 TaskCommand::Submit(s) => self.submit(s, redelivered).await,
                 TaskCommand::Cancel(c) => self.cancel(c, redelivered).await,
                 TaskCommand::SessionClose(c) => self.close(c, redelivered).await,
-                TaskCommand::PlanningEvent(_) => Ok(()),
+                TaskCommand::PlanningEvent(e) => self.planning_event(e, redelivered).await,
+                TaskCommand::Deliberate(spec) => self.deliberate(spec, redelivered).await,
             }
         }
         .instrument(span)
@@ -72,11 +111,245 @@ impl Dispatcher {
         metrics::counter!("fleet_dispatcher_commands_total", "kind" => kind, "ok" => if result.is_ok() { "true" } else { "false" }).increment(1);
         match result {
             Ok(()) => Outcome::Ack,
+            Err(DispatchError::Invalid(reason)) => {
+                tracing::warn!(%reason, kind, "command can never be carried out");
+                Outcome::DeadLetter(reason)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, kind, "command failed; will be retried");
                 Outcome::Retry
             }
         }
+    }
+
+    /// Starts a deliberation: members, round 1 requests (see [`Engine::dispatch`]).
+    async fn deliberate(&self, spec: DeliberationSpec, redelivered: bool) -> Result<()> {
+        spec.validate()
+            .map_err(|e| DispatchError::Invalid(format!("invalid deliberation: {e}")))?;
+        let context = match &self.context {
+            Some(c) => {
+                let story = if spec.story_id.is_empty() {
+                    &spec.case_id
+                } else {
+                    &spec.story_id
+                };
+                c.context(story, &spec.role, PHASE_DELIBERATION).await
+            }
+            None => String::new(),
+        };
+        let handled = self.engine.dispatch(&spec, &context, redelivered).await?;
+        tracing::debug!(?handled, "deliberation dispatched");
+        Ok(())
+    }
+
+    /// Derives the subtasks of a planning event and sends each one, once.
+    async fn planning_event(&self, e: PlanningEvent, redelivered: bool) -> Result<()> {
+        planning::validate_event(&e)
+            .map_err(|err| DispatchError::Invalid(format!("invalid planning event: {err}")))?;
+        let subtasks = self.planning.derive(&e, &[], &[]);
+        if !redelivered {
+            let _: i64 = self
+                .tasks
+                .client()
+                .hincrby(
+                    self.keys.stats(),
+                    fleet::deliberation::engine::STAT_PLANNING_EVENTS_TOTAL,
+                    1,
+                )
+                .await?;
+        }
+        if subtasks.is_empty() {
+            tracing::info!(case_id = %e.case_id, to_state = %e.to_state, "no rule for this transition; nothing to derive");
+            return Ok(());
+        }
+        let (sid, state) = planning::ensure_session(
+            self.tasks.client(),
+            &self.keys,
+            &e.case_id,
+            self.tasks.retention().session_ttl_ms,
+        )
+        .await?;
+        if state != "open" {
+            tracing::warn!(session_id = %sid, %state, "the case's planning session is not open; nothing derived");
+            return Ok(());
+        }
+        let (mut derived, mut sent) = (0, 0);
+        for s in &subtasks {
+            let (new, dispatched) = if s.council > 0 {
+                self.council_subtask(&e, s, redelivered).await?
+            } else {
+                self.subtask(&e, s, redelivered).await?
+            };
+            derived += usize::from(new);
+            sent += usize::from(dispatched);
+        }
+        metrics::counter!("fleet_subtasks_derived_total").increment(derived as u64);
+        tracing::info!(case_id = %e.case_id, to_state = %e.to_state, derived, sent, of = subtasks.len(), "planning event handled");
+        Ok(())
+    }
+
+    /// Runs subtask `s` as a deliberation of `s.council` members (id: the subtask id), once.
+    /// Returns (created now, started now).
+    async fn council_subtask(
+        &self,
+        e: &PlanningEvent,
+        s: &Subtask,
+        redelivered: bool,
+    ) -> Result<(bool, bool)> {
+        let spec = s.deliberation_spec(&e.event_id, now_ms());
+        let existed = self
+            .engine
+            .store
+            .get(&spec.deliberation_id)
+            .await
+            .map_err(anyhow::Error::from)?
+            .is_some();
+        let context = match &self.context {
+            Some(c) => c.context(&s.case_id, &s.role, &s.action).await,
+            None => String::new(),
+        };
+        let handled = self.engine.dispatch(&spec, &context, redelivered).await?;
+        Ok((
+            !existed,
+            matches!(handled, fleet::deliberation::engine::Handled::Applied(_)),
+        ))
+    }
+
+    /// Creates subtask `s` as a task of its planning session (unless it exists) and sends it to
+    /// its role's agents and to NATS `agent.requests` when this call moved it to `dispatched`.
+    /// Returns (created now, sent now).
+    async fn subtask(
+        &self,
+        e: &PlanningEvent,
+        s: &Subtask,
+        redelivered: bool,
+    ) -> Result<(bool, bool)> {
+        let sid = &s.session_id;
+        let tid = &s.task_id;
+        let pool = planning::subtask_pool(&s.role);
+        let deadline_ms = now_ms() + (s.timeout_secs * 1000) as i64;
+        let created = self
+            .tasks
+            .create(
+                sid,
+                tid,
+                &s.description,
+                &planning::task_metadata(s, &e.event_id),
+                deadline_ms,
+                "planning",
+                None,
+            )
+            .await?;
+        let new = matches!(created, Created::New { .. });
+        let resend = match created {
+            Created::New { .. } => {
+                let _: () = self
+                    .tasks
+                    .client()
+                    .zadd(
+                        self.keys.deadlines(),
+                        None,
+                        None,
+                        false,
+                        false,
+                        (deadline_ms as f64, format!("{sid}/{tid}")),
+                    )
+                    .await?;
+                false
+            }
+            Created::Exists { state } if state == "queued" => false,
+            Created::Exists { state } if state == "dispatched" && redelivered => true,
+            other => {
+                tracing::debug!(task_id = %tid, ?other, "subtask derived before");
+                return Ok((false, false));
+            }
+        };
+        let send = match self.tasks.dispatch(sid, tid, 1, &pool).await? {
+            Dispatched::Moved => true,
+            Dispatched::NotQueued(state) => resend && state == "dispatched",
+            _ => false,
+        };
+        if !send {
+            return Ok((new, false));
+        }
+        let deadline_ms = self
+            .tasks
+            .get(sid, tid)
+            .await?
+            .map_or(deadline_ms, |t| t.deadline_ms);
+        let context = match &self.context {
+            Some(c) => c.context(&s.case_id, &s.role, &s.action).await,
+            None => String::new(),
+        };
+        let request = AgentRequest {
+            action: AgentAction::Subtask,
+            role: s.role.clone(),
+            member: String::new(),
+            deliberation_id: String::new(),
+            round: 0,
+            rounds: 0,
+            description: s.description.clone(),
+            requirements: s.constraints.clone(),
+            rubric: Default::default(),
+            metadata: [
+                ("case_id", s.case_id.clone()),
+                ("plan_id", s.plan_id.clone()),
+                ("to_state", s.to_state.clone()),
+                ("event_id", e.event_id.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+            context: context.clone(),
+            peers: Vec::new(),
+            session_id: sid.clone(),
+            task_id: tid.clone(),
+            attempt: 1,
+            task_action: s.action.clone(),
+            dependencies: s.dependencies.clone(),
+            priority: s.priority,
+            deadline_ms,
+        };
+        let payload = AgentRequestPayload {
+            task_id: tid.clone(),
+            session_id: sid.clone(),
+            attempt: 1,
+            role: s.role.clone(),
+            action: s.action.clone(),
+            description: s.description.clone(),
+            dependencies: s.dependencies.clone(),
+            constraints: s.constraints.clone(),
+            priority: s.priority,
+            context,
+            deadline_ms,
+            case_id: s.case_id.clone(),
+            plan_id: s.plan_id.clone(),
+            event_id: e.event_id.clone(),
+        };
+        let pipeline = self.tasks.client().pipeline();
+        producer::queue(
+            &pipeline,
+            &self.keys.agents(&s.role),
+            None,
+            &Envelope::new(AgentMessage::Request(request)),
+        )
+        .await?;
+        // A deterministic id: JetStream drops a re-sent duplicate (Nats-Msg-Id).
+        let nats = Envelope::with_id(
+            Uuid::new_v5(
+                &planning::SUBTASK_NAMESPACE,
+                format!("agent.requests:{tid}:1").as_bytes(),
+            ),
+            Outbound::Publish(NatsPublish {
+                subject: fleet::deliberation::engine::SUBJECT_AGENT_REQUESTS.into(),
+                payload: serde_json::to_string(&payload).expect("a payload serializes"),
+                headers: Default::default(),
+            }),
+        );
+        producer::queue(&pipeline, &self.keys.outbound(), None, &nats).await?;
+        let _: Vec<Value> = pipeline.all().await?;
+        metrics::counter!("fleet_tasks_dispatched_total", "pool" => pool).increment(1);
+        Ok((new, true))
     }
 
     async fn submit(&self, s: TaskSubmit, redelivered: bool) -> Result<()> {

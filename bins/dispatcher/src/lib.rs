@@ -9,15 +9,29 @@
 //!   hold it, XADDs `exec.cancel` to the pool's control stream.
 //! * `session.close`: closes the session (no new tasks), cancels its open tasks, logs
 //!   `session_closed`.
+//! * `task.deliberate`: picks the deliberation's council members (registered agents first, pool
+//!   seats for the rest), moves it `pending -> generating` and sends one `agent.request` per
+//!   member (see [`fleet::deliberation`]).
+//! * `planning.event`: derives the transition's subtasks ([`fleet::planning`]), creates each as a
+//!   task of the case's planning session (deterministic ids: a replay derives nothing twice) and
+//!   sends it to `fleet:agents:<role>` and to NATS `agent.requests` (through `fleet:outbound`).
+//!
+//! With `FLEET_CONTEXT_ADDR`, agent requests carry the Context service's `GetContext` answer
+//! ([`hydrate`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use fleet::admin::{self, Health};
 use fleet::agent::AgentStore;
 use fleet::config::{CommonArgs, ConsumerArgs};
+use fleet::council::Councils;
+use fleet::deliberation::{DeliberationStore, Engine, EngineConfig};
 use fleet::keys::GROUP_DISPATCHERS;
+use fleet::planning::PlanningRules;
 use fleet::session_log::SessionLog;
 use fleet::stream::{ConsumerLoop, consumer::unique_consumer_name};
 use fleet::task::TaskStore;
@@ -27,8 +41,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 mod handler;
+pub mod hydrate;
 
-pub use handler::Dispatcher;
+pub use handler::{DispatchError, Dispatcher};
 
 #[derive(Parser, Clone, Debug)]
 #[command(
@@ -54,6 +69,26 @@ pub struct Config {
     /// TOML or YAML file of agent configs to load at start (upserted into Redis).
     #[arg(long, env = "FLEET_AGENTS_FILE")]
     pub agents_file: Option<PathBuf>,
+
+    /// TOML or YAML file of the rules that derive subtasks from planning events (see
+    /// `fleet::planning`). Unset: the built-in rules (DESIGN, BUILD, TEST, DEPLOY).
+    #[arg(long, env = "FLEET_PLANNING_RULES")]
+    pub planning_rules: Option<PathBuf>,
+
+    /// Address of a Context service (`context.v1.ContextService`, e.g. `context:50054`) whose
+    /// `GetContext` hydrates agent requests. Unset: no hydration.
+    #[arg(long, env = "FLEET_CONTEXT_ADDR")]
+    pub context_addr: Option<String>,
+
+    /// Milliseconds to wait for the Context service before going on without context.
+    #[arg(long, env = "FLEET_CONTEXT_TIMEOUT_MS", default_value_t = 2000)]
+    pub context_timeout_ms: u64,
+
+    /// Also publish deliberation requests to NATS `agent.requests` (through fleet:outbound).
+    /// Subtasks of planning events always go there. FLEET_PUBLISH_AGENT_REQUESTS takes
+    /// true/false, 1/0, yes/no or on/off.
+    #[arg(long, env = "FLEET_PUBLISH_AGENT_REQUESTS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub publish_agent_requests: bool,
 }
 
 /// A dispatcher process: built with [`App::build`], run until its shutdown token is cancelled.
@@ -61,12 +96,22 @@ pub struct App {
     cfg: Config,
     client: fred::prelude::Client,
     admin: TcpListener,
+    planning: Arc<PlanningRules>,
+    context: Option<hydrate::ContextHydrator>,
 }
 
 impl App {
-    /// Connects to Redis, loads the agents file and binds the admin port.
+    /// Connects to Redis, loads the agents file and the planning rules and binds the admin port.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         admin::prometheus();
+        let planning = Arc::new(PlanningRules::from_file(cfg.planning_rules.as_deref())?);
+        let context = match &cfg.context_addr {
+            Some(addr) => Some(hydrate::ContextHydrator::new(
+                addr,
+                Duration::from_millis(cfg.context_timeout_ms.max(1)),
+            )?),
+            None => None,
+        };
         let client = fleet::redis::connect(&cfg.common.redis_url).await?;
         if let Some(path) = &cfg.agents_file {
             let n = AgentStore::new(client.clone(), cfg.common.keys())
@@ -75,7 +120,13 @@ impl App {
             tracing::info!(agents = n, file = %path.display(), "loaded agents");
         }
         let admin = TcpListener::bind(cfg.admin_addr).await?;
-        Ok(App { cfg, client, admin })
+        Ok(App {
+            cfg,
+            client,
+            admin,
+            planning,
+            context,
+        })
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -104,6 +155,19 @@ impl App {
             agents: AgentStore::new(self.client.clone(), keys.clone()),
             log: SessionLog::new(self.client.clone(), keys.clone(), self.cfg.common.fanout()),
             keys: keys.clone(),
+            engine: Engine::new(
+                DeliberationStore::new(
+                    self.client.clone(),
+                    keys.clone(),
+                    self.cfg.common.retention().session_ttl_ms,
+                ),
+                Councils::new(self.client.clone(), keys.clone()),
+                EngineConfig {
+                    publish_agent_requests: self.cfg.publish_agent_requests,
+                },
+            ),
+            planning: self.planning.clone(),
+            context: self.context.clone(),
         };
         let consumer = self.cfg.consumer.consumer(
             &keys,

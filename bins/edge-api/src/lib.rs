@@ -1,7 +1,10 @@
-//! edge-api: the REST front door of Fleet: chat sessions, tasks, agent configs, health.
+//! edge-api: the REST and gRPC front door of Fleet: chat sessions, tasks, agent configs,
+//! health (REST), and `orchestrator.v1.OrchestratorService` with deliberations, orchestrations,
+//! planning events, councils, chat, status and metrics (gRPC, [`grpc`]).
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`grpc`] | the gRPC server: orchestrator service, health, reflection |
 //! | [`routes`] | the router, its shared state and the 404 / 405 fallbacks |
 //! | [`routes::chat`] | `/api/v1/chat/...`: sessions and their tasks (session-token auth) |
 //! | [`routes::agents`] | `/api/v1/agents/...`: agent configs (API-key auth) |
@@ -12,24 +15,29 @@
 //! | [`public_url`] | the WebSocket / SSE URLs handed to clients |
 //!
 //! [`App::build`] validates the config, connects Redis, seeds agents from a file and binds the
-//! listener; [`App::run`] serves until its token is cancelled, then drains. Health and metrics
-//! (`/health/...`, `/metrics`) are served on the REST port too. A gRPC server
-//! (`FLEET_GRPC_ADDR`) will sit next to the REST one in [`App`].
+//! listeners; [`App::run`] serves REST and gRPC until its token is cancelled, then drains both.
+//! Health and metrics (`/health/...`, `/metrics`) are served on the REST port too.
 
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod grpc;
 pub mod http_metrics;
 pub mod public_url;
 pub mod routes;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleet::agent::AgentStore;
+use fleet::council::Councils;
+use fleet::deliberation::{DeliberationStore, Engine, EngineConfig};
+use fleet::planning::PlanningRules;
 use fleet::session::{Backpressure, Chat, ChatLimits, TokenSigner};
+use fleet::session_log::SessionLog;
 use fleet::task::TaskStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -39,6 +47,9 @@ use crate::public_url::PublicUrls;
 use crate::routes::AppState;
 
 pub use fleet::session::{DEV_SECRET, MIN_SECRET_BYTES};
+
+/// The gRPC port the Gateway calls (`orchestrator:50055`).
+pub const DEFAULT_GRPC_PORT: u16 = 50055;
 
 /// edge-api's flags; each mirrors an environment variable (flags win).
 #[derive(clap::Parser, Clone)]
@@ -61,6 +72,27 @@ pub struct Config {
     /// Address the REST API (and health and metrics) listens on; port 0 picks a free port.
     #[arg(long, env = "FLEET_HTTP_ADDR", default_value = "0.0.0.0:8001")]
     pub http_addr: SocketAddr,
+
+    /// Address the gRPC server (orchestrator.v1.OrchestratorService, grpc.health.v1, reflection)
+    /// listens on; port 0 picks a free port. Unset: 0.0.0.0:50055, or an ephemeral port on the
+    /// REST address's IP when the REST port is 0 (as tests run it).
+    #[arg(long, env = "FLEET_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+
+    /// Deadline of a deliberation whose request sets no timeout, in seconds.
+    #[arg(long, env = "FLEET_DELIBERATION_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub deliberation_timeout_secs: u64,
+
+    /// gRPC calls that may wait at once (sync Deliberate / Orchestrate and streams each hold a
+    /// Redis connection); more answer RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FLEET_GRPC_MAX_WAITERS", default_value_t = 1024)]
+    pub grpc_max_waiters: usize,
+
+    /// TOML or YAML file of the subtask rules for planning events (the same file the
+    /// dispatchers read). Unset: the built-in rules.
+    #[arg(long, env = "FLEET_PLANNING_RULES")]
+    pub planning_rules: Option<PathBuf>,
 
     /// Secret that signs session tokens (at least 16 bytes). Must be the same for every
     /// edge-api and ws-gateway of a fleet.
@@ -116,6 +148,10 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("common", &self.common)
             .field("http_addr", &self.http_addr)
+            .field("grpc_addr", &self.grpc_addr())
+            .field("deliberation_timeout_secs", &self.deliberation_timeout_secs)
+            .field("grpc_max_waiters", &self.grpc_max_waiters)
+            .field("planning_rules", &self.planning_rules)
             .field("secret", &self.secret.as_ref().map(|_| "***"))
             .field("dev", &self.dev)
             .field("api_keys", &format_args!("{} key(s)", self.api_keys.len()))
@@ -138,6 +174,25 @@ impl Config {
         )?)
     }
 
+    /// Where gRPC listens (see `--grpc-addr`).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr.unwrap_or_else(|| {
+            if self.http_addr.port() == 0 {
+                SocketAddr::new(self.http_addr.ip(), 0)
+            } else {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_GRPC_PORT)
+            }
+        })
+    }
+
+    /// The limits of the gRPC service.
+    pub fn grpc_limits(&self) -> grpc::GrpcLimits {
+        grpc::GrpcLimits {
+            default_deliberation_timeout: Duration::from_secs(self.deliberation_timeout_secs),
+            max_waiters: self.grpc_max_waiters.max(1),
+        }
+    }
+
     /// The limits of the chat API.
     pub fn chat_limits(&self) -> ChatLimits {
         ChatLimits {
@@ -152,6 +207,10 @@ impl Config {
 pub struct App {
     listener: TcpListener,
     addr: SocketAddr,
+    grpc_listener: TcpListener,
+    grpc_addr: SocketAddr,
+    /// The gRPC service, less its shutdown token (set in [`App::run`]).
+    orchestrator: grpc::Orchestrator,
     state: AppState,
     grace: Duration,
     /// Stops the back-pressure sampler when the app ends (or is dropped unrun).
@@ -197,6 +256,27 @@ impl App {
             limits: cfg.chat_limits(),
             backpressure,
         };
+        let rules = PlanningRules::from_file(cfg.planning_rules.as_deref())
+            .context("cannot load FLEET_PLANNING_RULES")?;
+        let limits = cfg.grpc_limits();
+        let orchestrator = grpc::Orchestrator {
+            chat: chat.clone(),
+            engine: Engine::new(
+                DeliberationStore::new(
+                    client.clone(),
+                    keys.clone(),
+                    cfg.common.retention().session_ttl_ms,
+                ),
+                Councils::new(client.clone(), keys.clone()),
+                EngineConfig::default(),
+            ),
+            log: SessionLog::new(client.clone(), keys.clone(), cfg.common.fanout()),
+            rules: Arc::new(rules),
+            waiters: Arc::new(tokio::sync::Semaphore::new(limits.max_waiters)),
+            limits,
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+        };
         let health = fleet::admin::Health::new(
             "edge-api",
             client,
@@ -208,9 +288,16 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on FLEET_HTTP_ADDR {}", cfg.http_addr))?;
         let addr = listener.local_addr()?;
+        let grpc_listener = TcpListener::bind(cfg.grpc_addr())
+            .await
+            .with_context(|| format!("cannot listen on FLEET_GRPC_ADDR {}", cfg.grpc_addr()))?;
+        let grpc_addr = grpc_listener.local_addr()?;
         Ok(App {
             listener,
             addr,
+            grpc_listener,
+            grpc_addr,
+            orchestrator,
             state,
             grace: cfg.common.grace(),
             _background: background.drop_guard(),
@@ -222,11 +309,24 @@ impl App {
         self.addr
     }
 
-    /// Serves until `shutdown` is cancelled, then lets requests in flight finish, at most the
-    /// shutdown grace period.
+    /// The address the gRPC server listens on.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Serves REST and gRPC until `shutdown` is cancelled, then lets requests in flight finish,
+    /// at most the shutdown grace period (waiting gRPC calls and streams end at once with
+    /// UNAVAILABLE; their work goes on and any replica answers for it).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut orchestrator = self.orchestrator;
+        orchestrator.shutdown = shutdown.child_token();
+        let mut grpc_server = tokio::spawn(grpc::serve(
+            self.grpc_listener,
+            orchestrator,
+            shutdown.clone(),
+        ));
         let router = routes::router(self.state.clone());
-        tracing::info!(addr = %self.addr, "edge-api listening");
+        tracing::info!(addr = %self.addr, grpc = %self.grpc_addr, "edge-api listening");
         let signal = shutdown.clone().cancelled_owned();
         let mut server = tokio::spawn(
             axum::serve(
@@ -239,7 +339,15 @@ impl App {
         tokio::select! {
             served = &mut server => {
                 // The server only ends by itself when accepting connections failed.
+                shutdown.cancel();
+                grpc_server.abort();
                 served.context("http server task")?.context("http server")?;
+                return Ok(());
+            }
+            served = &mut grpc_server => {
+                shutdown.cancel();
+                server.abort();
+                served.context("grpc server task")?.context("grpc server")?;
                 return Ok(());
             }
             _ = shutdown.cancelled() => {}
@@ -252,12 +360,18 @@ impl App {
                     Ok(Err(e)) => tracing::error!(error = %e, "http server failed while draining"),
                     Err(e) => tracing::error!(error = %e, "http server task failed"),
                 }
+                match (&mut grpc_server).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "grpc server failed while draining"),
+                    Err(e) => tracing::error!(error = %e, "grpc server task failed"),
+                }
             },
             self.grace,
         )
         .await;
         if !drained {
             server.abort();
+            grpc_server.abort();
         }
         tracing::info!("edge-api stopped");
         Ok(())
@@ -294,5 +408,31 @@ mod tests {
             parse(&["--max-message-bytes", "10", "--task-timeout-secs", "7"]).chat_limits();
         assert_eq!(limits.max_message_bytes, 10);
         assert_eq!(limits.default_task_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn grpc_listens_on_50055_unless_told_or_rest_is_ephemeral() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("edge-api").chain(args.iter().copied())).unwrap()
+        };
+        assert_eq!(parse(&["--dev"]).grpc_addr().to_string(), "0.0.0.0:50055");
+        assert_eq!(
+            parse(&["--dev", "--http-addr", "127.0.0.1:0"])
+                .grpc_addr()
+                .to_string(),
+            "127.0.0.1:0"
+        );
+        assert_eq!(
+            parse(&[
+                "--dev",
+                "--grpc-addr",
+                "127.0.0.1:7000",
+                "--http-addr",
+                "127.0.0.1:0"
+            ])
+            .grpc_addr()
+            .to_string(),
+            "127.0.0.1:7000"
+        );
     }
 }

@@ -61,6 +61,21 @@ impl Cancellations {
     }
 }
 
+impl Cancellations {
+    /// Stops every running request whose key starts with `prefix`. Returns how many.
+    pub fn cancel_prefix(&self, prefix: &str) -> usize {
+        let inner = self.0.lock().expect("cancellations lock");
+        let mut n = 0;
+        for (key, token) in inner.running.iter() {
+            if key.starts_with(prefix) {
+                token.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
 /// Reads the control stream from its end.
 pub struct ControlReader {
     pub client: Client,

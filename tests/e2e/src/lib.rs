@@ -1,6 +1,8 @@
 //! Harness for cross-binary tests: a whole fleet on one fresh key prefix of the test's
 //! redis-server, either in-process ([`Fleet::start`]) or as processes ([`ProcessFleet`]).
 
+pub mod deliberation;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -16,6 +16,8 @@ fn front_door(name: &str, fleet: &Fleet, http: u16) -> FleetProcess {
             .position(|a| a == "--admin-addr")
             .expect("common args name an admin address");
         args.drain(at..at + 2);
+        // Any free port for gRPC, so this test never competes for the default 50055.
+        args.extend(["--grpc-addr".into(), "127.0.0.1:0".into()]);
     }
     args.extend([
         "--secret".into(),

@@ -1,0 +1,314 @@
+//! Chat over gRPC for backend callers: the same [`fleet::session::Chat`] calls REST makes
+//! (`source: grpc`), with the session token in `session_token` or `authorization: Bearer`.
+//! `StreamSessionEvents` replays the session log after `last_event_id`
+//! ([`fleet::session_log::SessionLog::replay_after`]), then follows it live; it ends after
+//! `session_closed`.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use fleet::events::with_event_id;
+use fleet::session::{InitSession, SubmitMessage};
+use fleet::stream::entry::{StreamId, parse_read};
+use fleet_proto::orchestrator::v1 as pb;
+use fred::prelude::*;
+use serde_json::Value as Json;
+use tonic::{Request, Status};
+use tracing::Span;
+
+use super::{BoxStream, Orchestrator, convert, error};
+
+/// Events read per replay page and per live read.
+const PAGE: u64 = 500;
+/// Longest single blocking read of a stream.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+
+/// The bearer token of a call: the `session_token` field, else `authorization: Bearer <token>`.
+fn token<T>(req: &Request<T>, field: &str) -> Result<String, Status> {
+    if !field.is_empty() {
+        return Ok(field.to_owned());
+    }
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "a session token is required (session_token, or authorization: Bearer <token>)",
+            )
+        })
+}
+
+fn json_object(text: &str) -> Result<Json, Status> {
+    if text.trim().is_empty() {
+        return Ok(Json::Null);
+    }
+    match serde_json::from_str::<Json>(text) {
+        Ok(v @ Json::Object(_)) => Ok(v),
+        _ => Err(Status::invalid_argument(
+            "metadata_json must be a JSON object",
+        )),
+    }
+}
+
+fn session_event(sid: &str, event_id: StreamId, task_id: &str, json: &str) -> pb::SessionEvent {
+    let message_type = serde_json::from_str::<Json>(json)
+        .ok()
+        .and_then(|v| v["message_type"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    pb::SessionEvent {
+        event_id: event_id.to_string(),
+        session_id: sid.to_owned(),
+        task_id: task_id.to_owned(),
+        message_type,
+        json: with_event_id(json, &event_id.to_string()),
+    }
+}
+
+impl Orchestrator {
+    fn authorize(&self, sid: &str, token: &str) -> Result<(), Status> {
+        self.chat.authorize(sid, token).map_err(error::token)
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id, task_id))]
+    pub async fn create_session_rpc(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+    ) -> Result<pb::CreateSessionResponse, Status> {
+        let req = req.into_inner();
+        let metadata = json_object(&req.metadata_json)?;
+        let opt = |s: String| (!s.is_empty()).then_some(s);
+        let s = self
+            .chat
+            .init_session(InitSession {
+                agent_id: req.agent_id,
+                tenant_id: opt(req.tenant_id),
+                user_id: opt(req.user_id),
+                metadata,
+            })
+            .await
+            .map_err(error::chat)?;
+        Span::current().record("session_id", s.session_id.as_str());
+        Span::current().record("task_id", s.task_id.as_str());
+        Ok(pb::CreateSessionResponse {
+            session_id: s.session_id,
+            session_token: s.session_token,
+            task_id: s.task_id,
+            agent_id: s.agent_id,
+            agent_name: s.agent_name,
+            expires_ms: s.expires_ms,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id, task_id))]
+    pub async fn submit_task_rpc(
+        &self,
+        req: Request<pb::SubmitTaskRequest>,
+    ) -> Result<pb::SubmitTaskResponse, Status> {
+        let token = token(&req, &req.get_ref().session_token)?;
+        let req = req.into_inner();
+        Span::current().record("session_id", req.session_id.as_str());
+        self.authorize(&req.session_id, &token)?;
+        let opt = |s: String| (!s.is_empty()).then_some(s);
+        let submitted = self
+            .chat
+            .submit(
+                &req.session_id,
+                SubmitMessage {
+                    message: req.message,
+                    metadata: json_object(&req.metadata_json)?,
+                    task_id: opt(req.task_id),
+                    idempotency_key: opt(req.idempotency_key),
+                    source: "grpc",
+                },
+            )
+            .await
+            .map_err(error::chat)?;
+        Span::current().record("task_id", submitted.task_id.as_str());
+        Ok(pb::SubmitTaskResponse {
+            task_id: submitted.task_id,
+            status: submitted.status,
+            duplicate: submitted.duplicate,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id, task_id))]
+    pub async fn get_task_rpc(
+        &self,
+        req: Request<pb::GetTaskRequest>,
+    ) -> Result<pb::ChatTask, Status> {
+        let token = token(&req, &req.get_ref().session_token)?;
+        let req = req.into_inner();
+        Span::current().record("session_id", req.session_id.as_str());
+        Span::current().record("task_id", req.task_id.as_str());
+        self.authorize(&req.session_id, &token)?;
+        let t = self
+            .chat
+            .task(&req.session_id, &req.task_id)
+            .await
+            .map_err(error::chat)?;
+        Ok(convert::task(&t))
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id, task_id))]
+    pub async fn cancel_task_rpc(
+        &self,
+        req: Request<pb::CancelTaskRequest>,
+    ) -> Result<pb::CancelTaskResponse, Status> {
+        let token = token(&req, &req.get_ref().session_token)?;
+        let req = req.into_inner();
+        Span::current().record("session_id", req.session_id.as_str());
+        Span::current().record("task_id", req.task_id.as_str());
+        self.authorize(&req.session_id, &token)?;
+        let reason = if req.reason.is_empty() {
+            "cancelled by the client".to_owned()
+        } else {
+            req.reason.chars().take(256).collect()
+        };
+        let t = self
+            .chat
+            .cancel(&req.session_id, &req.task_id, &reason)
+            .await
+            .map_err(error::chat)?;
+        let open = t.state().is_some_and(|s| !s.is_terminal());
+        Ok(pb::CancelTaskResponse {
+            task_id: t.task_id,
+            status: if open { "cancelling".into() } else { t.state },
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id))]
+    pub async fn close_session_rpc(
+        &self,
+        req: Request<pb::CloseSessionRequest>,
+    ) -> Result<pb::CloseSessionResponse, Status> {
+        let token = token(&req, &req.get_ref().session_token)?;
+        let req = req.into_inner();
+        Span::current().record("session_id", req.session_id.as_str());
+        self.authorize(&req.session_id, &token)?;
+        let reason = if req.reason.is_empty() {
+            "closed by the client".to_owned()
+        } else {
+            req.reason.chars().take(256).collect()
+        };
+        let s = self
+            .chat
+            .close(&req.session_id, &reason)
+            .await
+            .map_err(error::chat)?;
+        Ok(pb::CloseSessionResponse {
+            session_id: s.session_id,
+            status: if s.state == "open" {
+                "closing".into()
+            } else {
+                s.state
+            },
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id))]
+    pub async fn stream_session_events_rpc(
+        &self,
+        req: Request<pb::StreamSessionEventsRequest>,
+    ) -> Result<BoxStream<pb::SessionEvent>, Status> {
+        let token = token(&req, &req.get_ref().session_token)?;
+        let req = req.into_inner();
+        let sid = req.session_id;
+        Span::current().record("session_id", sid.as_str());
+        self.authorize(&sid, &token)?;
+        let after: Option<StreamId> = if req.last_event_id.is_empty() {
+            None
+        } else {
+            Some(req.last_event_id.parse().map_err(|_| {
+                Status::invalid_argument("last_event_id is not an event id (<ms>-<seq>)")
+            })?)
+        };
+        self.chat.status(&sid).await.map_err(error::chat)?;
+        let reader = self.blocking_reader().await?;
+        struct State {
+            me: Orchestrator,
+            reader: super::BlockingReader,
+            sid: String,
+            after: Option<StreamId>,
+            replaying: bool,
+            pending: VecDeque<pb::SessionEvent>,
+            done: bool,
+        }
+        let state = State {
+            me: self.clone(),
+            reader,
+            sid,
+            after,
+            replaying: true,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if st.done {
+                    return None;
+                }
+                if let Some(ev) = st.pending.pop_front() {
+                    st.done = ev.message_type == fleet::events::message_type::SESSION_CLOSED;
+                    return Some((Ok(ev), st));
+                }
+                if st.me.shutdown.is_cancelled() {
+                    st.done = true;
+                    return Some((
+                        Err(Status::unavailable(
+                            "this server is shutting down; resume from your last event_id",
+                        )),
+                        st,
+                    ));
+                }
+                if st.replaying {
+                    match st.me.log.replay_after(&st.sid, st.after, None, PAGE).await {
+                        Ok(page) => {
+                            st.replaying = page.len() as u64 == PAGE;
+                            for e in page {
+                                st.after = Some(e.event_id);
+                                st.pending.push_back(session_event(
+                                    &st.sid, e.event_id, &e.task_id, &e.json,
+                                ));
+                            }
+                        }
+                        Err(e) => {
+                            st.done = true;
+                            return Some((Err(error::unavailable(e)), st));
+                        }
+                    }
+                    continue;
+                }
+                let from = st.after.unwrap_or(StreamId::ZERO).to_string();
+                let key = st.me.keys().session_events(&st.sid);
+                let read = tokio::select! {
+                    r = st.reader.client.xread::<Value, _, _>(Some(PAGE), Some(READ_BLOCK.as_millis() as u64), key, from) => r,
+                    _ = st.me.shutdown.cancelled() => continue,
+                };
+                match read.map(parse_read) {
+                    Ok(Ok(streams)) => {
+                        for e in streams.into_iter().flat_map(|(_, e)| e) {
+                            st.after = Some(e.id);
+                            st.pending.push_back(session_event(
+                                &st.sid,
+                                e.id,
+                                e.get_str("t").unwrap_or_default(),
+                                e.get_str("d").unwrap_or_default(),
+                            ));
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        st.done = true;
+                        return Some((Err(error::unavailable(e)), st));
+                    }
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(error::unavailable(e)), st));
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+}

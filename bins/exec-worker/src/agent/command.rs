@@ -1,0 +1,111 @@
+//! Command agents: one program run per deliberation request (`--command`, through `sh -c`).
+//!
+//! The program reads the request as JSON on stdin (the `agent.request` body: `action`, `role`,
+//! `member`, `deliberation_id`, `round`, `description`, `requirements`, `rubric`, `metadata`,
+//! `context`, `peers`, `deadline_ms`, ...) and writes its answer on stdout; an optional last line
+//! of JSON carries checks or the selection (see [`super::answer`]). A failing program still
+//! answers a proposal: its stderr tail, with a failed `dry_run` check, so the round completes
+//! and the failure ranks low. It is killed when the request is cancelled or reaches its
+//! deadline. Subtasks run through the chat executor's command mode.
+
+use std::process::Stdio;
+
+use fleet::deliberation::{Check, Checks};
+use fleet::envelope::AgentRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use super::answer::{self, ProposalAnswer, SelectionAnswer};
+use crate::executor::StopWhen;
+
+/// Bytes of output kept.
+const OUTPUT_LIMIT: usize = 1 << 20;
+const STDERR_TAIL: usize = 4096;
+
+/// How a run ended.
+enum Run {
+    Ok(String),
+    Failed(String),
+    Stopped,
+}
+
+async fn run(program: &str, req: &AgentRequest, stop: &StopWhen) -> anyhow::Result<Run> {
+    let mut child = match Command::new("sh")
+        .arg("-c")
+        .arg(program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return Ok(Run::Failed(format!("could not start the command: {e}"))),
+    };
+    let input = serde_json::to_vec(req)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&input).await;
+    }
+    let mut stdout = child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .take(OUTPUT_LIMIT as u64);
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let collect = async {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let _ = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        let status = child.wait().await;
+        (out, err, status)
+    };
+    let (out, err, status) = tokio::select! {
+        done = collect => done,
+        _ = stop.wait() => return Ok(Run::Stopped),
+    };
+    let out = String::from_utf8_lossy(&out).into_owned();
+    match status {
+        Ok(s) if s.success() => Ok(Run::Ok(out)),
+        Ok(s) => {
+            let start = err.len().saturating_sub(STDERR_TAIL);
+            Ok(Run::Failed(format!(
+                "the command exited with {s}: {}",
+                String::from_utf8_lossy(&err[start..]).trim()
+            )))
+        }
+        Err(e) => Ok(Run::Failed(format!("waiting for the command failed: {e}"))),
+    }
+}
+
+pub async fn propose(
+    program: &str,
+    req: &AgentRequest,
+    stop: &StopWhen,
+) -> anyhow::Result<Option<ProposalAnswer>> {
+    Ok(match run(program, req, stop).await? {
+        Run::Ok(out) => Some(answer::parse_proposal(&out)),
+        Run::Failed(message) => Some(ProposalAnswer {
+            content: message.clone(),
+            checks: Checks {
+                dry_run: Some(Check::fail(message)),
+                ..Default::default()
+            },
+            self_score: None,
+        }),
+        Run::Stopped => None,
+    })
+}
+
+pub async fn select(
+    program: &str,
+    req: &AgentRequest,
+    stop: &StopWhen,
+) -> anyhow::Result<Option<SelectionAnswer>> {
+    Ok(match run(program, req, stop).await? {
+        Run::Ok(out) => answer::parse_selection(&out, req),
+        Run::Failed(message) => {
+            tracing::warn!(%message, "the architect command failed; the top score will win");
+            None
+        }
+        Run::Stopped => None,
+    })
+}

@@ -1,0 +1,886 @@
+//! The steps of a deliberation, each idempotent and safe to run again after a crash:
+//!
+//! | step | who | does |
+//! |---|---|---|
+//! | [`Engine::accept`] | front doors | creates the hash (`pending`), registers the deadline, sends `task.deliberate` |
+//! | [`Engine::dispatch`] | dispatcher | picks members, `pending -> generating`, sends round 1 |
+//! | [`Engine::on_proposal`] | callback-worker | records it; a complete round moves to the next review round or to scoring |
+//! | [`Engine::on_selection`] | callback-worker | the architect's choice completes it |
+//! | [`Engine::expire`] | callback-worker's sweeper | at the deadline: quorum -> completed, else timed_out; stragglers cancelled |
+//!
+//! Every state change is a compare-and-set ([`super::store`]); requests to agents are sent after
+//! the change that calls for them, so a crash in between is repaired by the redelivery of the
+//! entry that caused it ([`Engine::resume`]), and duplicate requests cost work, never
+//! correctness (a member's proposal for a round is recorded once).
+
+use std::collections::BTreeSet;
+
+use fred::prelude::*;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::scoring::{RankedProposal, rank};
+use super::store::{
+    Created, DeliberationStore, DeliberationView, FinalResult, Moved, RecordOutcome, Started,
+    StoreError, Transition,
+};
+use super::{ARCHITECT, DeliberationSpec, Member, Proposal, Status, kind, latest_per_member};
+use crate::council::{CouncilError, Councils};
+use crate::envelope::{
+    AgentAction, AgentCancel, AgentControl, AgentMessage, AgentRequest, Alternative, Decision,
+    DecisionMessage, Envelope, NatsPublish, Outbound, PeerProposal, ProposalCallback,
+    SelectionCallback, TaskCommand,
+};
+use crate::keys::Keys;
+use crate::stream::producer::{self, ProduceError};
+use crate::task::CONTROL_MAXLEN;
+use crate::time::now_ms;
+
+/// Namespace of the deterministic (UUIDv5) envelope ids of decisions and outbound events, so a
+/// re-emitted decision is recognised as the same one (`Nats-Msg-Id` dedup in JetStream).
+pub const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_5f0e_8c4d_4b7a_9f1e_2d3c_4b5a_6978);
+
+/// NATS subject of orchestrator events (decisions, timeouts).
+pub const SUBJECT_ORCHESTRATOR_EVENTS: &str = "orchestrator.events";
+/// NATS subject of agent requests.
+pub const SUBJECT_AGENT_REQUESTS: &str = "agent.requests";
+
+/// Counters of `<p>:stats`: deliberations accepted (orchestrations included), orchestrations,
+/// and (`deliberations_<status>`) ended ones by final status; `role:<ROLE>` per role.
+pub const STAT_DELIBERATIONS_TOTAL: &str = "deliberations_total";
+pub const STAT_ORCHESTRATIONS_TOTAL: &str = "orchestrations_total";
+/// Planning events handled (first deliveries).
+pub const STAT_PLANNING_EVENTS_TOTAL: &str = "planning_events_total";
+
+/// `fleet:decisions` keeps about this many decisions.
+pub const DECISIONS_MAXLEN: u64 = 100_000;
+/// Durations kept per kind for the latency percentiles (about; the stream is trimmed with `~`).
+pub const LATENCY_SAMPLES: i64 = 1_000;
+
+/// Errors of a deliberation step. All are transient (storage): the step can run again.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Council(#[from] CouncilError),
+    #[error(transparent)]
+    Produce(#[from] ProduceError),
+    #[error("redis: {0}")]
+    Redis(#[from] Error),
+}
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+/// Options of the engine.
+#[derive(Clone, Debug, Default)]
+pub struct EngineConfig {
+    /// Also publish deliberation requests to NATS `agent.requests` (through `fleet:outbound`).
+    pub publish_agent_requests: bool,
+}
+
+/// What [`Engine::accept`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// A new deliberation (false: one with this id existed).
+    pub created: bool,
+    pub status: Status,
+}
+
+/// How a callback fared, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    Applied(&'static str),
+    Dropped(&'static str),
+}
+
+/// The steps of deliberations over Redis.
+#[derive(Clone)]
+pub struct Engine {
+    pub store: DeliberationStore,
+    pub councils: Councils,
+    pub cfg: EngineConfig,
+}
+
+fn proposal_id(id: &str, p: &Proposal) -> String {
+    p.id(id)
+}
+
+impl Engine {
+    pub fn new(store: DeliberationStore, councils: Councils, cfg: EngineConfig) -> Self {
+        Self {
+            store,
+            councils,
+            cfg,
+        }
+    }
+
+    fn client(&self) -> &Client {
+        self.store.client()
+    }
+
+    fn keys(&self) -> &Keys {
+        self.store.keys()
+    }
+
+    /// Queues what follows a new deliberation: its deadline and the counters.
+    async fn queue_created(
+        &self,
+        pipeline: &fred::clients::Pipeline<Client>,
+        spec: &DeliberationSpec,
+    ) -> Result<()> {
+        let keys = self.keys();
+        let _: () = pipeline
+            .zadd(
+                keys.deadlines(),
+                None,
+                None,
+                false,
+                false,
+                (
+                    spec.deadline_ms as f64,
+                    Keys::deliberation_deadline_member(&spec.deliberation_id),
+                ),
+            )
+            .await?;
+        let _: () = pipeline
+            .hincrby(keys.stats(), STAT_DELIBERATIONS_TOTAL, 1)
+            .await?;
+        if spec.kind == kind::ORCHESTRATE {
+            let _: () = pipeline
+                .hincrby(keys.stats(), STAT_ORCHESTRATIONS_TOTAL, 1)
+                .await?;
+        }
+        let _: () = pipeline
+            .hincrby(keys.stats(), format!("role:{}", spec.role), 1)
+            .await?;
+        Ok(())
+    }
+
+    /// Front doors: creates the deliberation (unless one with its id exists), registers its
+    /// deadline and asks the dispatchers to start it. A deliberation still `pending` is asked
+    /// for again (its first writer may have died before asking); the dispatchers start it once.
+    pub async fn accept(&self, spec: &DeliberationSpec) -> Result<Accepted> {
+        let created = self.store.create(spec).await?;
+        let status = match created {
+            Created::New => Status::Pending,
+            Created::Exists(s) => s,
+        };
+        if status == Status::Pending {
+            let pipeline = self.client().pipeline();
+            if created == Created::New {
+                self.queue_created(&pipeline, spec).await?;
+            }
+            let env = Envelope::new(TaskCommand::Deliberate(spec.clone()));
+            producer::queue(&pipeline, &self.keys().tasks(), None, &env).await?;
+            let _: Vec<Value> = pipeline.all().await?;
+        }
+        Ok(Accepted {
+            created: created == Created::New,
+            status,
+        })
+    }
+
+    /// Dispatcher: creates the deliberation if its writer did not, picks its members (see
+    /// [`Councils::pick`]), moves it `pending -> generating` and sends round 1. A redelivered
+    /// command finding round 1 under way sends it again (the earlier delivery may have died
+    /// before sending).
+    pub async fn dispatch(
+        &self,
+        spec: &DeliberationSpec,
+        context: &str,
+        redelivered: bool,
+    ) -> Result<Handled> {
+        let id = &spec.deliberation_id;
+        if self.store.create(spec).await? == Created::New {
+            let pipeline = self.client().pipeline();
+            self.queue_created(&pipeline, spec).await?;
+            let _: Vec<Value> = pipeline.all().await?;
+        }
+        let members = self.councils.pick(&spec.role, spec.num_agents).await?;
+        let registered = members.iter().filter(|m| m.registered).count();
+        let step = format!(
+            "round 1 of {}: asked {} agents ({registered} registered, {} pool seats)",
+            spec.rounds,
+            members.len(),
+            members.len() - registered
+        );
+        match self.store.start(id, &members, context, &step).await? {
+            Started::Moved => {}
+            Started::NotPending(Status::Generating, 1) if redelivered => {
+                tracing::info!(deliberation_id = %id, "re-sending round 1 an earlier delivery started");
+            }
+            Started::NotPending(status, _) => {
+                tracing::debug!(deliberation_id = %id, %status, "already started");
+                return Ok(Handled::Dropped("started"));
+            }
+            Started::Missing => return Ok(Handled::Dropped("missing")),
+        }
+        let Some(view) = self.store.get(id).await? else {
+            return Ok(Handled::Dropped("missing"));
+        };
+        // On a re-send, members that already answered are not asked again.
+        let answered = if redelivered {
+            self.answered(id, 1).await?
+        } else {
+            BTreeSet::new()
+        };
+        self.send_round(&view, 1, &answered).await?;
+        metrics::counter!("fleet_deliberations_started_total", "role" => spec.role.clone())
+            .increment(1);
+        Ok(Handled::Applied("started"))
+    }
+
+    /// The request for `member` in `round`.
+    fn request(
+        &self,
+        view: &DeliberationView,
+        member: &Member,
+        round: u32,
+        peers: Vec<PeerProposal>,
+    ) -> AgentRequest {
+        let spec = &view.spec;
+        AgentRequest {
+            action: if round <= 1 {
+                AgentAction::Propose
+            } else {
+                AgentAction::Review
+            },
+            role: spec.role.clone(),
+            member: member.id.clone(),
+            deliberation_id: spec.deliberation_id.clone(),
+            round,
+            rounds: spec.rounds,
+            description: spec.description.clone(),
+            requirements: spec.requirements.clone(),
+            rubric: spec.rubric.clone(),
+            metadata: spec.metadata.clone(),
+            context: view.context.clone(),
+            peers,
+            session_id: String::new(),
+            task_id: String::new(),
+            attempt: 0,
+            task_action: String::new(),
+            dependencies: Vec::new(),
+            priority: 0,
+            deadline_ms: spec.deadline_ms,
+        }
+    }
+
+    /// Sends `round`'s requests to every member not in `skip`. Review rounds carry the peers'
+    /// proposals of the previous round.
+    async fn send_round(
+        &self,
+        view: &DeliberationView,
+        round: u32,
+        skip: &BTreeSet<String>,
+    ) -> Result<()> {
+        let id = &view.spec.deliberation_id;
+        let previous: Vec<Proposal> = if round > 1 {
+            self.store
+                .proposals(id)
+                .await?
+                .into_iter()
+                .filter(|p| p.round == round - 1)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let pipeline = self.client().pipeline();
+        for member in view.members.iter().filter(|m| !skip.contains(&m.id)) {
+            let peers = previous
+                .iter()
+                .filter(|p| p.member != member.id)
+                .map(|p| PeerProposal {
+                    proposal_id: proposal_id(id, p),
+                    member: p.member.clone(),
+                    content: p.content.clone(),
+                    score: 0.0,
+                    rank: 0,
+                })
+                .collect();
+            let req = self.request(view, member, round, peers);
+            self.queue_request(&pipeline, &member.stream(self.keys(), &view.spec.role), req)
+                .await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    async fn queue_request(
+        &self,
+        pipeline: &fred::clients::Pipeline<Client>,
+        stream: &str,
+        req: AgentRequest,
+    ) -> Result<()> {
+        if self.cfg.publish_agent_requests {
+            let payload = serde_json::to_string(&req).expect("a request serializes");
+            let env = Envelope::new(Outbound::Publish(NatsPublish {
+                subject: SUBJECT_AGENT_REQUESTS.into(),
+                payload,
+                headers: Default::default(),
+            }));
+            producer::queue(pipeline, &self.keys().outbound(), None, &env).await?;
+        }
+        let env = Envelope::new(AgentMessage::Request(req));
+        producer::queue(pipeline, stream, None, &env).await?;
+        Ok(())
+    }
+
+    /// Callback-worker: records a proposal; the last one of a round moves the deliberation on.
+    pub async fn on_proposal(&self, cb: &ProposalCallback, redelivered: bool) -> Result<Handled> {
+        let id = &cb.deliberation_id;
+        let proposal = Proposal {
+            member: cb.member.clone(),
+            agent_id: cb.agent_id.clone(),
+            round: cb.round,
+            content: cb.content.clone(),
+            checks: cb.checks.clone(),
+            self_score: cb.self_score.filter(|s| s.is_finite()),
+            received_ms: now_ms(),
+        };
+        let rec = self.store.record(id, &proposal).await?;
+        match rec.outcome {
+            RecordOutcome::RoundComplete => {
+                self.complete_round(id, rec.round).await?;
+            }
+            RecordOutcome::Duplicate | RecordOutcome::Stale if redelivered => {
+                self.resume(id).await?;
+            }
+            _ => {}
+        }
+        Ok(match rec.outcome {
+            RecordOutcome::Recorded | RecordOutcome::RoundComplete => {
+                Handled::Applied(rec.outcome.as_str())
+            }
+            other => Handled::Dropped(other.as_str()),
+        })
+    }
+
+    /// Moves on after `round` got every proposal: the next review round, or scoring.
+    async fn complete_round(&self, id: &str, round: u32) -> Result<()> {
+        let Some(mut view) = self.store.get(id).await? else {
+            return Ok(());
+        };
+        if view.status.is_terminal() || view.round != round {
+            return Ok(());
+        }
+        let rounds = view.spec.rounds;
+        if round < rounds {
+            let mut t = Transition::new(
+                &[Status::Generating, Status::Reviewing],
+                Status::Reviewing,
+                format!("round {} of {rounds}: reviewing peers", round + 1),
+            )
+            .field("round", (round + 1).to_string());
+            t.round = Some(round);
+            if self.store.transition(id, &t).await? == Moved::Applied {
+                view.round = round + 1;
+                view.status = Status::Reviewing;
+                self.send_round(&view, round + 1, &BTreeSet::new()).await?;
+            }
+            return Ok(());
+        }
+        self.finalize(view).await
+    }
+
+    /// Scores the proposals; asks the architect or completes.
+    async fn finalize(&self, view: DeliberationView) -> Result<()> {
+        let id = view.spec.deliberation_id.clone();
+        let mut t = Transition::new(
+            &[Status::Generating, Status::Reviewing, Status::Scoring],
+            Status::Scoring,
+            "scoring proposals",
+        );
+        t.received = view.received_now();
+        if self.store.transition(&id, &t).await? != Moved::Applied {
+            return Ok(());
+        }
+        let ranked = rank(
+            latest_per_member(self.store.proposals(&id).await?),
+            &view.spec.rubric,
+        );
+        if ranked.is_empty() {
+            return self
+                .end_unsuccessfully(&view, Status::Failed, "no proposals to score".into())
+                .await;
+        }
+        if view.spec.architect_top_k >= 2 && ranked.len() >= 2 {
+            return self.select(view, ranked).await;
+        }
+        self.complete(&view, ranked, 0, "score".into(), &[Status::Scoring])
+            .await
+    }
+
+    /// Asks an ARCHITECT agent to choose among the top candidates.
+    async fn select(&self, view: DeliberationView, ranked: Vec<RankedProposal>) -> Result<()> {
+        let id = &view.spec.deliberation_id;
+        let top_k = (view.spec.architect_top_k as usize).min(ranked.len());
+        let architect = self
+            .councils
+            .pick(ARCHITECT, 1)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Member::seat(ARCHITECT, 1));
+        let t = Transition::new(
+            &[Status::Scoring],
+            Status::Selecting,
+            format!("architect {} choosing among the top {top_k}", architect.id),
+        )
+        .field(
+            "ranked",
+            serde_json::to_string(&ranked).expect("ranked proposals serialize"),
+        )
+        .field("architect", architect.id.clone());
+        let mut t = t;
+        t.agent = architect.id.clone();
+        if self.store.transition(id, &t).await? != Moved::Applied {
+            return Ok(());
+        }
+        let candidates = ranked[..top_k]
+            .iter()
+            .map(|r| PeerProposal {
+                proposal_id: r.proposal.id(id),
+                member: r.proposal.member.clone(),
+                content: r.proposal.content.clone(),
+                score: r.score,
+                rank: r.rank,
+            })
+            .collect();
+        let mut req = self.request(&view, &architect, view.round, candidates);
+        req.action = AgentAction::Select;
+        req.role = ARCHITECT.into();
+        req.member = architect.id.clone();
+        let pipeline = self.client().pipeline();
+        self.queue_request(&pipeline, &architect.stream(self.keys(), ARCHITECT), req)
+            .await?;
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    /// Callback-worker: the architect's choice completes the deliberation. A choice that is not
+    /// among the candidates falls back to the top score.
+    pub async fn on_selection(&self, cb: &SelectionCallback) -> Result<Handled> {
+        let Some(view) = self.store.get(&cb.deliberation_id).await? else {
+            return Ok(Handled::Dropped("missing"));
+        };
+        if view.status != Status::Selecting || view.architect.as_deref() != Some(&cb.member) {
+            return Ok(Handled::Dropped("stale"));
+        }
+        let ranked = view.ranked.clone();
+        let top_k = (view.spec.architect_top_k as usize).min(ranked.len());
+        let id = &view.spec.deliberation_id;
+        let chosen = ranked[..top_k]
+            .iter()
+            .position(|r| r.proposal.member == cb.winner || r.proposal.id(id) == cb.winner);
+        let (index, selected_by) = match chosen {
+            Some(i) => (i, format!("architect:{}", cb.member)),
+            None => (
+                0,
+                format!("score (architect {} chose no candidate)", cb.member),
+            ),
+        };
+        self.complete(&view, ranked, index, selected_by, &[Status::Selecting])
+            .await?;
+        Ok(Handled::Applied("selected"))
+    }
+
+    /// Completes with `ranked[winner]` as the winner.
+    async fn complete(
+        &self,
+        view: &DeliberationView,
+        ranked: Vec<RankedProposal>,
+        winner: usize,
+        selected_by: String,
+        from: &[Status],
+    ) -> Result<()> {
+        let id = &view.spec.deliberation_id;
+        let w = &ranked[winner];
+        let winner_id = w.proposal.id(id);
+        let result = FinalResult {
+            status: Status::Completed.as_str().into(),
+            results: ranked.clone(),
+            winner: w.proposal.member.clone(),
+            winner_id: winner_id.clone(),
+            selected_by: selected_by.clone(),
+            error: String::new(),
+            duration_ms: (now_ms() - view.created_ms).max(0),
+        };
+        let mut t = Transition::new(
+            from,
+            Status::Completed,
+            format!("complete: {} wins ({selected_by})", w.proposal.member),
+        )
+        .field(
+            "ranked",
+            serde_json::to_string(&ranked).expect("ranked proposals serialize"),
+        )
+        .field("winner", w.proposal.member.clone())
+        .field("winner_id", winner_id)
+        .field("selected_by", selected_by);
+        t.agent = w.proposal.member.clone();
+        t.received = ranked.len() as u32;
+        t.data = serde_json::to_string(&result).expect("a result serializes");
+        if self.store.transition(id, &t).await? == Moved::Applied
+            && let Some(done) = self.store.get(id).await?
+        {
+            self.after_end(&done).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends it `timed_out` or `failed` with what came in, ranked, and no winner.
+    async fn end_unsuccessfully(
+        &self,
+        view: &DeliberationView,
+        status: Status,
+        error: String,
+    ) -> Result<()> {
+        let id = &view.spec.deliberation_id;
+        let ranked = rank(
+            latest_per_member(self.store.proposals(id).await?),
+            &view.spec.rubric,
+        );
+        let result = FinalResult {
+            status: status.as_str().into(),
+            results: ranked.clone(),
+            error: error.clone(),
+            duration_ms: (now_ms() - view.created_ms).max(0),
+            ..Default::default()
+        };
+        let mut t = Transition::new(&[], status, error.clone())
+            .field(
+                "ranked",
+                serde_json::to_string(&ranked).expect("ranked proposals serialize"),
+            )
+            .field("error", error);
+        t.received = ranked.len() as u32;
+        t.data = serde_json::to_string(&result).expect("a result serializes");
+        if self.store.transition(id, &t).await? == Moved::Applied
+            && let Some(done) = self.store.get(id).await?
+        {
+            self.after_end(&done).await?;
+        }
+        Ok(())
+    }
+
+    /// Redelivery repair: re-runs whatever step the deliberation's state says is due.
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        let Some(view) = self.store.get(id).await? else {
+            return Ok(());
+        };
+        match view.status {
+            Status::Generating | Status::Reviewing => {
+                if view.received_now() as usize >= view.members.len() {
+                    self.complete_round(id, view.round).await?;
+                } else {
+                    // The requests of this round may never have been sent.
+                    let answered = self.answered(id, view.round).await?;
+                    self.send_round(&view, view.round, &answered).await?;
+                }
+            }
+            Status::Scoring => self.finalize(view).await?,
+            Status::Completed => self.emit_decision(&view).await?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Members with a proposal in `round`.
+    async fn answered(&self, id: &str, round: u32) -> Result<BTreeSet<String>> {
+        Ok(self
+            .store
+            .proposals(id)
+            .await?
+            .into_iter()
+            .filter(|p| p.round == round)
+            .map(|p| p.member)
+            .collect())
+    }
+
+    /// Sweeper: deliberation `id` reached its deadline. With at least `quorum` proposals it
+    /// completes on what came in (each member's newest proposal; no architect step), otherwise it
+    /// times out. Members that had not answered the current round (or the architect) get an
+    /// `agent.cancel` first, so whoever sees the end sees the cancels too. Returns whether it
+    /// ended it.
+    pub async fn expire(&self, id: &str) -> Result<bool> {
+        let Some(view) = self.store.get(id).await? else {
+            return Ok(false);
+        };
+        let spec = &view.spec;
+        let before = view.status;
+        match view.status {
+            s if s.is_terminal() => return Ok(false),
+            Status::Pending => {
+                self.end_unsuccessfully(
+                    &view,
+                    Status::TimedOut,
+                    "no dispatcher started the deliberation before its deadline".into(),
+                )
+                .await?;
+            }
+            Status::Selecting => {
+                let architect = view.architect.clone().unwrap_or_default();
+                // Stop the straggler first: when the end is visible, so is the cancel.
+                self.cancel(
+                    id,
+                    ARCHITECT,
+                    std::slice::from_ref(&architect),
+                    "deadline passed",
+                )
+                .await?;
+                let ranked = view.ranked.clone();
+                self.complete(
+                    &view,
+                    ranked,
+                    0,
+                    format!("score (architect {architect} did not answer before the deadline)"),
+                    &[Status::Selecting],
+                )
+                .await?;
+            }
+            _ => {
+                let latest = latest_per_member(self.store.proposals(id).await?);
+                let answered = self.answered(id, view.round).await?;
+                let stragglers: Vec<String> = view
+                    .members
+                    .iter()
+                    .filter(|m| !answered.contains(&m.id))
+                    .map(|m| m.id.clone())
+                    .collect();
+                // Stop the stragglers first: when the end is visible, so are the cancels.
+                self.cancel(id, &spec.role, &stragglers, "deadline passed")
+                    .await?;
+                if latest.len() as u32 >= spec.quorum {
+                    let mut t = Transition::new(
+                        &[Status::Generating, Status::Reviewing, Status::Scoring],
+                        Status::Scoring,
+                        format!(
+                            "deadline: scoring {} of {} proposals (quorum {})",
+                            latest.len(),
+                            spec.num_agents,
+                            spec.quorum
+                        ),
+                    );
+                    t.received = latest.len() as u32;
+                    if self.store.transition(id, &t).await? == Moved::Applied {
+                        let ranked = rank(latest, &spec.rubric);
+                        self.complete(
+                            &view,
+                            ranked,
+                            0,
+                            "score (quorum at the deadline)".into(),
+                            &[Status::Scoring],
+                        )
+                        .await?;
+                    }
+                } else {
+                    self.end_unsuccessfully(
+                        &view,
+                        Status::TimedOut,
+                        format!(
+                            "only {} of {} agents answered before the deadline (quorum {})",
+                            latest.len(),
+                            spec.num_agents,
+                            spec.quorum
+                        ),
+                    )
+                    .await?;
+                }
+            }
+        }
+        let _: i64 = self
+            .client()
+            .zrem(
+                self.keys().deadlines(),
+                Keys::deliberation_deadline_member(id),
+            )
+            .await?;
+        Ok(!before.is_terminal())
+    }
+
+    /// Tells `members` of `role` to stop working on deliberation `id`.
+    pub async fn cancel(
+        &self,
+        id: &str,
+        role: &str,
+        members: &[String],
+        reason: &str,
+    ) -> Result<()> {
+        let members: Vec<&String> = members.iter().filter(|m| !m.is_empty()).collect();
+        if members.is_empty() {
+            return Ok(());
+        }
+        let pipeline = self.client().pipeline();
+        for m in &members {
+            let env = Envelope::new(AgentControl::Cancel(AgentCancel {
+                deliberation_id: id.to_owned(),
+                member: (*m).clone(),
+                reason: reason.to_owned(),
+            }));
+            producer::queue(
+                &pipeline,
+                &self.keys().agents_control(role),
+                Some(CONTROL_MAXLEN),
+                &env,
+            )
+            .await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        metrics::counter!("fleet_deliberation_stragglers_cancelled_total")
+            .increment(members.len() as u64);
+        tracing::info!(deliberation_id = %id, role, stragglers = members.len(), "cancelled stragglers");
+        Ok(())
+    }
+
+    /// What follows an end: the deadline is dropped, counters and latency recorded, the decision
+    /// (or the failure) published.
+    async fn after_end(&self, view: &DeliberationView) -> Result<()> {
+        let keys = self.keys();
+        let spec = &view.spec;
+        let duration = view.duration_ms();
+        let pipeline = self.client().pipeline();
+        let _: () = pipeline
+            .zrem(
+                keys.deadlines(),
+                Keys::deliberation_deadline_member(&spec.deliberation_id),
+            )
+            .await?;
+        let _: () = pipeline
+            .hincrby(
+                keys.stats(),
+                format!("deliberations_{}", view.status.as_str()),
+                1,
+            )
+            .await?;
+        let latency = keys.stats_latency(if spec.kind == kind::ORCHESTRATE {
+            kind::ORCHESTRATE
+        } else {
+            kind::DELIBERATE
+        });
+        let _: () = pipeline
+            .xadd(
+                &latency,
+                false,
+                fred::types::streams::XCap::try_from(("MAXLEN", "~", LATENCY_SAMPLES))?,
+                "*",
+                vec![
+                    ("ms", duration.to_string()),
+                    ("status", view.status.as_str().to_owned()),
+                ],
+            )
+            .await?;
+        if view.status != Status::Completed {
+            let payload = json!({
+                "event_type": format!("deliberation.{}", view.status.as_str()),
+                "deliberation_id": spec.deliberation_id,
+                "kind": spec.kind,
+                "role": spec.role,
+                "status": view.status.as_str(),
+                "case_id": spec.case_id,
+                "story_id": spec.story_id,
+                "plan_id": spec.plan_id,
+                "error": view.error,
+                "proposals_received": view.ranked.len(),
+                "duration_ms": duration,
+            });
+            let env = Envelope::with_id(
+                Uuid::new_v5(
+                    &ID_NAMESPACE,
+                    format!("outbound:{}", spec.deliberation_id).as_bytes(),
+                ),
+                Outbound::Publish(NatsPublish {
+                    subject: SUBJECT_ORCHESTRATOR_EVENTS.into(),
+                    payload: payload.to_string(),
+                    headers: Default::default(),
+                }),
+            );
+            producer::queue(&pipeline, &keys.outbound(), None, &env).await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        metrics::histogram!("fleet_deliberation_duration_seconds", "outcome" => view.status.as_str())
+            .record(duration as f64 / 1000.0);
+        tracing::info!(
+            deliberation_id = %spec.deliberation_id,
+            status = %view.status,
+            winner = view.winner.as_deref().unwrap_or(""),
+            duration_ms = duration,
+            "deliberation ended"
+        );
+        if view.status == Status::Completed {
+            self.emit_decision(view).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the decision of a completed deliberation to `fleet:decisions` and NATS
+    /// `orchestrator.events` (deterministic envelope ids: a repeat is recognisable).
+    pub async fn emit_decision(&self, view: &DeliberationView) -> Result<()> {
+        let Some(decision) = decision_of(view) else {
+            return Ok(());
+        };
+        let id = &view.spec.deliberation_id;
+        let mut payload = serde_json::to_value(&decision).expect("a decision serializes");
+        payload["event_type"] = "deliberation.completed".into();
+        let pipeline = self.client().pipeline();
+        let env = Envelope::with_id(
+            Uuid::new_v5(&ID_NAMESPACE, format!("decision:{id}").as_bytes()),
+            DecisionMessage::Decision(decision),
+        );
+        producer::queue(
+            &pipeline,
+            &self.keys().decisions(),
+            Some(DECISIONS_MAXLEN),
+            &env,
+        )
+        .await?;
+        let env = Envelope::with_id(
+            Uuid::new_v5(&ID_NAMESPACE, format!("outbound:{id}").as_bytes()),
+            Outbound::Publish(NatsPublish {
+                subject: SUBJECT_ORCHESTRATOR_EVENTS.into(),
+                payload: payload.to_string(),
+                headers: Default::default(),
+            }),
+        );
+        producer::queue(&pipeline, &self.keys().outbound(), None, &env).await?;
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+}
+
+/// The decision of a completed deliberation.
+pub fn decision_of(view: &DeliberationView) -> Option<Decision> {
+    let spec = &view.spec;
+    let winner_id = view.winner_id.clone()?;
+    let w = view
+        .ranked
+        .iter()
+        .find(|r| r.proposal.id(&spec.deliberation_id) == winner_id)?;
+    Some(Decision {
+        deliberation_id: spec.deliberation_id.clone(),
+        kind: spec.kind.clone(),
+        role: spec.role.clone(),
+        case_id: spec.case_id.clone(),
+        story_id: spec.story_id.clone(),
+        plan_id: spec.plan_id.clone(),
+        winner: w.proposal.member.clone(),
+        winner_id,
+        winner_content: w.proposal.content.clone(),
+        score: w.score,
+        selected_by: view.selected_by.clone(),
+        alternatives: view
+            .ranked
+            .iter()
+            .map(|r| Alternative {
+                proposal_id: r.proposal.id(&spec.deliberation_id),
+                member: r.proposal.member.clone(),
+                score: r.score,
+                rank: r.rank,
+                all_passed: r.all_passed,
+            })
+            .collect(),
+        decided_ms: view.finished_ms.unwrap_or_else(now_ms),
+        duration_ms: view.duration_ms(),
+    })
+}

@@ -1,0 +1,378 @@
+//! Deliberation steps against a real redis-server: quorum, rounds, deadline, architect,
+//! duplicates and stale proposals; every step leaves its update in the event stream, in order.
+
+use fleet::Keys;
+use fleet::council::{Councils, Registration};
+use fleet::deliberation::store::DeliberationStore;
+use fleet::deliberation::{Check, Checks, DeliberationSpec, Engine, EngineConfig, Status, kind};
+use fleet::envelope::{
+    AgentAction, AgentControl, AgentMessage, DecisionMessage, Envelope, Message, Outbound,
+    ProposalCallback, SelectionCallback, TaskCommand,
+};
+use fleet::stream::entry::{StreamId, parse_entries};
+use fleet::time::now_ms;
+use fred::prelude::*;
+
+struct Fixture {
+    client: Client,
+    keys: Keys,
+    engine: Engine,
+}
+
+async fn fixture() -> Fixture {
+    let client = fleet::redis::connect(&fleet_test_support::redis())
+        .await
+        .unwrap();
+    let keys = Keys::new(&fleet_test_support::prefix());
+    let engine = Engine::new(
+        DeliberationStore::new(client.clone(), keys.clone(), 3_600_000),
+        Councils::new(client.clone(), keys.clone()),
+        EngineConfig::default(),
+    );
+    Fixture {
+        client,
+        keys,
+        engine,
+    }
+}
+
+fn spec(id: &str, n: u32, quorum: u32, rounds: u32) -> DeliberationSpec {
+    let now = now_ms();
+    DeliberationSpec {
+        deliberation_id: id.into(),
+        kind: kind::DELIBERATE.into(),
+        role: "DEV".into(),
+        description: "Implement authentication".into(),
+        num_agents: n,
+        quorum,
+        rounds,
+        deadline_ms: now + 60_000,
+        created_ms: now,
+        case_id: "US-1".into(),
+        ..Default::default()
+    }
+}
+
+async fn entries<M: Message>(f: &Fixture, stream: &str) -> Vec<M> {
+    let reply: Value = f.client.xrange(stream, "-", "+", None).await.unwrap();
+    parse_entries(reply)
+        .unwrap()
+        .iter()
+        .map(|e| Envelope::<M>::from_fields(&e.fields).unwrap().msg)
+        .collect()
+}
+
+fn proposal(id: &str, member: &str, round: u32, lint: f64) -> ProposalCallback {
+    ProposalCallback {
+        deliberation_id: id.into(),
+        member: member.into(),
+        round,
+        agent_id: format!("proc-{member}"),
+        content: format!("{member} r{round}"),
+        checks: Checks {
+            policy: Some(Check::pass(1.0, "")),
+            lint: Some(Check::pass(lint, "")),
+            dry_run: Some(Check::pass(1.0, "")),
+            ..Default::default()
+        },
+        self_score: None,
+        metadata: serde_json::Value::Null,
+    }
+}
+
+async fn statuses(f: &Fixture, id: &str) -> Vec<String> {
+    let reader = f.client.clone_new();
+    reader.init().await.unwrap();
+    let ups = DeliberationStore::read_updates(&reader, &f.keys, id, StreamId::ZERO, 1000, None)
+        .await
+        .unwrap();
+    ups.into_iter()
+        .map(|u| {
+            if u.is_proposal() {
+                format!("proposal:{}", u.agent)
+            } else {
+                u.status
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_full_round_completes_ranks_and_decides() {
+    let f = fixture().await;
+    let s = spec("d1", 3, 2, 1);
+    let accepted = f.engine.accept(&s).await.unwrap();
+    assert!(accepted.created);
+    assert!(!f.engine.accept(&s).await.unwrap().created, "idempotent");
+    let cmds: Vec<TaskCommand> = entries(&f, &f.keys.tasks()).await;
+    assert!(matches!(&cmds[0], TaskCommand::Deliberate(d) if d.deliberation_id == "d1"));
+    let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), "d:d1").await.unwrap();
+    assert_eq!(deadline, Some(s.deadline_ms as f64));
+
+    // Two registered members and one pool seat.
+    for a in ["a1", "a2"] {
+        f.engine
+            .councils
+            .register(&Registration {
+                agent_id: a.into(),
+                role: "DEV".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    f.engine.dispatch(&s, "ctx", false).await.unwrap();
+    f.engine.dispatch(&s, "ctx", false).await.unwrap(); // a duplicate command does nothing
+    let a1: Vec<AgentMessage> = entries(&f, &f.keys.agent_member("DEV", "a1")).await;
+    let pool: Vec<AgentMessage> = entries(&f, &f.keys.agents("DEV")).await;
+    assert_eq!(a1.len(), 1);
+    assert_eq!(pool.len(), 1);
+    let AgentMessage::Request(r) = &pool[0];
+    assert_eq!(
+        (r.member.as_str(), r.action, r.round),
+        ("DEV-1", AgentAction::Propose, 1)
+    );
+    assert_eq!(r.context, "ctx");
+
+    f.engine
+        .on_proposal(&proposal("d1", "a2", 1, 0.2), false)
+        .await
+        .unwrap();
+    f.engine
+        .on_proposal(&proposal("d1", "a2", 1, 0.9), true)
+        .await
+        .unwrap(); // duplicate
+    f.engine
+        .on_proposal(&proposal("d1", "nobody", 1, 1.0), false)
+        .await
+        .unwrap(); // unknown
+    f.engine
+        .on_proposal(&proposal("d1", "a1", 2, 1.0), false)
+        .await
+        .unwrap(); // stale round
+    f.engine
+        .on_proposal(&proposal("d1", "DEV-1", 1, 0.5), false)
+        .await
+        .unwrap();
+    f.engine
+        .on_proposal(&proposal("d1", "a1", 1, 1.0), false)
+        .await
+        .unwrap();
+
+    let view = f.engine.store.get("d1").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    let order: Vec<&str> = view
+        .ranked
+        .iter()
+        .map(|r| r.proposal.member.as_str())
+        .collect();
+    assert_eq!(order, ["a1", "DEV-1", "a2"]);
+    assert_eq!(view.winner.as_deref(), Some("a1"));
+    assert_eq!(view.winner_id.as_deref(), Some("d1:1:a1"));
+    assert_eq!(
+        view.ranked[2].proposal.content, "a2 r1",
+        "the duplicate changed nothing"
+    );
+    assert_eq!(
+        statuses(&f, "d1").await,
+        [
+            "pending",
+            "generating",
+            "proposal:a2",
+            "proposal:DEV-1",
+            "proposal:a1",
+            "scoring",
+            "completed"
+        ]
+    );
+    let decisions: Vec<DecisionMessage> = entries(&f, &f.keys.decisions()).await;
+    let DecisionMessage::Decision(d) = &decisions[0];
+    assert_eq!((d.winner.as_str(), d.case_id.as_str()), ("a1", "US-1"));
+    assert_eq!(d.alternatives.len(), 3);
+    let out: Vec<Outbound> = entries(&f, &f.keys.outbound()).await;
+    let Outbound::Publish(p) = &out[0];
+    assert_eq!(p.subject, "orchestrator.events");
+    assert!(p.payload.contains("deliberation.completed"));
+    let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), "d:d1").await.unwrap();
+    assert_eq!(deadline, None);
+}
+
+#[tokio::test]
+async fn review_rounds_send_peers_and_use_the_revisions() {
+    let f = fixture().await;
+    let s = spec("d2", 2, 2, 2);
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    f.engine
+        .on_proposal(&proposal("d2", "DEV-1", 1, 1.0), false)
+        .await
+        .unwrap();
+    f.engine
+        .on_proposal(&proposal("d2", "DEV-2", 1, 0.1), false)
+        .await
+        .unwrap();
+    let reqs: Vec<AgentMessage> = entries(&f, &f.keys.agents("DEV")).await;
+    assert_eq!(reqs.len(), 4);
+    let AgentMessage::Request(review) = &reqs[2];
+    assert_eq!((review.action, review.round), (AgentAction::Review, 2));
+    assert_eq!(review.peers.len(), 1);
+    assert_ne!(review.peers[0].member, review.member);
+    // Round 2 revisions: DEV-2 now beats DEV-1.
+    f.engine
+        .on_proposal(&proposal("d2", "DEV-1", 2, 0.1), false)
+        .await
+        .unwrap();
+    f.engine
+        .on_proposal(&proposal("d2", "DEV-2", 2, 1.0), false)
+        .await
+        .unwrap();
+    let view = f.engine.store.get("d2").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    assert_eq!(view.winner_id.as_deref(), Some("d2:2:DEV-2"));
+    assert!(view.ranked.iter().all(|r| r.proposal.round == 2));
+    assert!(statuses(&f, "d2").await.contains(&"reviewing".to_owned()));
+}
+
+#[tokio::test]
+async fn the_deadline_applies_the_quorum_and_cancels_stragglers() {
+    let f = fixture().await;
+    let s = spec("d3", 3, 2, 1);
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    f.engine
+        .on_proposal(&proposal("d3", "DEV-2", 1, 1.0), false)
+        .await
+        .unwrap();
+    f.engine
+        .on_proposal(&proposal("d3", "DEV-3", 1, 0.5), false)
+        .await
+        .unwrap();
+    assert!(f.engine.expire("d3").await.unwrap());
+    assert!(!f.engine.expire("d3").await.unwrap(), "ends once");
+    let view = f.engine.store.get("d3").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    assert_eq!(view.ranked.len(), 2);
+    let cancels: Vec<AgentControl> = entries(&f, &f.keys.agents_control("DEV")).await;
+    let members: Vec<String> = cancels
+        .iter()
+        .map(|AgentControl::Cancel(c)| c.member.clone())
+        .collect();
+    assert_eq!(members, ["DEV-1"]);
+
+    let s = spec("d4", 3, 3, 1);
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    f.engine
+        .on_proposal(&proposal("d4", "DEV-1", 1, 1.0), false)
+        .await
+        .unwrap();
+    f.engine.expire("d4").await.unwrap();
+    let view = f.engine.store.get("d4").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::TimedOut);
+    assert!(view.error.contains("only 1 of 3"), "{}", view.error);
+    assert_eq!(view.ranked.len(), 1);
+    assert!(view.winner.is_none());
+    // A late proposal changes nothing.
+    f.engine
+        .on_proposal(&proposal("d4", "DEV-2", 1, 1.0), false)
+        .await
+        .unwrap();
+    assert_eq!(f.engine.store.proposals("d4").await.unwrap().len(), 1);
+    assert_eq!(statuses(&f, "d4").await.last().unwrap(), "timed_out");
+}
+
+#[tokio::test]
+async fn an_architect_chooses_among_the_top_candidates_or_the_score_decides() {
+    let f = fixture().await;
+    let mut s = spec("d5", 3, 2, 1);
+    s.kind = kind::ORCHESTRATE.into();
+    s.architect_top_k = 2;
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    for (m, lint) in [("DEV-1", 1.0), ("DEV-2", 0.5), ("DEV-3", 0.1)] {
+        f.engine
+            .on_proposal(&proposal("d5", m, 1, lint), false)
+            .await
+            .unwrap();
+    }
+    let view = f.engine.store.get("d5").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Selecting);
+    let reqs: Vec<AgentMessage> = entries(&f, &f.keys.agents("ARCHITECT")).await;
+    let AgentMessage::Request(sel) = &reqs[0];
+    assert_eq!(
+        (sel.action, sel.member.as_str()),
+        (AgentAction::Select, "ARCHITECT-1")
+    );
+    assert_eq!(sel.peers.len(), 2);
+    f.engine
+        .on_selection(&SelectionCallback {
+            deliberation_id: "d5".into(),
+            member: "ARCHITECT-1".into(),
+            winner: "DEV-2".into(),
+            rationale: "simpler".into(),
+        })
+        .await
+        .unwrap();
+    let view = f.engine.store.get("d5").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    assert_eq!(view.winner.as_deref(), Some("DEV-2"));
+    assert_eq!(view.selected_by, "architect:ARCHITECT-1");
+
+    // No answer from the architect: the top score wins at the deadline.
+    let mut s = spec("d6", 2, 2, 1);
+    s.architect_top_k = 2;
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    f.engine
+        .on_proposal(&proposal("d6", "DEV-1", 1, 0.2), false)
+        .await
+        .unwrap();
+    f.engine
+        .on_proposal(&proposal("d6", "DEV-2", 1, 0.9), false)
+        .await
+        .unwrap();
+    f.engine.expire("d6").await.unwrap();
+    let view = f.engine.store.get("d6").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    assert_eq!(view.winner.as_deref(), Some("DEV-2"));
+    assert!(
+        view.selected_by.starts_with("score"),
+        "{}",
+        view.selected_by
+    );
+    let cancels: Vec<AgentControl> = entries(&f, &f.keys.agents_control("ARCHITECT")).await;
+    assert_eq!(cancels.len(), 1);
+}
+
+#[tokio::test]
+async fn a_crash_after_recording_the_last_proposal_is_repaired_by_its_redelivery() {
+    let f = fixture().await;
+    let s = spec("d7", 1, 1, 1);
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    // Record it without the step that follows (as if the worker died right after).
+    let p = proposal("d7", "DEV-1", 1, 1.0);
+    f.engine
+        .store
+        .record(
+            "d7",
+            &fleet::deliberation::Proposal {
+                member: p.member.clone(),
+                round: 1,
+                content: p.content.clone(),
+                checks: p.checks.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        f.engine.store.get("d7").await.unwrap().unwrap().status,
+        Status::Generating
+    );
+    f.engine.on_proposal(&p, true).await.unwrap();
+    assert_eq!(
+        f.engine.store.get("d7").await.unwrap().unwrap().status,
+        Status::Completed
+    );
+}

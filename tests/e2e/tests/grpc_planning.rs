@@ -1,0 +1,261 @@
+//! Planning events over gRPC (and replayed as NATS would): subtasks derived once with
+//! deterministic ids, tracked as tasks of the case's planning session, sent once to the role's
+//! agents and to NATS `agent.requests`, answered by mock agents.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fleet::envelope::{AgentMessage, Envelope, Outbound, PlanningEvent, TaskCommand};
+use fleet::keys::GROUP_DISPATCHERS;
+use fleet::stream::{groups, producer};
+use fleet_e2e::deliberation::{AgentSpec, DelibFleet, DelibOptions};
+use fleet_proto::orchestrator::v1 as pb;
+
+fn event() -> pb::PlanningEventRequest {
+    pb::PlanningEventRequest {
+        event_type: "TRANSITION".into(),
+        case_id: "US-42".into(),
+        plan_id: "P-1".into(),
+        from_state: "DESIGN".into(),
+        to_state: "BUILD".into(),
+        timestamp: "2026-11-21T12:00:00Z".into(),
+        metadata: Default::default(),
+        event_id: "agile.events:17".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_planning_event_processed_twice_derives_its_subtasks_once() {
+    let fleet = DelibFleet::start(DelibOptions {
+        agents: vec![AgentSpec::mock(&["DEV", "QA", "DEVOPS"])],
+        ..Default::default()
+    })
+    .await;
+    let mut grpc = fleet.grpc(0).await;
+
+    let first = grpc
+        .process_planning_event(event())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.accepted);
+    assert_eq!(first.session_id, "plan-US-42");
+    assert_eq!(first.already_derived, 0);
+    let roles: Vec<&str> = first.subtasks.iter().map(|s| s.role.as_str()).collect();
+    assert_eq!(roles, ["DEV", "QA", "DEVOPS"]);
+    assert_eq!(
+        first.subtasks[1].dependencies,
+        [first.subtasks[0].task_id.clone()]
+    );
+    let ids: BTreeSet<String> = first.subtasks.iter().map(|s| s.task_id.clone()).collect();
+
+    // The preview derives the same ids.
+    let preview = grpc
+        .derive_subtasks(pb::DeriveSubtasksRequest {
+            case_id: "US-42".into(),
+            plan_id: "P-1".into(),
+            roles: vec![],
+            strategy: "build".into(),
+            constraints: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let preview_ids: BTreeSet<String> =
+        preview.subtasks.iter().map(|s| s.task_id.clone()).collect();
+    assert_eq!(preview_ids, ids);
+
+    // Wait for the first copy to be derived, then send it again, over gRPC and as nats-bridge
+    // would (the same planning.event on fleet:tasks).
+    let chat = &fleet.base.chat;
+    fleet_test_support::eventually(
+        Duration::from_secs(10),
+        "three subtasks tracked",
+        || async {
+            let s = chat.status("plan-US-42").await.ok()?;
+            (s.totals.tasks == 3).then_some(())
+        },
+    )
+    .await;
+    let second = grpc
+        .process_planning_event(event())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.already_derived, 3);
+    let replay = Envelope::new(TaskCommand::PlanningEvent(PlanningEvent {
+        event_id: "agile.events:17".into(),
+        event_type: "TRANSITION".into(),
+        case_id: "US-42".into(),
+        plan_id: "P-1".into(),
+        from_state: "DESIGN".into(),
+        to_state: "BUILD".into(),
+        timestamp: "2026-11-21T12:00:00Z".into(),
+        metadata: serde_json::Value::Null,
+    }));
+    producer::send(fleet.client(), &fleet.keys().tasks(), None, &replay)
+        .await
+        .unwrap();
+    let (client, tasks) = (fleet.client().clone(), fleet.keys().tasks());
+    fleet_test_support::eventually(Duration::from_secs(10), "every copy handled", || {
+        let (client, tasks) = (client.clone(), tasks.clone());
+        async move {
+            let g = groups::group(&client, &tasks, GROUP_DISPATCHERS)
+                .await
+                .ok()??;
+            (g.lag == Some(0) && g.pending == 0 && g.last_delivered.ms > 0).then_some(())
+        }
+    })
+    .await;
+
+    // Derived once: three tasks, three agent requests, three NATS publishes.
+    assert_eq!(chat.status("plan-US-42").await.unwrap().totals.tasks, 3);
+    let mut requested = BTreeSet::new();
+    for role in ["DEV", "QA", "DEVOPS"] {
+        let reqs: Vec<AgentMessage> = fleet.entries(&fleet.keys().agents(role)).await;
+        assert_eq!(reqs.len(), 1, "{role} asked once");
+        let AgentMessage::Request(r) = &reqs[0];
+        assert_eq!(
+            (r.session_id.as_str(), r.role.as_str()),
+            ("plan-US-42", role)
+        );
+        requested.insert(r.task_id.clone());
+    }
+    assert_eq!(requested, ids);
+    let outbound: Vec<Outbound> = fleet.entries(&fleet.keys().outbound()).await;
+    let published: BTreeSet<String> = outbound
+        .iter()
+        .filter(|Outbound::Publish(p)| p.subject == "agent.requests")
+        .map(|Outbound::Publish(p)| {
+            let v: serde_json::Value = serde_json::from_str(&p.payload).unwrap();
+            assert_eq!(v["session_id"], "plan-US-42");
+            v["task_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(published, ids);
+    assert_eq!(outbound.len(), 3);
+
+    // The mock agents answer; each subtask is readable like any task of the session.
+    for id in &ids {
+        let task =
+            fleet_test_support::eventually(Duration::from_secs(10), "subtask completed", || {
+                let mut grpc = grpc.clone();
+                let (id, token) = (id.clone(), first.session_token.clone());
+                async move {
+                    let t = grpc
+                        .get_task(pb::GetTaskRequest {
+                            session_id: "plan-US-42".into(),
+                            session_token: token,
+                            task_id: id,
+                        })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    (t.state == "completed").then_some(t)
+                }
+            })
+            .await;
+        assert!(task.result.contains("mock"), "{}", task.result);
+        assert!(task.metadata_json.contains("\"kind\":\"subtask\""));
+    }
+    let status = grpc
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.planning_events_total, 3);
+    fleet.stop().await;
+}
+
+#[tokio::test]
+async fn transitions_without_a_rule_derive_nothing_and_bad_events_are_refused() {
+    let fleet = DelibFleet::start(DelibOptions::default()).await;
+    let mut grpc = fleet.grpc(0).await;
+    let mut e = event();
+    e.to_state = "DONE".into();
+    let res = grpc.process_planning_event(e).await.unwrap().into_inner();
+    assert!(res.accepted && res.subtasks.is_empty());
+    let mut bad = event();
+    bad.case_id = "US 42".into();
+    let err = grpc.process_planning_event(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("case_id"));
+    let err = grpc
+        .derive_subtasks(pb::DeriveSubtasksRequest {
+            case_id: "US-1".into(),
+            strategy: "LAUNCH".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("BUILD"), "{}", err.message());
+    fleet.stop().await;
+}
+
+#[tokio::test]
+async fn a_design_transition_starts_an_async_deliberation_queryable_by_its_id() {
+    let fleet = DelibFleet::start(DelibOptions {
+        agents: vec![AgentSpec::mock(&["ARCHITECT", "DATA"])],
+        ..Default::default()
+    })
+    .await;
+    let mut grpc = fleet.grpc(0).await;
+    let design = || pb::PlanningEventRequest {
+        event_type: "TRANSITION".into(),
+        case_id: "US-77".into(),
+        plan_id: "P-3".into(),
+        from_state: "DRAFT".into(),
+        to_state: "DESIGN".into(),
+        event_id: "agile.events:5".into(),
+        ..Default::default()
+    };
+    let res = grpc
+        .process_planning_event(design())
+        .await
+        .unwrap()
+        .into_inner();
+    let architecture = &res.subtasks[0];
+    assert_eq!(
+        (architecture.role.as_str(), architecture.council),
+        ("ARCHITECT", 3)
+    );
+    let id = architecture.task_id.clone();
+    let result =
+        fleet_test_support::eventually(Duration::from_secs(15), "the design deliberation", || {
+            let mut grpc = grpc.clone();
+            let id = id.clone();
+            async move {
+                let r = grpc
+                    .get_deliberation_result(pb::GetDeliberationResultRequest { task_id: id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (r.status == pb::DeliberationStatus::Completed as i32).then_some(r)
+            }
+        })
+        .await;
+    assert_eq!(
+        (
+            result.results.len(),
+            result.case_id.as_str(),
+            result.plan_id.as_str()
+        ),
+        (3, "US-77", "P-3")
+    );
+    // Replayed: nothing new, the same deliberation.
+    let again = grpc
+        .process_planning_event(design())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.already_derived, 2);
+    assert_eq!(again.subtasks[0].state, "completed");
+    let status = grpc
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.deliberations_total, 1);
+    fleet.stop().await;
+}
