@@ -1,1 +1,14 @@
-fn main() {}
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = nats_bridge::Config::parse();
+    let telemetry = fleet::telemetry::init("nats-bridge", cfg.common.log_format)?;
+    let shutdown = fleet::shutdown::on_signal();
+    let result = match nats_bridge::App::build(cfg).await {
+        Ok(app) => app.run(shutdown).await,
+        Err(e) => Err(e),
+    };
+    telemetry.shutdown();
+    result
+}
