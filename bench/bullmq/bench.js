@@ -1,0 +1,461 @@
+#!/usr/bin/env node
+// The peer in Fleet's benchmark: BullMQ with a no-op worker, on the same Redis, with the same
+// payload size and the same method as `fleet-bench queue` (see docs/performance.md).
+//
+//   node bench.js --redis-url redis://127.0.0.1:6390 [--rate 1000 | --concurrency 256]
+//                 [--duration 10] [--warmup 2] [--payload-bytes 64] [--worker-concurrency 256]
+//                 [--label bullmq-max] [--json-out results.jsonl] [--single-thread]
+//                 [--redis-pid PID]   (to report Redis's CPU and run-queue wait)
+//
+// A job is added with `queue.add` and processed by a `Worker` whose processor does nothing but
+// note when it ran. Latency = processor invoked - intended add time (open loop: the schedule's
+// time, so a stalled server is charged for the stall; closed loop: when the add was started).
+// The producer runs on a worker thread and the BullMQ Worker on the main thread, so the peer
+// gets both cores like fleet-bench's tokio runtime (`--single-thread` runs both on one).
+//
+// Prints a table and one JSON line in fleet-bench's report format.
+'use strict';
+
+const { Worker: Thread, isMainThread, parentPort, workerData } = require('node:worker_threads');
+const fs = require('node:fs');
+
+const nowMs = () => Number(process.hrtime.bigint()) / 1e6;
+
+function parseArgs(argv) {
+  const a = {
+    redisUrl: process.env.REDIS_URL || 'redis://127.0.0.1:6379',
+    rate: 0,
+    concurrency: 256,
+    duration: 10,
+    warmup: 2,
+    payloadBytes: 64,
+    workerConcurrency: 256,
+    drain: 10,
+    label: '',
+    jsonOut: '',
+    singleThread: false,
+    redisPid: 0,
+  };
+  for (let i = 2; i < argv.length; i++) {
+    const k = argv[i];
+    const v = () => argv[++i];
+    switch (k) {
+      case '--redis-url': a.redisUrl = v(); break;
+      case '--rate': a.rate = Number(v()); break;
+      case '--concurrency': a.concurrency = Number(v()); break;
+      case '--duration': a.duration = Number(v()); break;
+      case '--warmup': a.warmup = Number(v()); break;
+      case '--payload-bytes': a.payloadBytes = Number(v()); break;
+      case '--worker-concurrency': a.workerConcurrency = Number(v()); break;
+      case '--drain': a.drain = Number(v()); break;
+      case '--label': a.label = v(); break;
+      case '--json-out': a.jsonOut = v(); break;
+      case '--single-thread': a.singleThread = true; break;
+      case '--redis-pid': a.redisPid = Number(v()); break;
+      default: throw new Error(`unknown argument ${k}`);
+    }
+  }
+  if (!a.label) a.label = a.rate > 0 ? `bullmq-${a.rate}` : 'bullmq-max';
+  return a;
+}
+
+function connection(url) {
+  const u = new URL(url);
+  return {
+    host: u.hostname || '127.0.0.1',
+    port: Number(u.port || 6379),
+    maxRetriesPerRequest: null,
+  };
+}
+
+// Shared counters between the producer thread and the main thread.
+const SENT = 0;        // jobs whose add was started
+const DONE = 1;        // jobs processed
+const OFFERED = 2;     // jobs intended inside the window
+const ADD_ERRORS = 3;
+const PRODUCER_DONE = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Producer: adds jobs on schedule (open loop) or keeps `concurrency` unprocessed (closed loop).
+// ---------------------------------------------------------------------------------------------
+async function openQueue(args, queueName) {
+  const { Queue } = require('bullmq');
+  const queue = new Queue(queueName, { connection: connection(args.redisUrl) });
+  await queue.waitUntilReady();
+  return queue;
+}
+
+async function produce(queue, { args, start, windowStart, windowEnd, counters }) {
+  const payload = 'x'.repeat(Math.max(1, args.payloadBytes));
+  const opts = { removeOnComplete: true, removeOnFail: true };
+  const add = (intended) => {
+    if (intended >= windowStart && intended < windowEnd) Atomics.add(counters, OFFERED, 1);
+    Atomics.add(counters, SENT, 1);
+    queue.add('j', { t: intended, p: payload }, opts).catch(() => {
+      Atomics.add(counters, ADD_ERRORS, 1);
+      Atomics.add(counters, DONE, 1);
+    });
+  };
+  while (nowMs() < start) await sleep(Math.max(0, start - nowMs()));
+  if (args.rate > 0) {
+    const period = 1000 / args.rate;
+    let i = 0;
+    for (;;) {
+      const due = Math.floor((nowMs() - start) / period) + 1;
+      while (i < due) {
+        const intended = start + i * period;
+        if (intended >= windowEnd) break;
+        add(intended);
+        i++;
+      }
+      const next = start + i * period;
+      if (next >= windowEnd) break;
+      await sleep(Math.max(0, next - nowMs()));
+    }
+  } else {
+    for (;;) {
+      const t = nowMs();
+      if (t >= windowEnd) break;
+      const sent = Atomics.load(counters, SENT);
+      const done = Atomics.load(counters, DONE);
+      if (sent - done < args.concurrency) {
+        add(t);
+        continue;
+      }
+      const w = Atomics.waitAsync(counters, DONE, done, Math.max(1, windowEnd - t));
+      if (w.async) await w.value;
+      // Let the add promises and their replies run.
+      await new Promise(setImmediate);
+    }
+  }
+  Atomics.store(counters, PRODUCER_DONE, 1);
+  return queue;
+}
+
+function sleep(ms) {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+if (!isMainThread) {
+  // Connect first, say so, then wait for the timetable (so a slow start is not a backlog).
+  openQueue(workerData.args, workerData.queueName)
+    .then((queue) => {
+      parentPort.once('message', (times) => {
+        produce(queue, { ...workerData, ...times, counters: new Int32Array(workerData.sab) })
+          .then(async () => {
+            await sleep(200);
+            await queue.close();
+            parentPort.postMessage('done');
+          })
+          .catch((e) => parentPort.postMessage(`error: ${e.stack || e}`));
+      });
+      parentPort.postMessage('ready');
+    })
+    .catch((e) => parentPort.postMessage(`error: ${e.stack || e}`));
+  return;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main thread: the no-op worker, the measurements, the report.
+// ---------------------------------------------------------------------------------------------
+function parseInfo(text) {
+  const s = { cpu: 0, commands: 0, usedMemory: 0, cmd: {} };
+  let sys = 0;
+  let user = 0;
+  for (const raw of text.split('\n')) {
+    const line = raw.trim();
+    const i = line.indexOf(':');
+    if (i < 0) continue;
+    const k = line.slice(0, i);
+    const v = line.slice(i + 1);
+    if (k === 'used_cpu_sys') sys = Number(v);
+    else if (k === 'used_cpu_user') user = Number(v);
+    else if (k === 'total_commands_processed') s.commands = Number(v);
+    else if (k === 'used_memory') s.usedMemory = Number(v);
+    else if (k.startsWith('cmdstat_')) {
+      const f = Object.fromEntries(v.split(',').map((kv) => kv.split('=')));
+      s.cmd[k.slice(8)] = [Number(f.calls || 0), Number(f.usec || 0)];
+    }
+  }
+  s.cpu = sys + user;
+  return s;
+}
+
+async function snapshot(redis) {
+  let text = '';
+  for (const sec of ['cpu', 'stats', 'memory', 'commandstats']) text += (await redis.info(sec)) + '\n';
+  return parseInfo(text);
+}
+
+const r3 = (x) => Math.round(x * 1000) / 1000;
+const r2 = (x) => Math.round(x * 100) / 100;
+
+function redisCost(a, b, secs, tasks) {
+  const per = (x) => (tasks > 0 ? x / tasks : 0);
+  const cpu = Math.max(0, b.cpu - a.cpu);
+  const commands = b.commands - a.commands;
+  const top = Object.entries(b.cmd)
+    .map(([cmd, [calls, usec]]) => {
+      const [c0, u0] = a.cmd[cmd] || [0, 0];
+      return { cmd, calls: calls - c0, usec: usec - u0 };
+    })
+    .filter((c) => c.calls > 0 && c.cmd !== 'info')
+    .sort((x, y) => y.usec - x.usec || (x.cmd < y.cmd ? -1 : 1))
+    .map((c) => ({ ...c, calls_per_task: r2(per(c.calls)), usec_per_task: r2(per(c.usec)) }));
+  return {
+    cpu_s: r3(cpu),
+    cpu_util: secs > 0 ? r3(cpu / secs) : 0,
+    cpu_us_per_task: r2(per(cpu * 1e6)),
+    commands,
+    commands_per_task: r2(per(commands)),
+    top,
+    used_memory_bytes: b.usedMemory,
+  };
+}
+
+function percentiles(samples) {
+  const n = samples.length;
+  if (n === 0) return { count: 0, mean: 0, p50: 0, p90: 0, p99: 0, p999: 0, max: 0 };
+  const s = Float64Array.from(samples).sort();
+  const at = (q) => r3(s[Math.min(n, Math.max(1, Math.ceil(q * n))) - 1]);
+  let sum = 0;
+  for (const x of s) sum += x;
+  return { count: n, mean: r3(sum / n), p50: at(0.5), p90: at(0.9), p99: at(0.99), p999: at(0.999), max: r3(s[n - 1]) };
+}
+
+function procStatus(pid) {
+  try {
+    const t = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    const f = (name) => Number((t.match(new RegExp(`^${name}:\\s+(\\d+)`, 'm')) || [])[1] || 0);
+    return { rss: f('VmRSS'), hwm: f('VmHWM') };
+  } catch {
+    return { rss: 0, hwm: 0 };
+  }
+}
+
+// Microseconds some task waited for a CPU since boot (/proc/pressure/cpu), or null.
+function pressureUs() {
+  try {
+    const m = fs.readFileSync('/proc/pressure/cpu', 'utf8').match(/^some .*total=(\d+)/m);
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+// CPU seconds (user + system, all threads) and run-queue wait seconds of a process.
+function procTimes(pid) {
+  let cpu = 0;
+  let wait = 0;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    cpu = (Number(f[11]) + Number(f[12])) / 100;
+    for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
+      try {
+        wait += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'utf8').split(' ')[1]) / 1e9;
+      } catch {}
+    }
+  } catch {}
+  return { cpu, wait };
+}
+
+function table(r) {
+  const L = [];
+  L.push(`== ${r.label} (${r.system} / ${r.mode}) ==`);
+  L.push(`  window                 ${r.window_s.toFixed(1)} s`);
+  L.push(`  throughput             ${Math.round(r.throughput_per_s)} jobs/s (${r.completed} completed, ${r.offered} offered, ${r.errors} errors, ${r.incomplete} incomplete)`);
+  const p = r.latency_ms.final;
+  const c = (x, w = 9) => String(x).padStart(w);
+  L.push(`  ${'latency (ms)'.padEnd(22)} ${c('count')} ${c('p50')} ${c('p90')} ${c('p99')} ${c('p99.9')} ${c('max')} ${c('mean')}`);
+  L.push(`  ${'final'.padEnd(22)} ${c(p.count)} ${c(p.p50.toFixed(3))} ${c(p.p90.toFixed(3))} ${c(p.p99.toFixed(3))} ${c(p.p999.toFixed(3))} ${c(p.max.toFixed(3))} ${c(p.mean.toFixed(3))}`);
+  if (r.redis) {
+    L.push(`  redis cpu              ${r.redis.cpu_s.toFixed(2)} s (${Math.round(r.redis.cpu_util * 100)}% of a core), ${r.redis.cpu_us_per_task.toFixed(1)} us/job`);
+    L.push(`  redis commands         ${r.redis.commands} (${r.redis.commands_per_task.toFixed(2)}/job)`);
+    for (const t of r.redis.top.slice(0, 8)) {
+      L.push(`    ${t.cmd.padEnd(20)} ${t.calls_per_task.toFixed(2)} calls/job, ${t.usec_per_task.toFixed(2)} us/job`);
+    }
+  }
+  if (r.host) {
+    const p = r.host.cpu_pressure_pct;
+    L.push(`  host                   ${r.host.cpus} cpus, load ${r.host.loadavg_1m.toFixed(2)}, run-queue wait of the measured processes ${r.host.runq_wait_s.toFixed(2)} s, cpu pressure ${p === null ? 'n/a' : `${p}% of the window`}`);
+  }
+  for (const pr of r.processes) {
+    L.push(`  ${`${pr.name} [${pr.pid}]`.padEnd(22)} rss ${pr.rss_kb} KiB, peak ${pr.hwm_kb} KiB, cpu ${pr.cpu_s.toFixed(2)} s (${pr.cpu_us_per_task.toFixed(1)} us/job), waited for a cpu ${pr.runq_wait_s.toFixed(2)} s`);
+  }
+  return L.join('\n');
+}
+
+async function main() {
+  const args = parseArgs(process.argv);
+  const { Worker } = require('bullmq');
+  const IORedis = require('ioredis');
+  const queueName = `fleet-bench-${process.pid}`;
+  const info = new IORedis(args.redisUrl, { maxRetriesPerRequest: null });
+
+  const sab = new SharedArrayBuffer(8 * 4);
+  const counters = new Int32Array(sab);
+  const samples = [];
+  let completed = 0;
+  // Set once everything is connected.
+  let start = Infinity;
+  let windowStart = Infinity;
+  let windowEnd = Infinity;
+
+  const worker = new Worker(
+    queueName,
+    async (job) => {
+      const at = nowMs();
+      const t = job.data.t;
+      if (t >= windowStart && t < windowEnd) samples.push(at - t);
+      if (at >= windowStart && at < windowEnd) completed++;
+      Atomics.add(counters, DONE, 1);
+      Atomics.notify(counters, DONE);
+    },
+    { connection: connection(args.redisUrl), concurrency: args.workerConcurrency },
+  );
+  worker.on('error', (e) => console.error('worker error:', e.message));
+  await worker.waitUntilReady();
+
+  const timetable = () => {
+    start = nowMs() + 200;
+    windowStart = start + args.warmup * 1000;
+    windowEnd = windowStart + args.duration * 1000;
+    return { start, windowStart, windowEnd };
+  };
+  let producerDone;
+  if (args.singleThread) {
+    const q = await openQueue(args, queueName);
+    producerDone = produce(q, { args, ...timetable(), counters }).then(async () => {
+      await sleep(200);
+      await q.close();
+    });
+  } else {
+    const th = new Thread(__filename, { workerData: { args, queueName, sab } });
+    let ready;
+    const isReady = new Promise((r) => (ready = r));
+    producerDone = new Promise((resolve, reject) => {
+      th.on('message', (m) => {
+        if (m === 'ready') ready();
+        else if (m === 'done') resolve();
+        else reject(new Error(m));
+      });
+      th.on('error', reject);
+    });
+    await Promise.race([isReady, producerDone]);
+    th.postMessage(timetable());
+  }
+
+  const cpuAt = () => {
+    const u = process.cpuUsage();
+    return (u.user + u.system) / 1e6;
+  };
+  await sleep(Math.max(0, windowStart - nowMs()));
+  const r0 = await snapshot(info);
+  const c0 = cpuAt();
+  const own0 = procTimes(process.pid);
+  const red0 = args.redisPid ? procTimes(args.redisPid) : null;
+  const psi0 = pressureUs();
+  const t0 = nowMs();
+  await sleep(Math.max(0, windowEnd - nowMs()));
+  const r1 = await snapshot(info);
+  const c1 = cpuAt();
+  const own1 = procTimes(process.pid);
+  const red1 = args.redisPid ? procTimes(args.redisPid) : null;
+  const psi1 = pressureUs();
+  const t1 = nowMs();
+  const doneInWindow = completed;
+
+  // Drain: every job of the window processed.
+  const giveUp = nowMs() + args.drain * 1000;
+  while (nowMs() < giveUp && samples.length < Atomics.load(counters, OFFERED)) await sleep(20);
+  await producerDone;
+  const offered = Atomics.load(counters, OFFERED);
+  const incomplete = Math.max(0, offered - samples.length);
+  const mem = procStatus(process.pid);
+
+  await worker.close(true);
+  try {
+    const { Queue } = require('bullmq');
+    const q = new Queue(queueName, { connection: connection(args.redisUrl) });
+    await q.obliterate({ force: true });
+    await q.close();
+  } catch (e) {
+    console.error('cleanup:', e.message);
+  }
+  await info.quit();
+
+  const secs = args.duration;
+  const cpu = Math.max(0, c1 - c0);
+  const report = {
+    kind: 'fleet-bench-report',
+    mode: 'bullmq',
+    label: args.label,
+    system: 'bullmq',
+    config: {
+      load: args.rate > 0 ? `${args.rate}/s` : `max (closed loop, ${args.concurrency} in flight)`,
+      rate: args.rate > 0 ? args.rate : null,
+      concurrency: args.rate > 0 ? null : args.concurrency,
+      worker_concurrency: args.workerConcurrency,
+      payload_bytes: args.payloadBytes,
+      duration_s: args.duration,
+      warmup_s: args.warmup,
+      threads: args.singleThread ? 1 : 2,
+      bullmq: require('bullmq/package.json').version,
+      ioredis: require('ioredis/package.json').version,
+      node: process.version,
+      job_options: 'removeOnComplete, removeOnFail',
+    },
+    window_s: secs,
+    offered,
+    completed: doneInWindow,
+    throughput_per_s: Math.round(doneInWindow / secs),
+    errors: Atomics.load(counters, ADD_ERRORS),
+    incomplete,
+    latency_ms: { final: percentiles(samples) },
+    redis: redisCost(r0, r1, secs, doneInWindow),
+    processes: [
+      {
+        name: 'node (bullmq producer + worker)',
+        pid: process.pid,
+        rss_kb: mem.rss,
+        hwm_kb: mem.hwm,
+        cpu_s: r3(cpu),
+        runq_wait_s: r3(Math.max(0, own1.wait - own0.wait)),
+        cpu_us_per_task: doneInWindow > 0 ? r2((cpu * 1e6) / doneInWindow) : 0,
+      },
+    ].concat(
+      red0 && red1
+        ? [
+            {
+              name: 'redis-server',
+              pid: args.redisPid,
+              rss_kb: procStatus(args.redisPid).rss,
+              hwm_kb: procStatus(args.redisPid).hwm,
+              cpu_s: r3(red1.cpu - red0.cpu),
+              runq_wait_s: r3(Math.max(0, red1.wait - red0.wait)),
+              cpu_us_per_task: doneInWindow > 0 ? r2(((red1.cpu - red0.cpu) * 1e6) / doneInWindow) : 0,
+            },
+          ]
+        : [],
+    ),
+    bench_cpu_s: r3(cpu),
+    host: {
+      cpu_pressure_pct: psi0 !== null && psi1 !== null ? Math.round(((psi1 - psi0) / ((t1 - t0) * 1000)) * 100) : null,
+      loadavg_1m: Number(fs.readFileSync('/proc/loadavg', 'utf8').split(' ')[0]),
+      runq_wait_s: r3(Math.max(0, own1.wait - own0.wait) + (red0 && red1 ? Math.max(0, red1.wait - red0.wait) : 0)),
+      cpus: require('node:os').cpus().length,
+    },
+    extra: { queue: queueName },
+  };
+  console.log(table(report));
+  const line = JSON.stringify(report);
+  console.log(line);
+  if (args.jsonOut) fs.appendFileSync(args.jsonOut, line + '\n');
+  process.exit(0);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

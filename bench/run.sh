@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Fleet's benchmark, on one machine, in one run (docs/performance.md explains the method).
+#
+#   bench/run.sh                      everything, 10 s measured + 2 s warm-up per run
+#   bench/run.sh --duration 30        longer runs
+#   bench/run.sh --scaling            also: sessions 1 / 64 / 1024 and worker replicas 1 vs 2
+#   bench/run.sh --only e2e           only some parts: limit,queue,bullmq,e2e,ws (comma separated)
+#
+# Other flags: --warmup S, --payload-bytes N, --ws-connections "10000 50000", --out DIR,
+# --skip-build. It:
+#   1. installs what is missing (redis-server and redis-tools with apt-get, BullMQ with npm ci, or npm install);
+#   2. builds the release binaries (cargo build --release --workspace --bins);
+#   3. starts its own redis-server on a free port, persistence off (no RDB, no AOF) for every run;
+#   4. measures the limit (redis-benchmark XADD, unpipelined and -P 16), Fleet's queue hop
+#      (fleet-bench queue), the peer (BullMQ, no-op worker), then starts the fleet (dispatcher,
+#      callback-worker, exec-worker --mode echo --echo-delay-ms 0, edge-api --dev, ws-gateway
+#      --dev) and measures the whole path (fleet-bench e2e: max, 1k/s, 5k/s; fanout), then idle
+#      WebSocket capacity (fleet-bench ws-idle);
+#   5. prints every run's table and JSON line, then the summary table, ratios and targets, and
+#      the summary's JSON line. Everything is kept in the output directory (.bench/<time>/).
+# Every process it starts is stopped by pid at the end; the machine's own Redis is not touched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+duration=10
+warmup=2
+payload=64
+ws_connections="10000 50000"
+scaling=false
+skip_build=false
+only="limit,queue,bullmq,e2e,ws"
+out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --duration) duration=$2; shift 2 ;;
+    --warmup) warmup=$2; shift 2 ;;
+    --payload-bytes) payload=$2; shift 2 ;;
+    --ws-connections) ws_connections=$2; shift 2 ;;
+    --scaling) scaling=true; shift ;;
+    --skip-build) skip_build=true; shift ;;
+    --only) only=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+want() { [[ ",$only," == *",$1,"* ]]; }
+
+out=${out:-$root/.bench/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$out/logs" "$out/redis"
+results="$out/results.jsonl"
+: >"$results"
+
+pids=()
+redis_pid=""
+cleanup() {
+  trap - EXIT INT TERM
+  local p
+  # The fleet first (it drains through Redis), Redis last.
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  if [ -n "$redis_pid" ]; then
+    kill -TERM "$redis_pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$redis_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$redis_pid" 2>/dev/null || true
+  fi
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+log() { printf '\n### %s\n' "$*"; }
+# A failed measurement is noted and the run goes on (the summary shows what is missing).
+try() { "$@" || echo "FAILED ($?): $*" | tee -a "$out/failures.txt"; }
+
+# --- 1. dependencies ------------------------------------------------------------------------
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+missing=()
+have redis-server || missing+=(redis-server)
+have redis-benchmark || missing+=(redis-tools)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+redis_server=$(command -v redis-server || echo /usr/sbin/redis-server)
+if want bullmq; then
+  command -v node >/dev/null || { echo "node is needed for the BullMQ peer (or pass --only without bullmq)" >&2; exit 1; }
+  if [ ! -d bench/bullmq/node_modules/bullmq ] || [ bench/bullmq/package-lock.json -nt bench/bullmq/node_modules/.package-lock.json ]; then
+    log "installing the BullMQ peer (npm ci)"
+    # npm ci needs the lock to list every platform's optional packages, which a registry
+    # mirror may not carry; npm install then resolves the same pinned versions without saving.
+    (cd bench/bullmq &&
+      { npm ci --no-audit --no-fund --ignore-scripts --loglevel=error 2>/dev/null ||
+        npm install --no-save --no-audit --no-fund --ignore-scripts --loglevel=error; })
+  fi
+fi
+
+# --- 2. build -------------------------------------------------------------------------------
+target="${CARGO_TARGET_DIR:-$root/target}"
+bin="$target/release"
+if ! $skip_build; then
+  log "building (cargo build --release --workspace --bins)"
+  cargo build --release --workspace --bins
+fi
+bench="$bin/fleet-bench"
+
+# Idle WebSocket capacity needs a file descriptor per connection in the gateway and the tool.
+# Raising the hard limit needs CAP_SYS_RESOURCE; without it the soft limit goes up to the hard one.
+ulimit -Hn "$(cat /proc/sys/fs/nr_open 2>/dev/null || echo 1048576)" 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+nofile=$(ulimit -n)
+
+# --- machine --------------------------------------------------------------------------------
+{
+  echo "date: $(date -Is)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+  echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+  echo "kernel: $(uname -r)"
+  echo "redis: $("$redis_server" --version | awk '{print $3}')"
+  echo "node: $(node --version 2>/dev/null || echo none)"
+  echo "open files limit: $nofile"
+  echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+} | tee "$out/machine.txt"
+
+free_port() {
+  local p=$1
+  while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
+  echo "$p"
+}
+
+# --- 3. Redis -------------------------------------------------------------------------------
+redis_port=$(free_port 6400)
+"$redis_server" --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+  --dir "$out/redis" --logfile "$out/logs/redis.log" --daemonize no &
+redis_pid=$!
+export REDIS_URL="redis://127.0.0.1:$redis_port"
+for _ in $(seq 1 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+echo "redis-server on port $redis_port (persistence off: no RDB, no AOF)"
+
+common=(--duration "$duration" --warmup "$warmup" --payload-bytes "$payload" --json-out "$results")
+
+# --- 4a. the limit --------------------------------------------------------------------------
+if want limit; then
+  log "limit: redis-benchmark XADD"
+  try "$bench" limit --payload-bytes "$payload" --json-out "$results"
+fi
+
+# --- 4b. Fleet's queue hop ------------------------------------------------------------------
+if want queue; then
+  log "fleet queue hop, max (closed loop)"
+  try "$bench" queue "${common[@]}" --concurrency 256 --label fleet-queue-max --pids "redis-server=$redis_pid"
+  log "fleet queue hop, 1000/s"
+  try "$bench" queue "${common[@]}" --rate 1000 --label fleet-queue-1k --pids "redis-server=$redis_pid"
+fi
+
+# --- 4c. the peer ---------------------------------------------------------------------------
+if want bullmq; then
+  # The peer at its best: two worker concurrencies, the summary takes the faster.
+  for wc in 50 256; do
+    log "BullMQ, max (closed loop, worker concurrency $wc)"
+    try node bench/bullmq/bench.js --redis-url "$REDIS_URL" --duration "$duration" --warmup "$warmup" \
+      --payload-bytes "$payload" --concurrency 256 --worker-concurrency "$wc" \
+      --label "bullmq-max-w$wc" --json-out "$results" --redis-pid "$redis_pid"
+  done
+  log "BullMQ, 1000/s"
+  try node bench/bullmq/bench.js --redis-url "$REDIS_URL" --duration "$duration" --warmup "$warmup" \
+    --payload-bytes "$payload" --rate 1000 --worker-concurrency 50 \
+    --label bullmq-1k --json-out "$results" --redis-pid "$redis_pid"
+fi
+
+# --- 4d. the fleet --------------------------------------------------------------------------
+edge_port=""
+gw_port=""
+fleet_pids=()
+start_fleet() {
+  edge_port=$(free_port 18001)
+  gw_port=$(free_port $((edge_port + 1)))
+  export FLEET_AGENTS_FILE="$root/bench/agents.toml"
+  export FLEET_PUBLIC_WS_URL="ws://127.0.0.1:$gw_port"
+  export FLEET_DEV=true
+  export FLEET_LOG_FORMAT=json
+  export RUST_LOG="${FLEET_BENCH_RUST_LOG:-warn}"
+  start() {
+    local name=$1 admin=$2; shift 2
+    FLEET_ADMIN_ADDR="127.0.0.1:$admin" "$bin/$name" "$@" >>"$out/logs/$name.log" 2>&1 &
+    pids+=($!)
+    fleet_pids+=("$name=$!")
+  }
+  fleet_pids=()
+  start dispatcher "$(free_port 19101)"
+  start callback-worker "$(free_port 19102)"
+  start exec-worker "$(free_port 19106)" --mode echo --echo-delay-ms 0
+  start ws-gateway "$(free_port 19104)" --http-addr "127.0.0.1:$gw_port"
+  FLEET_GRPC_ADDR="127.0.0.1:$(free_port 50155)" start edge-api "$(free_port 19105)" \
+    --http-addr "127.0.0.1:$edge_port"
+  for _ in $(seq 1 100); do
+    if curl -fsS "http://127.0.0.1:$edge_port/health/ready" >/dev/null 2>&1 &&
+      curl -fsS "http://127.0.0.1:$gw_port/health" >/dev/null 2>&1; then
+      break
+    fi
+    sleep 0.2
+  done
+  curl -fsS "http://127.0.0.1:$edge_port/health/ready" >/dev/null ||
+    { echo "the fleet did not become ready; see $out/logs" >&2; exit 1; }
+  echo "fleet up: REST :$edge_port, WS :$gw_port (${fleet_pids[*]})"
+}
+fleet_pid_list() { local IFS=,; echo "${fleet_pids[*]},redis-server=$redis_pid"; }
+stop_fleet() {
+  local kv p
+  for kv in "${fleet_pids[@]}"; do
+    p=${kv#*=}
+    kill -TERM "$p" 2>/dev/null || true
+  done
+  for kv in "${fleet_pids[@]}"; do
+    p=${kv#*=}
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+    # Forget it, so that the final cleanup never signals a reused pid.
+    local keep=() q
+    for q in "${pids[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
+    pids=("${keep[@]}")
+  done
+  fleet_pids=()
+}
+e2e() {
+  try "$bench" "$@" --api "http://127.0.0.1:$edge_port" --ws "ws://127.0.0.1:$gw_port" \
+    --pids "$(fleet_pid_list)"
+}
+
+if want e2e; then
+  log "starting the fleet"
+  start_fleet
+fi
+if want e2e; then
+  log "fleet whole path, max (closed loop, 64 sessions x 4 in flight)"
+  e2e e2e "${common[@]}" --sessions 64 --concurrency 256 --label fleet-e2e-max
+  log "fleet whole path, 1000/s (64 sessions)"
+  e2e e2e "${common[@]}" --sessions 64 --rate 1000 --label fleet-e2e-1k
+  log "fleet whole path, 5000/s (64 sessions)"
+  e2e e2e "${common[@]}" --sessions 64 --rate 5000 --label fleet-e2e-5k
+  log "fleet whole path over REST, 1000/s (64 sessions)"
+  e2e e2e "${common[@]}" --sessions 64 --rate 1000 --via rest --label fleet-e2e-rest-1k
+  log "fan-out: 64 sessions x (1 + 3 listening) connections, 1000/s"
+  e2e fanout "${common[@]}" --sessions 64 --watchers 3 --rate 1000 --label fleet-fanout-1k
+fi
+
+if $scaling && want e2e; then
+  for s in 1 1024; do
+    log "scaling: $s sessions, 1000/s"
+    e2e e2e "${common[@]}" --sessions "$s" --rate 1000 --label "scale-sessions-$s-1k"
+    log "scaling: $s sessions, max"
+    e2e e2e "${common[@]}" --sessions "$s" --concurrency 256 --label "scale-sessions-$s-max"
+  done
+  log "scaling: 2 replicas of dispatcher, callback-worker and exec-worker, max"
+  n_before=${#fleet_pids[@]}
+  start dispatcher "$(free_port 19111)"
+  start callback-worker "$(free_port 19112)"
+  start exec-worker "$(free_port 19116)" --mode echo --echo-delay-ms 0
+  sleep 1
+  e2e e2e "${common[@]}" --sessions 64 --concurrency 256 --label scale-replicas-2-max
+  e2e e2e "${common[@]}" --sessions 64 --rate 1000 --label scale-replicas-2-1k
+  echo "(replicas started: $((${#fleet_pids[@]} - n_before)))"
+fi
+
+# --- 4e. idle WebSocket capacity ------------------------------------------------------------
+if want ws; then
+  for k in $ws_connections; do
+    # A fresh fleet for each capacity run, so the gateway's RSS starts from its idle size
+    # (memory freed by earlier runs would hide the connections' cost).
+    stop_fleet
+    start_fleet
+    label="ws-idle-$k"
+    if [ "$nofile" != unlimited ] && [ $((k + 200)) -gt "$nofile" ]; then
+      fit=$((nofile - 500))
+      echo "note: the open-files limit is $nofile here (the hard limit cannot be raised);" \
+        "$k connections do not fit in one process: measuring $fit instead" | tee -a "$out/machine.txt"
+      k=$fit
+      label="ws-idle-max"
+    fi
+    # --per-ip spreads the connections over 127.0.0.1, .2, ... so that the ports an earlier
+    # run left in TIME_WAIT do not run out (one source address has ~28k ephemeral ports).
+    log "idle WebSockets: $k connections on one gateway"
+    gw_pid=""
+    for kv in "${fleet_pids[@]}"; do [ "${kv%%=*}" = ws-gateway ] && gw_pid=${kv#*=}; done
+    try "$bench" ws-idle --api "http://127.0.0.1:$edge_port" --ws "ws://127.0.0.1:$gw_port" \
+      --gateway-pid "$gw_pid" --connections "$k" --sessions 100 --hold 5 --per-ip 5000 --label "$label" --json-out "$results"
+  done
+fi
+
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/machine.txt"
+
+# --- 5. summary -----------------------------------------------------------------------------
+log "summary ($out)"
+cat "$out/machine.txt"
+echo
+"$bench" summarize "$results" --json-out "$out/summary.jsonl" | tee "$out/summary.txt"
