@@ -139,13 +139,17 @@ impl SessionLog {
         events: &[LoggedEvent],
     ) -> Result<(), Error> {
         let key = self.fanout_key(sid);
+        let tp = crate::telemetry::current_traceparent();
         for ev in events {
-            let fields: Vec<(&str, Bytes)> = vec![
+            let mut fields: Vec<(&str, Bytes)> = vec![
                 ("s", Bytes::from(sid.to_owned())),
                 ("e", Bytes::from(ev.event_id.clone())),
                 ("p", Bytes::from(ev.prev.clone())),
                 ("d", Bytes::from(ev.json.clone())),
             ];
+            if let Some(tp) = &tp {
+                fields.push(("tp", Bytes::from(tp.clone())));
+            }
             pipeline
                 .xadd::<(), _, _, _, _>(key.as_str(), false, self.cap()?, "*", fields)
                 .await?;

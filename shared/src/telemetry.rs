@@ -1,7 +1,8 @@
 //! Logs and traces.
 //!
 //! * Logs: `tracing-subscriber` with the filter from `RUST_LOG` (default `info`), formatted
-//!   `pretty` on a terminal and as JSON lines otherwise (`FLEET_LOG_FORMAT` overrides).
+//!   `pretty` on a terminal and as JSON lines otherwise (`FLEET_LOG_FORMAT` overrides); JSON
+//!   lines start with the `trace_id` and `span_id` of their span when traces are on.
 //! * Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set
 //!   and `OTEL_SDK_DISABLED` is not `true`, spans are exported over OTLP/gRPC with the standard
 //!   `OTEL_*` variables (service name, sampler, resource attributes). Otherwise no exporter
@@ -10,6 +11,10 @@
 //!   and NATS message; consumers continue the trace from it ([`continue_from`]).
 
 use std::io::IsTerminal;
+use std::sync::{Arc, OnceLock};
+
+use tracing::Dispatch;
+use tracing::dispatcher::WeakDispatch;
 
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
@@ -19,7 +24,10 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// How logs are written.
@@ -73,11 +81,16 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
+    let dispatch_cell = Arc::new(OnceLock::new());
     let fmt_json = json.then(|| {
         tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
+            .map_event_format(|inner| WithTraceIds {
+                inner,
+                dispatch: dispatch_cell.clone(),
+            })
             .with_writer(std::io::stderr)
     });
     let fmt_pretty = (!json).then(|| {
@@ -118,13 +131,62 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
 
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_json)
-        .with(fmt_pretty)
-        .with(otel)
-        .try_init()?;
+    let dispatch = Dispatch::new(
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt_json)
+            .with(fmt_pretty)
+            .with(otel),
+    );
+    let _ = dispatch_cell.set(dispatch.downgrade());
+    dispatch.try_init()?;
     Ok(Telemetry { provider })
+}
+
+/// JSON log lines that start with the `trace_id` and `span_id` of the span they were written
+/// in (when traces are on), so a log line leads to its trace in Jaeger and back.
+///
+/// The formatter runs inside the subscriber, where `Span::current()` sees no subscriber; it
+/// reads the span's OpenTelemetry context through the dispatch it belongs to, set once the
+/// subscriber is built.
+struct WithTraceIds<F> {
+    inner: F,
+    dispatch: Arc<OnceLock<WeakDispatch>>,
+}
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let ids = (|| {
+            let dispatch = self.dispatch.get()?.upgrade()?;
+            let span = ctx.parent_span()?;
+            let cx = tracing_opentelemetry::get_otel_context(&span.id(), &dispatch)?;
+            let otel = cx.span();
+            let sc = otel.span_context();
+            sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
+        })();
+        match (ids, line.strip_prefix('{')) {
+            (Some((trace, span)), Some(rest)) => {
+                write!(
+                    writer,
+                    "{{\"trace_id\":\"{trace}\",\"span_id\":\"{span}\",{rest}"
+                )
+            }
+            _ => writer.write_str(&line),
+        }
+    }
 }
 
 /// The W3C `traceparent` of the current span, when tracing is on and the span is sampled or
@@ -177,22 +239,90 @@ pub fn parse_traceparent(tp: &str) -> Option<SpanContext> {
     sc.is_valid().then_some(sc)
 }
 
-/// Makes `span` a child of the writer of an entry (its `tp`). For a redelivered entry the
-/// writer is linked instead, so each retry is its own trace root pointing at the original.
+/// Makes `span` a child of the writer of an entry (its `tp`), so every hop of a task is one
+/// trace. A redelivered entry's span also links the writer (and says `fleet.redelivered`), so
+/// each retry shows as a second consumer span under the same parent, marked as such.
 pub fn continue_from(span: &tracing::Span, tp: Option<&str>, redelivered: bool) {
     let Some(sc) = tp.and_then(parse_traceparent) else {
         return;
     };
     if redelivered {
+        span.add_link_with_attributes(sc.clone(), vec![KeyValue::new("fleet.redelivered", true)]);
+    }
+    let _ = span.set_parent(Context::new().with_remote_span_context(sc));
+}
+
+/// Links `span` to the writer of an entry it handles together with others (a batch whose
+/// parent is another entry's writer): per OpenTelemetry messaging conventions, a batch span is
+/// the child of one message and links the rest.
+pub fn link_to(span: &tracing::Span, tp: Option<&str>) {
+    if let Some(sc) = tp.and_then(parse_traceparent) {
         span.add_link(sc);
-    } else {
-        let _ = span.set_parent(Context::new().with_remote_span_context(sc));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_log_lines_carry_the_trace_and_span_ids_of_their_span() {
+        let out = Capture::default();
+        let provider = SdkTracerProvider::builder().build();
+        let writer = out.clone();
+        let cell = Arc::new(OnceLock::new());
+        let dispatch = Dispatch::new(
+            tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .with_current_span(true)
+                        .with_span_list(false)
+                        .map_event_format(|inner| WithTraceIds {
+                            inner,
+                            dispatch: cell.clone(),
+                        })
+                        .with_writer(move || writer.clone()),
+                ),
+        );
+        cell.set(dispatch.downgrade()).unwrap();
+        let tp = tracing::dispatcher::with_default(&dispatch, || {
+            let span = tracing::info_span!("work");
+            let tp = span.in_scope(|| {
+                tracing::info!("inside");
+                current_traceparent().expect("a traceparent inside a span")
+            });
+            tracing::info!("outside");
+            tp
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["fields"]["message"], "inside");
+        assert_eq!(lines[0]["trace_id"], tp[3..35], "{text}");
+        assert_eq!(lines[0]["span_id"], tp[36..52], "{text}");
+        assert_eq!(lines[0]["span"]["name"], "work");
+        assert_eq!(lines[1]["fields"]["message"], "outside");
+        assert!(lines[1].get("trace_id").is_none(), "{text}");
+    }
 
     #[test]
     fn traceparents_round_trip_and_reject_garbage() {

@@ -212,8 +212,19 @@ impl CallbackHandler {
             fleet.session_id = %sid,
         );
         let redelivered = deliveries.iter().any(|d| d.deliveries > 1);
-        for d in &deliveries {
-            fleet::telemetry::continue_from(&span, d.envelope.tp.as_deref(), d.deliveries > 1);
+        // A child of the first callback's writer (usually the batch is one task's callbacks,
+        // all from one executor span); links to the writers of the others.
+        if let Some((first, rest)) = deliveries.split_first() {
+            fleet::telemetry::continue_from(
+                &span,
+                first.envelope.tp.as_deref(),
+                first.deliveries > 1,
+            );
+            for d in rest {
+                if d.envelope.tp != first.envelope.tp {
+                    fleet::telemetry::link_to(&span, d.envelope.tp.as_deref());
+                }
+            }
         }
         let (deliveries, ops): (Vec<&Delivery<Callback>>, Vec<TaskOp>) = deliveries
             .into_iter()

@@ -98,12 +98,33 @@ pub async fn read_shard(
                 let Some(sid) = entry.get_str("s") else {
                     continue;
                 };
-                registry.dispatch(sid, || FanoutEntry::parse(&entry).map(Live::from));
+                let queued = registry.dispatch(sid, || FanoutEntry::parse(&entry).map(Live::from));
+                if queued > 0
+                    && let Some(tp) = entry.get_str("tp")
+                {
+                    delivered_span(&key, sid, tp, queued);
+                }
             }
         }
     }
     let _ = reader.quit().await;
     tracing::info!(stream = %key, "fan-out reader stopped");
+}
+
+/// Records the hand-over of a traced event to this gateway's clients: a consumer span, child
+/// of the callback span that logged the event, so the delivery closes the task's trace.
+fn delivered_span(stream: &str, sid: &str, tp: &str, clients: usize) {
+    let span = tracing::info_span!(
+        "fanout_deliver",
+        otel.name = %format!("{stream} deliver"),
+        otel.kind = "consumer",
+        messaging.system = "redis",
+        messaging.operation = "receive",
+        messaging.destination.name = %stream,
+        fleet.session_id = %sid,
+        fleet.clients = clients,
+    );
+    fleet::telemetry::continue_from(&span, Some(tp), false);
 }
 
 /// Sleeps `backoff` (doubling it up to a bound); `true` when `stop` came first.

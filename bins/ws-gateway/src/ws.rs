@@ -295,6 +295,14 @@ impl Connection<'_> {
 
     /// Submits a chat message the way `POST /api/v1/chat/{id}/task` does.
     async fn submit(&self, sid: &str, data: ChatMessageData) -> ServerMessage {
+        // Each message is its own trace (the connection lives far longer than one task).
+        let span = tracing::info_span!(
+            parent: None,
+            "ws_message",
+            otel.name = "ws chat_message",
+            otel.kind = "server",
+            fleet.session_id = %sid,
+        );
         let submitted = self
             .gw
             .chat
@@ -308,6 +316,7 @@ impl Connection<'_> {
                     source: "ws",
                 },
             )
+            .instrument(span)
             .await;
         match submitted {
             Ok(s) => {

@@ -148,6 +148,28 @@ pub fn client_deadline<T>(req: &Request<T>) -> Option<Instant> {
     Some(Instant::now() + d - margin)
 }
 
+/// The server span of an RPC (OpenTelemetry RPC conventions), continuing the caller's trace
+/// when it sent `traceparent` metadata.
+fn rpc_span(req: &http::Request<()>) -> tracing::Span {
+    let path = req.uri().path().trim_start_matches('/');
+    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %path,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    let tp = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    fleet::telemetry::continue_from(&span, tp, false);
+    span
+}
+
 /// Runs `work` as RPC `method`: counts it by status code and times it.
 pub async fn observe<T>(
     method: &'static str,
@@ -159,6 +181,8 @@ pub async fn observe<T>(
         Ok(_) => "OK".to_owned(),
         Err(s) => format!("{:?}", s.code()),
     };
+    let numeric = result.as_ref().map_or_else(|s| s.code() as i32, |_| 0);
+    tracing::Span::current().record("rpc.grpc.status_code", numeric);
     metrics::counter!("fleet_grpc_requests_total", "method" => method, "code" => code).increment(1);
     metrics::histogram!("fleet_grpc_request_duration_seconds", "method" => method)
         .record(started.elapsed().as_secs_f64());
@@ -397,6 +421,7 @@ pub async fn serve(
     };
     tracing::info!(%addr, "gRPC listening (orchestrator.v1.OrchestratorService, health, reflection)");
     tonic::transport::Server::builder()
+        .trace_fn(rpc_span)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -93,19 +93,42 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(middleware::from_fn(http_metrics::record))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or(http_metrics::UNMATCHED, MatchedPath::as_str);
-            tracing::info_span!(
-                "http_request",
-                method = %req.method(),
-                route,
-                path = %req.uri().path(),
-            )
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(http_span)
+                .on_response(
+                    |res: &axum::response::Response,
+                     _: std::time::Duration,
+                     span: &tracing::Span| {
+                        span.record("http.response.status_code", res.status().as_u16());
+                    },
+                ),
+        )
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+}
+
+/// The server span of a request (OpenTelemetry HTTP conventions), continuing the caller's
+/// trace when it sent a `traceparent` header.
+fn http_span(req: &Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(http_metrics::UNMATCHED, MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "http_request",
+        otel.name = %format!("{} {route}", req.method()),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = route,
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let tp = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    fleet::telemetry::continue_from(&span, tp, false);
+    span
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -1,0 +1,601 @@
+//! One trace per task across every process, and metrics on every process.
+//!
+//! Every binary runs as a process against real `redis-server` and `nats-server -js`, exporting
+//! spans over OTLP/gRPC to a collector this test serves (the OpenTelemetry collector's own
+//! `TraceService`). A chat task submitted over REST with a `traceparent` must show up as one
+//! trace: edge-api -> dispatcher -> exec-worker -> callback-worker -> ws-gateway delivery, each
+//! span a child of the previous hop's. A planning event published on NATS with a `traceparent`
+//! must cross nats-bridge -> dispatcher -> nats-bridge and leave on NATS `agent.requests` in the
+//! same trace. Then every binary's `/metrics` must parse as Prometheus text, with its counters
+//! moved by that traffic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use fleet_e2e::{AGENT, Fleet, SECRET, WsClient, is_final_of};
+use fleet_test_support::{FleetProcess, NatsServer, eventually, free_port};
+use futures::StreamExt;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
+use serde_json::{Value as Json, json};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+/// A span as the collector received it.
+#[derive(Clone, Debug)]
+struct Span {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    attributes: BTreeMap<String, String>,
+}
+
+/// An in-process OTLP trace collector.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+fn text(v: &Option<AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut out = Vec::new();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| text(&kv.value))
+                .unwrap_or_default();
+            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                out.push(Span {
+                    service: service.clone(),
+                    name: span.name,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    attributes: span
+                        .attributes
+                        .iter()
+                        .map(|kv| (kv.key.clone(), text(&kv.value)))
+                        .collect(),
+                });
+            }
+        }
+        self.spans.lock().unwrap().extend(out);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    async fn serve() -> (Collector, SocketAddr) {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(collector.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (collector, addr)
+    }
+
+    fn trace(&self, trace_id: &str) -> Vec<Span> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The services a span's ancestry passes through, from the span up (consecutive spans of one
+/// service counted once), and the parent id the ancestry ends at (outside the collected spans).
+fn lineage(spans: &[Span], leaf: &Span) -> (Vec<String>, String) {
+    let by_id: HashMap<&str, &Span> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let mut services: Vec<String> = Vec::new();
+    let mut at = leaf;
+    loop {
+        if services.last() != Some(&at.service) {
+            services.push(at.service.clone());
+        }
+        match by_id.get(at.parent_span_id.as_str()) {
+            Some(parent) => at = parent,
+            None => return (services, at.parent_span_id.clone()),
+        }
+    }
+}
+
+/// Waits until trace `trace_id` holds a span of `leaf_service` whose lineage is `services`,
+/// ending at the caller's span `root_parent`.
+async fn wait_for_lineage(
+    collector: &Collector,
+    trace_id: &str,
+    leaf_service: &str,
+    services: &[&str],
+    root_parent: &str,
+) -> Vec<Span> {
+    let found = tokio::time::timeout(WITHIN, async {
+        loop {
+            let spans = collector.trace(trace_id);
+            let ok = spans.iter().filter(|s| s.service == leaf_service).any(|s| {
+                let (chain, top) = lineage(&spans, s);
+                chain == services && top == root_parent
+            });
+            if ok {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| {
+        let spans = collector.trace(trace_id);
+        let chains: Vec<_> = spans
+            .iter()
+            .map(|s| (s.service.clone(), s.name.clone(), lineage(&spans, s)))
+            .collect();
+        panic!("no {leaf_service} span with lineage {services:?} from {root_parent}; trace {trace_id} has:\n{chains:#?}")
+    })
+}
+
+/// A random W3C trace context of "the caller": (traceparent, trace id, span id).
+fn caller_context() -> (String, String, String) {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    (format!("00-{trace}-{span}-01"), trace, span)
+}
+
+/// Every binary of the fleet as a process, each with an admin address this test knows.
+struct Processes {
+    procs: Vec<(String, FleetProcess, u16)>,
+    api: String,
+    ws: String,
+}
+
+impl Processes {
+    fn start(fleet: &Fleet, nats: &NatsServer, otlp: Option<SocketAddr>) -> Processes {
+        let mut env: Vec<(&str, String)> = Vec::new();
+        if let Some(addr) = otlp {
+            env.extend([
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+                ("OTEL_TRACES_SAMPLER", "always_on".to_owned()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+            ]);
+        }
+        let (api_port, ws_port) = (free_port(), free_port());
+        let mut procs = Vec::new();
+        for name in [
+            "dispatcher",
+            "callback-worker",
+            "exec-worker",
+            "ws-gateway",
+            "edge-api",
+            "nats-bridge",
+        ] {
+            let mut args = fleet_e2e::common_args(&fleet.redis_url, &fleet.prefix);
+            let at = args.iter().position(|a| a == "--admin-addr").unwrap();
+            args.drain(at..at + 2);
+            let admin = match name {
+                "edge-api" => {
+                    args.extend([
+                        "--http-addr".into(),
+                        format!("127.0.0.1:{api_port}"),
+                        "--grpc-addr".into(),
+                        "127.0.0.1:0".into(),
+                        "--secret".into(),
+                        SECRET.into(),
+                        "--public-ws-url".into(),
+                        format!("ws://127.0.0.1:{ws_port}"),
+                    ]);
+                    api_port
+                }
+                "ws-gateway" => {
+                    args.extend([
+                        "--http-addr".into(),
+                        format!("127.0.0.1:{ws_port}"),
+                        "--secret".into(),
+                        SECRET.into(),
+                    ]);
+                    free_port()
+                }
+                "nats-bridge" => {
+                    args.extend(["--nats-url".into(), nats.url()]);
+                    free_port()
+                }
+                _ => free_port(),
+            };
+            if name != "edge-api" {
+                args.extend(["--admin-addr".into(), format!("127.0.0.1:{admin}")]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            procs.push((
+                name.to_owned(),
+                FleetProcess::spawn(name, &args, &env),
+                admin,
+            ));
+        }
+        Processes {
+            procs,
+            api: format!("http://127.0.0.1:{api_port}"),
+            ws: format!("ws://127.0.0.1:{ws_port}"),
+        }
+    }
+
+    /// Waits until every process answers `/health/ready`.
+    async fn ready(&mut self) {
+        for (name, proc, admin) in &mut self.procs {
+            let url = format!("http://127.0.0.1:{admin}/health/ready");
+            let within = Duration::from_secs(30);
+            let ok = tokio::time::timeout(within, async {
+                loop {
+                    if let Ok(r) = reqwest::get(&url).await
+                        && r.status().is_success()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            assert!(
+                ok.is_ok(),
+                "{name} not ready within {within:?}:\n{}",
+                proc.log()
+            );
+        }
+    }
+
+    async fn metrics(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (name, _, admin) in &self.procs {
+            let body = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+                .await
+                .unwrap_or_else(|e| panic!("{name} /metrics: {e}"));
+            assert_eq!(body.status(), 200, "{name} /metrics");
+            out.insert(name.clone(), body.text().await.unwrap());
+        }
+        out
+    }
+
+    async fn stop(mut self) {
+        for (name, proc, _) in &mut self.procs {
+            let status = proc.terminate(Duration::from_secs(20)).await;
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "{name} did not exit cleanly ({status:?}):\n{}",
+                proc.log()
+            );
+        }
+    }
+}
+
+/// Opens a session over REST, connects a WebSocket to it, and submits one task with the
+/// caller's `traceparent`; returns the task id once the client holds its final event.
+async fn chat_task(p: &Processes, message: &str, traceparent: Option<&str>) -> String {
+    let http = reqwest::Client::new();
+    let init: Json = http
+        .post(format!("{}/api/v1/chat/init", p.api))
+        .json(&json!({"agent_id": AGENT}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = init["session_id"].as_str().unwrap();
+    let token = init["session_token"].as_str().unwrap();
+    let mut ws = WsClient::connect(&format!("{}/ws/chat/{sid}?token={token}", p.ws)).await;
+    let mut req = http
+        .post(format!("{}/api/v1/chat/{sid}/task", p.api))
+        .bearer_auth(token)
+        .json(&json!({"message": message}));
+    if let Some(tp) = traceparent {
+        req = req.header("traceparent", tp);
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let body: Json = res.json().await.unwrap();
+    let tid = body["task_id"].as_str().unwrap().to_owned();
+    ws.until(WITHIN, |m| is_final_of(m, &tid)).await;
+    ws.close().await;
+    tid
+}
+
+/// Publishes a TRANSITION to BUILD on `agile.events` (once the bridge's stream takes it).
+async fn publish_transition(js: &async_nats::jetstream::Context, case: &str, tp: Option<&str>) {
+    let payload =
+        json!({"event_type": "TRANSITION", "case_id": case, "from": "DESIGN", "to": "BUILD"})
+            .to_string();
+    eventually(WITHIN, "agile.events accepts a publish", || async {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", case);
+        if let Some(tp) = tp {
+            h.insert("traceparent", tp);
+        }
+        let ack = js
+            .publish_with_headers("agile.events", h, payload.clone().into())
+            .await
+            .ok()?;
+        ack.await.ok().map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_task_and_a_planning_event_are_each_one_trace_across_every_process() {
+    let (collector, otlp) = Collector::serve().await;
+    let nats = NatsServer::start();
+    let fleet = Fleet::start_without_workers().await;
+    let mut p = Processes::start(&fleet, &nats, Some(otlp));
+    p.ready().await;
+
+    // The chat path, from the caller's span to the gateway's delivery.
+    let (tp, trace, caller) = caller_context();
+    let tid = chat_task(&p, "trace me end to end", Some(&tp)).await;
+    let spans = wait_for_lineage(
+        &collector,
+        &trace,
+        "ws-gateway",
+        &[
+            "ws-gateway",
+            "callback-worker",
+            "exec-worker",
+            "dispatcher",
+            "edge-api",
+        ],
+        &caller,
+    )
+    .await;
+    let http = spans
+        .iter()
+        .find(|s| s.service == "edge-api" && s.parent_span_id == caller)
+        .expect("edge-api's server span is the caller's child");
+    assert_eq!(http.name, "POST /api/v1/chat/{session_id}/task");
+    assert_eq!(http.attributes["http.response.status_code"], "202");
+    let dispatch = spans
+        .iter()
+        .find(|s| s.service == "dispatcher")
+        .expect("a dispatcher span");
+    assert_eq!(dispatch.attributes["messaging.system"], "redis");
+    assert_eq!(dispatch.attributes["fleet.task_id"], tid);
+    let executor = spans.iter().find(|s| s.service == "exec-worker").unwrap();
+    assert_eq!(executor.attributes["fleet.task_id"], tid);
+    assert_eq!(executor.attributes["fleet.attempt"], "1");
+    // Nothing of this task leaked into another trace.
+    let elsewhere = collector
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.trace_id != trace && s.attributes.get("fleet.task_id") == Some(&tid))
+        .count();
+    assert_eq!(elsewhere, 0, "spans of task {tid} outside its trace");
+
+    // The planning path: NATS in, the dispatcher, NATS out, one trace.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut requests = client.subscribe("agent.requests").await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let (tp, trace, caller) = caller_context();
+    publish_transition(&js, "US-TRACE", Some(&tp)).await;
+    let spans = wait_for_lineage(
+        &collector,
+        &trace,
+        "nats-bridge",
+        &["nats-bridge", "dispatcher", "nats-bridge"],
+        &caller,
+    )
+    .await;
+    assert!(
+        spans.iter().any(|s| s.service == "nats-bridge"
+            && s.attributes.get("messaging.system").map(String::as_str) == Some("nats")),
+        "nats-bridge spans follow the messaging conventions"
+    );
+    let msg = tokio::time::timeout(WITHIN, requests.next())
+        .await
+        .expect("a subtask request on agent.requests")
+        .unwrap();
+    let out_tp = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .expect("the request carries a traceparent")
+        .to_string();
+    assert_eq!(
+        &out_tp[3..35],
+        trace,
+        "the request on NATS continues the event's trace"
+    );
+
+    p.stop().await;
+    fleet.stop().await;
+}
+
+/// The samples of metric family `name` in a Prometheus text exposition, summed.
+fn sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Checks that `text` is Prometheus text exposition: `# HELP` / `# TYPE` lines, and samples
+/// `name{label="value",...} number` whose family was declared by a `# TYPE` line.
+fn assert_prometheus_text(service: &str, text: &str) {
+    let mut types: HashMap<String, String> = HashMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (Some(name), Some(kind), None) = (it.next(), it.next(), it.next()) else {
+                panic!("{service}: bad TYPE line {line:?}");
+            };
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{service}: unknown type in {line:?}"
+            );
+            types.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("{service}: bad sample {line:?}"));
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "{service}: bad value in {line:?}"
+        );
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, Some(l)),
+            None => (series, None),
+        };
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{service}: bad metric name in {line:?}"
+        );
+        if let Some(l) = labels {
+            assert!(l.ends_with('}'), "{service}: unclosed labels in {line:?}");
+            let body = &l[..l.len() - 1];
+            for pair in split_labels(body) {
+                let (k, v) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("{service}: bad label {pair:?} in {line:?}"));
+                assert!(
+                    k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{service}: bad label name in {line:?}"
+                );
+                assert!(
+                    v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
+                    "{service}: unquoted label value in {line:?}"
+                );
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains_key(*f)))
+            .unwrap_or(name);
+        assert!(
+            types.contains_key(family),
+            "{service}: sample {line:?} has no # TYPE line"
+        );
+    }
+    assert!(!types.is_empty(), "{service}: no metrics at all");
+}
+
+/// Splits `a="x",b="y,z"` at the commas outside quotes.
+fn split_labels(body: &str) -> Vec<&str> {
+    let (mut out, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in body.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&body[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if start < body.len() {
+        out.push(&body[start..]);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_serves_prometheus_metrics_that_move_with_traffic() {
+    let nats = NatsServer::start();
+    let fleet = Fleet::start_without_workers().await;
+    let mut p = Processes::start(&fleet, &nats, None);
+    p.ready().await;
+    let before = p.metrics().await;
+
+    chat_task(&p, "count me", None).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    publish_transition(&js, "US-METRICS", None).await;
+
+    // What each binary must have counted, by metric family.
+    let moved: [(&str, &str); 9] = [
+        ("edge-api", "fleet_http_requests_total"),
+        ("edge-api", "fleet_tasks_submitted_total"),
+        ("dispatcher", "fleet_stream_entries_acked_total"),
+        ("exec-worker", "fleet_exec_tasks_total"),
+        ("callback-worker", "fleet_callbacks_total"),
+        ("callback-worker", "fleet_task_duration_seconds_count"),
+        ("ws-gateway", "fleet_ws_messages_sent_total"),
+        ("nats-bridge", "fleet_nats_messages_in_total"),
+        ("nats-bridge", "fleet_nats_messages_out_total"),
+    ];
+    let after = eventually(
+        WITHIN,
+        "every binary's counters moved and its groups sampled",
+        || async {
+            let now = p.metrics().await;
+            // The consumer groups' lag and pending are sampled by every worker, too.
+            let sampled = ["dispatcher", "callback-worker", "exec-worker"]
+                .iter()
+                .all(|svc| now[*svc].contains("fleet_stream_lag{"));
+            let counted = moved
+                .iter()
+                .all(|(svc, m)| sum(&now[*svc], m) > sum(&before[*svc], m));
+            (sampled && counted).then_some(now)
+        },
+    )
+    .await;
+    for (service, text) in &after {
+        assert_prometheus_text(service, text);
+    }
+    // edge-api serves the same exposition at /health/metrics.
+    let health = reqwest::get(format!("{}/health/metrics", p.api))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_prometheus_text("edge-api /health/metrics", &health);
+
+    p.stop().await;
+    fleet.stop().await;
+}
