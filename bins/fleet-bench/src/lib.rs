@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 pub mod driver;
 pub mod e2e;
 pub mod limit;
+pub mod otlp_sink;
 pub mod queue;
 pub mod report;
 pub mod schedule;
@@ -60,6 +61,8 @@ pub enum Command {
     Limit(limit::LimitArgs),
     /// The summary table and ratios over the JSON lines of a run.
     Summarize(summary::SummarizeArgs),
+    /// An OTLP/gRPC trace receiver that only counts spans (for the tracing-cost runs).
+    OtlpSink(otlp_sink::OtlpSinkArgs),
 }
 
 /// Load shape and length, shared by the modes that run tasks.
@@ -241,6 +244,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             (limit::run(a).await?, out)
         }
         Command::Summarize(a) => return summary::run(a),
+        Command::OtlpSink(a) => return otlp_sink::run(a).await,
     };
     report::emit(&report, json_out.as_deref())
 }
