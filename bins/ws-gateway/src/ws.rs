@@ -47,8 +47,8 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Read buffer of each socket, allocated when the socket opens and held while it is idle; it
 /// grows only while a larger frame is read. Client frames are small (a chat message, a ping),
-/// so 1 KiB reads them in one call and keeps an idle connection's memory low (4 KiB cost each
-/// of 10,000 idle connections 3 KiB more RSS; see docs/performance.md).
+/// so 1 KiB reads them in one call and keeps an idle connection's memory low (see
+/// docs/performance.md, idle WebSockets).
 pub const READ_BUFFER_BYTES: usize = 1024;
 
 /// The upgrade handler.
