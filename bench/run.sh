@@ -5,7 +5,7 @@
 #   bench/run.sh --duration 30        longer runs
 #   bench/run.sh --scaling            also: sessions 1 / 64 / 1024 and worker replicas 1 vs 2
 #                                     (at max and at --scale-rate, default 200/s)
-#   bench/run.sh --only e2e           only some parts: limit,queue,bullmq,e2e,ws (comma separated)
+#   bench/run.sh --only e2e           only some parts: limit,queue,bullmq,e2e,tracing,ws (comma separated)
 #
 # Other flags: --warmup S, --payload-bytes N, --ws-connections "10000 50000", --out DIR,
 # --skip-build, --scale-rate N. It:
@@ -15,8 +15,9 @@
 #   4. measures the limit (redis-benchmark XADD, unpipelined and -P 16), Fleet's queue hop
 #      (fleet-bench queue), the peer (BullMQ, no-op worker), then starts the fleet (dispatcher,
 #      callback-worker, exec-worker --mode echo --echo-delay-ms 0, edge-api --dev, ws-gateway
-#      --dev) and measures the whole path (fleet-bench e2e: max, 1k/s, 5k/s; fanout), then idle
-#      WebSocket capacity (fleet-bench ws-idle);
+#      --dev) and measures the whole path (fleet-bench e2e: max, 1k/s, 5k/s; fanout), the cost
+#      of tracing (the whole path with no exporter, then exporting to fleet-bench otlp-sink at
+#      0 %, 1 % and 100 % sampling), then idle WebSocket capacity (fleet-bench ws-idle);
 #   5. prints every run's table and JSON line, then the summary table, ratios and targets, and
 #      the summary's JSON line. Everything is kept in the output directory (.bench/<time>/).
 # Every process it starts is stopped by pid at the end; the machine's own Redis is not touched.
@@ -31,7 +32,7 @@ ws_connections="10000 50000"
 scaling=false
 scale_rate=200
 skip_build=false
-only="limit,queue,bullmq,e2e,ws"
+only="limit,queue,bullmq,e2e,tracing,ws"
 out=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -275,6 +276,50 @@ if $scaling && want e2e; then
   e2e e2e "${common[@]}" --sessions 64 --concurrency 256 --label scale-replicas-2-max
   e2e e2e "${common[@]}" --sessions 64 --rate "$scale_rate" --label scale-replicas-2-rate
   echo "(replicas started: $((${#fleet_pids[@]} - n_before)))"
+fi
+
+# --- 4d'. what tracing costs ------------------------------------------------------------------
+# The whole path with no exporter at all, then exporting over OTLP to a sink that only counts
+# (fleet-bench otlp-sink) with 0 %, 1 % and 100 % of the traces sampled.
+if want tracing; then
+  sink_port=$(free_port 14317)
+  "$bench" otlp-sink --addr "127.0.0.1:$sink_port" >"$out/logs/otlp-sink.log" 2>&1 &
+  pids+=($!)
+  for sampling in off 0 0.01 1; do
+    stop_fleet
+    if [ "$sampling" = off ]; then
+      unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_TRACES_SAMPLER OTEL_TRACES_SAMPLER_ARG
+    else
+      export OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$sink_port"
+      export OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$sampling
+    fi
+    start_fleet
+    log "tracing $sampling: whole path, max"
+    e2e e2e "${common[@]}" --sessions 64 --concurrency 256 --label "tracing-$sampling-max"
+    log "tracing $sampling: whole path, 1000/s"
+    e2e e2e "${common[@]}" --sessions 64 --rate 1000 --label "tracing-$sampling-1k"
+  done
+  stop_fleet
+  unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_TRACES_SAMPLER OTEL_TRACES_SAMPLER_ARG
+  log "the cost of tracing (whole path)"
+  python3 - "$results" <<'PY'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if r.get("label", "").startswith("tracing-"):
+        rows[r["label"]] = r
+print(f"{'sampling':>9} {'max tasks/s':>12} {'p99 ms @max':>12} {'p50 ms @1k/s':>13} {'p99 ms @1k/s':>13}")
+for s in ["off", "0", "0.01", "1"]:
+    m, k = rows.get(f"tracing-{s}-max"), rows.get(f"tracing-{s}-1k")
+    lat = lambda r, q: r["latency_ms"].get("final", {}).get(q, float("nan")) if r else float("nan")
+    tput = m["throughput_per_s"] if m else float("nan")
+    name = {"off": "off", "0": "0 %", "0.01": "1 %", "1": "100 %"}[s]
+    print(f"{name:>9} {tput:>12.0f} {lat(m, 'p99'):>12.2f} {lat(k, 'p50'):>13.2f} {lat(k, 'p99'):>13.2f}")
+PY
 fi
 
 # --- 4e. idle WebSocket capacity ------------------------------------------------------------

@@ -57,7 +57,10 @@ pub async fn run(args: OtlpSinkArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                eprintln!("otlp-sink: {} spans so far", s.spans.load(Ordering::Relaxed));
+                eprintln!(
+                    "otlp-sink: {} spans so far",
+                    s.spans.load(Ordering::Relaxed)
+                );
             }
         });
     }
