@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleet::envelope::{Envelope, ExecControl};
+use fleet::envelope::{Envelope, ExecControl, Message};
 use fleet::stream::entry::parse_read;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
@@ -85,45 +85,63 @@ pub struct ControlReader {
 
 impl ControlReader {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let reader = self.client.clone_new();
-        reader.init().await?;
-        let mut last = "$".to_owned();
-        while !shutdown.is_cancelled() {
-            let reply: Result<Value, _> = reader
-                .xread(Some(256), Some(1000), self.stream.as_str(), last.as_str())
-                .await;
-            let streams = match reply.map(parse_read) {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "unreadable control reply");
-                    continue;
+        follow(
+            &self.client,
+            &self.stream,
+            &shutdown,
+            |msg: ExecControl| match msg {
+                ExecControl::Cancel(c) => {
+                    if self.cancellations.cancel(&c.task_id) {
+                        tracing::info!(task_id = %c.task_id, reason = %c.reason, "cancelling task");
+                    }
                 }
+            },
+        )
+        .await
+    }
+}
+
+/// Follows control stream `stream` from its end (plain `XREAD`, no group: every reader sees
+/// every entry) until `shutdown`, handing each entry that decodes as `M` to `apply`. Entries
+/// that do not decode are logged and skipped: control entries are hints, nothing retries them.
+pub async fn follow<M: Message>(
+    client: &Client,
+    stream: &str,
+    shutdown: &CancellationToken,
+    mut apply: impl FnMut(M),
+) -> anyhow::Result<()> {
+    let reader = client.clone_new();
+    reader.init().await?;
+    let mut last = "$".to_owned();
+    while !shutdown.is_cancelled() {
+        let reply: Result<Value, _> = reader
+            .xread(Some(256), Some(1000), stream, last.as_str())
+            .await;
+        let streams = match reply.map(parse_read) {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(stream, error = %e, "unreadable control reply");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(stream, error = %e, "control read failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+        };
+        for entry in streams.into_iter().flat_map(|(_, e)| e) {
+            last = entry.id.to_string();
+            match Envelope::<M>::from_fields(&entry.fields) {
+                Ok(env) => apply(env.msg),
                 Err(e) => {
-                    tracing::warn!(error = %e, "control read failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                    continue;
-                }
-            };
-            for entry in streams.into_iter().flat_map(|(_, e)| e) {
-                last = entry.id.to_string();
-                match Envelope::<ExecControl>::from_fields(&entry.fields) {
-                    Ok(env) => match env.msg {
-                        ExecControl::Cancel(c) => {
-                            if self.cancellations.cancel(&c.task_id) {
-                                tracing::info!(task_id = %c.task_id, reason = %c.reason, "cancelling task");
-                            }
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(entry = %entry.id, error = %e, "ignoring undecodable control entry")
-                    }
+                    tracing::warn!(stream, entry = %entry.id, error = %e, "ignoring undecodable control entry")
                 }
             }
         }
-        let _ = reader.quit().await;
-        Ok(())
     }
+    let _ = reader.quit().await;
+    Ok(())
 }
