@@ -46,6 +46,23 @@ pub const CLIENTS_FILE_DESCRIPTOR_SET: &[u8] =
 /// The full name of the orchestrator service, as health checks and reflection name it.
 pub const ORCHESTRATOR_SERVICE: &str = "orchestrator.v1.OrchestratorService";
 
+/// A lazily connecting channel to the gRPC service at `addr` (`http://host:port`, or
+/// `host:port`), with `timeout` for connecting and for each call.
+pub fn lazy_channel(
+    addr: &str,
+    timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(tonic::transport::Endpoint::from_shared(uri)?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_lazy())
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fleet::task::{EndedTask, TaskState, TaskStore};
 use fleet_proto::planning::v1::UpdateTaskRequest;
 use fleet_proto::planning::v1::planning_service_client::PlanningServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Session ids of planning sessions start with this.
 pub const PLANNING_SESSION_PREFIX: &str = "plan-";
@@ -33,15 +33,7 @@ pub fn planning_status(state: TaskState) -> &'static str {
 impl PlanningNotifier {
     /// A lazily connecting client of `addr` (`http://host:port`, or `host:port`).
     pub fn new(addr: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let channel = Endpoint::from_shared(uri)?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect_lazy();
+        let channel = fleet_proto::lazy_channel(addr, timeout)?;
         Ok(Self {
             client: PlanningServiceClient::new(channel),
             timeout,

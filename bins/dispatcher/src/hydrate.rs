@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fleet_proto::context::v1::GetContextRequest;
 use fleet_proto::context::v1::context_service_client::ContextServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Phase named in `GetContext` for deliberations (subtasks name their action).
 pub const PHASE_DELIBERATION: &str = "deliberation";
@@ -22,15 +22,7 @@ pub struct ContextHydrator {
 impl ContextHydrator {
     /// A lazily connecting client of `addr` (`http://host:port`, or `host:port`).
     pub fn new(addr: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let channel = Endpoint::from_shared(uri)?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect_lazy();
+        let channel = fleet_proto::lazy_channel(addr, timeout)?;
         Ok(Self {
             client: ContextServiceClient::new(channel),
             timeout,
