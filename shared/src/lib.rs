@@ -18,12 +18,19 @@
 //! | [`telemetry`] | logs, traces and trace-context propagation |
 //! | [`config`] | flags and environment variables shared by every binary |
 //! | [`redis`] | connecting to Redis |
+//! | [`net`] | listening sockets of the front doors |
 //! | [`shutdown`] | SIGINT / SIGTERM handling and draining |
 //!
 //! Invariants: binaries talk to each other only through Redis Streams; every effect of an entry
 //! is written before the entry is acked and is idempotent; task state moves only through the
 //! scripts in [`task`], deliberation state only through those in [`deliberation::store`]; this
 //! crate never serves HTTP routes other than [`admin`].
+
+/// Every fleet binary links this crate, so this one line chooses their allocator. mimalloc:
+/// the hot paths allocate many small, short-lived buffers (stream fields, envelopes, replies),
+/// and glibc's malloc took about a fifth of the workers' CPU in profiles (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod admin;
 pub mod agent;
@@ -34,6 +41,7 @@ pub mod deliberation;
 pub mod envelope;
 pub mod events;
 pub mod keys;
+pub mod net;
 pub mod planning;
 pub mod redis;
 pub mod session;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::config::UnresponsiveConfig;
+use fred::types::config::{TcpConfig, UnresponsiveConfig};
 
 /// Why Redis could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,13 @@ pub fn client(url: &str) -> Result<Client, ConnectError> {
     let connection = ConnectionConfig {
         connection_timeout: Duration::from_secs(5),
         max_command_attempts: 3,
+        // Every request is small and waits for its reply: with Nagle's algorithm a write that
+        // follows one not yet acknowledged (a transaction's commands, pipelined requests of
+        // several tasks) would wait for the peer's delayed ACK, tens of milliseconds.
+        tcp: TcpConfig {
+            nodelay: Some(true),
+            ..Default::default()
+        },
         unresponsive: UnresponsiveConfig {
             max_timeout: Some(Duration::from_secs(10)),
             interval: Duration::from_secs(1),

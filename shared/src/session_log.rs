@@ -19,6 +19,7 @@ use fred::types::streams::XCap;
 
 use crate::keys::Keys;
 use crate::stream::entry::{StreamEntry, StreamId, parse_entries};
+use crate::stream::producer::xadd_all;
 use crate::task::Applied;
 
 /// An event a script appended to a session log.
@@ -131,6 +132,20 @@ impl SessionLog {
             .collect()
     }
 
+    /// The fields of the fan-out entry of `ev`, with the trace context `tp` when traced.
+    fn fanout_fields(sid: &str, ev: &LoggedEvent, tp: Option<&str>) -> Vec<(&'static str, Bytes)> {
+        let mut fields: Vec<(&str, Bytes)> = vec![
+            ("s", Bytes::from(sid.to_owned())),
+            ("e", Bytes::from(ev.event_id.clone())),
+            ("p", Bytes::from(ev.prev.clone())),
+            ("d", Bytes::from(ev.json.clone())),
+        ];
+        if let Some(tp) = tp {
+            fields.push(("tp", Bytes::from(tp.to_owned())));
+        }
+        fields
+    }
+
     /// Queues on `pipeline` the fan-out of `events` of session `sid`.
     pub async fn queue_fanout(
         &self,
@@ -141,17 +156,14 @@ impl SessionLog {
         let key = self.fanout_key(sid);
         let tp = crate::telemetry::current_traceparent();
         for ev in events {
-            let mut fields: Vec<(&str, Bytes)> = vec![
-                ("s", Bytes::from(sid.to_owned())),
-                ("e", Bytes::from(ev.event_id.clone())),
-                ("p", Bytes::from(ev.prev.clone())),
-                ("d", Bytes::from(ev.json.clone())),
-            ];
-            if let Some(tp) = &tp {
-                fields.push(("tp", Bytes::from(tp.clone())));
-            }
             pipeline
-                .xadd::<(), _, _, _, _>(key.as_str(), false, self.cap()?, "*", fields)
+                .xadd::<(), _, _, _, _>(
+                    key.as_str(),
+                    false,
+                    self.cap()?,
+                    "*",
+                    Self::fanout_fields(sid, ev, tp.as_deref()),
+                )
                 .await?;
         }
         Ok(())
@@ -169,49 +181,89 @@ impl SessionLog {
         if last_event_id.is_empty() {
             return Ok(());
         }
-        let fields: Vec<(&str, Bytes)> = vec![
-            ("s", Bytes::from(sid.to_owned())),
-            ("e", Bytes::from(last_event_id.to_owned())),
-        ];
         pipeline
             .xadd::<(), _, _, _, _>(
                 self.fanout_key(sid).as_str(),
                 false,
                 self.cap()?,
                 "*",
-                fields,
+                Self::nudge_fields(sid, last_event_id),
             )
             .await
     }
 
-    /// Queues on `pipeline` what must follow an `apply` of session `sid`: the fan-out of its
-    /// events, and the removal of the tasks it ended from the deadline set. With `nudge`, also a
-    /// nudge when the call appended nothing (a redelivered entry whose events were logged by
-    /// an earlier delivery whose fan-out may be missing). Returns whether it queued anything.
-    pub async fn queue_applied(
+    /// The fields of a nudge: a fan-out entry without payload.
+    fn nudge_fields(sid: &str, last_event_id: &str) -> Vec<(&'static str, Bytes)> {
+        vec![
+            ("s", Bytes::from(sid.to_owned())),
+            ("e", Bytes::from(last_event_id.to_owned())),
+        ]
+    }
+
+    /// Writes what must follow an `apply` of session `sid`, in one round trip: the fan-out of
+    /// its events, and the removal of the tasks it ended from the deadline set. With `nudge`,
+    /// also a nudge when the call appended nothing (a redelivered entry whose events were
+    /// logged by an earlier delivery whose fan-out may be missing).
+    ///
+    /// Two or more events go to the shard in one command ([`xadd_all`]), so that a gateway reads
+    /// them in one XREAD. Commands sent together on one connection share its round trip, so the
+    /// deadline removal runs beside the fan-out, not after it.
+    pub async fn publish_applied(
         &self,
-        pipeline: &Pipeline<Client>,
         sid: &str,
         applied: &Applied,
         nudge: bool,
-    ) -> Result<bool, Error> {
-        let mut queued = !applied.events.is_empty();
-        self.queue_fanout(pipeline, sid, &applied.events).await?;
-        if nudge && applied.events.is_empty() && !applied.last_event_id.is_empty() {
-            self.queue_nudge(pipeline, sid, &applied.last_event_id)
-                .await?;
-            queued = true;
-        }
-        if !applied.ended.is_empty() {
-            queued = true;
+    ) -> Result<(), Error> {
+        let key = self.fanout_key(sid);
+        let fan_out = async {
+            match applied.events.as_slice() {
+                [] if nudge && !applied.last_event_id.is_empty() => {
+                    let fields = Self::nudge_fields(sid, &applied.last_event_id);
+                    let _: Value = self
+                        .client
+                        .xadd(key.as_str(), false, self.cap()?, "*", fields)
+                        .await?;
+                }
+                [] => {}
+                [ev] => {
+                    let tp = crate::telemetry::current_traceparent();
+                    let _: Value = self
+                        .client
+                        .xadd(
+                            key.as_str(),
+                            false,
+                            self.cap()?,
+                            "*",
+                            Self::fanout_fields(sid, ev, tp.as_deref()),
+                        )
+                        .await?;
+                }
+                events => {
+                    let tp = crate::telemetry::current_traceparent();
+                    let entries = events
+                        .iter()
+                        .map(|ev| Self::fanout_fields(sid, ev, tp.as_deref()))
+                        .collect();
+                    xadd_all(&self.client, &key, Some(self.fanout.maxlen), entries).await?;
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        let drop_deadlines = async {
+            if applied.ended.is_empty() {
+                return Ok(());
+            }
             let members: Vec<String> = applied
                 .ended
                 .iter()
                 .map(|t| format!("{sid}/{}", t.task_id))
                 .collect();
-            let _: () = pipeline.zrem(self.keys.deadlines(), members).await?;
-        }
-        Ok(queued)
+            self.client
+                .zrem::<(), _, _>(self.keys.deadlines(), members)
+                .await
+        };
+        futures::future::try_join(fan_out, drop_deadlines).await?;
+        Ok(())
     }
 
     fn cap(&self) -> Result<XCap, Error> {

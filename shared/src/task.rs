@@ -116,11 +116,13 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 });
 
 impl Scripts {
-    /// `SCRIPT LOAD`s every script (on every primary in cluster mode).
+    /// `SCRIPT LOAD`s every script (on every primary in cluster mode), and the streams'
+    /// [`XADD_ALL`](crate::stream::producer::XADD_ALL).
     pub async fn load(&self, client: &Client) -> Result<(), Error> {
         for s in [&self.create, &self.reserve, &self.dispatch, &self.apply] {
             s.load(client).await?;
         }
+        crate::stream::producer::XADD_ALL.load(client).await?;
         Ok(())
     }
 }

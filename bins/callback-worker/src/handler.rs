@@ -10,7 +10,6 @@ use fleet::session_log::SessionLog;
 use fleet::stream::{Delivery, Handler, Outcome};
 use fleet::task::{OpStatus, TaskOp, TaskStore};
 use fleet::time::now_ms;
-use fred::prelude::*;
 use serde_json::json;
 use tracing::Instrument;
 
@@ -232,14 +231,7 @@ impl CallbackHandler {
             .unzip();
         let result = async {
             let applied = self.tasks.apply(sid, &ops).await?;
-            let pipeline = self.tasks.client().pipeline();
-            if self
-                .log
-                .queue_applied(&pipeline, sid, &applied, redelivered)
-                .await?
-            {
-                let _: Vec<Value> = pipeline.all().await?;
-            }
+            self.log.publish_applied(sid, &applied, redelivered).await?;
             Ok::<_, anyhow::Error>(applied)
         }
         .instrument(span)

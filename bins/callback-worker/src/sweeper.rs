@@ -104,14 +104,7 @@ impl Sweeper {
                 })
                 .collect();
             let applied = self.tasks.apply(sid, &ops).await?;
-            let pipeline = client.pipeline();
-            if self
-                .log
-                .queue_applied(&pipeline, sid, &applied, false)
-                .await?
-            {
-                let _: Vec<Value> = pipeline.all().await?;
-            }
+            self.log.publish_applied(sid, &applied, false).await?;
             if let Some(p) = &self.planning {
                 p.tasks_ended(&self.tasks, sid, &applied.ended);
             }

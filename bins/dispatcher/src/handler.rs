@@ -517,14 +517,7 @@ impl Dispatcher {
 
     /// Fans out the events of an apply and drops ended tasks from the deadline set.
     async fn publish(&self, sid: &str, applied: &Applied, redelivered: bool) -> Result<()> {
-        let pipeline = self.tasks.client().pipeline();
-        if self
-            .log
-            .queue_applied(&pipeline, sid, applied, redelivered)
-            .await?
-        {
-            let _: Vec<Value> = pipeline.all().await?;
-        }
+        self.log.publish_applied(sid, applied, redelivered).await?;
         Ok(())
     }
 }

@@ -330,7 +330,7 @@ impl App {
         let signal = shutdown.clone().cancelled_owned();
         let mut server = tokio::spawn(
             axum::serve(
-                self.listener,
+                fleet::net::no_delay(self.listener),
                 router.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(signal)

@@ -7,7 +7,6 @@ use fleet::envelope::{
 };
 use fleet::stream::{Delivery, Handler, Outcome, Producer};
 use fleet::time::now_ms;
-use fred::prelude::*;
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -72,16 +71,10 @@ impl<'a> Emitter<'a> {
         Ok(())
     }
 
-    /// Writes whatever is held.
-    pub async fn flush(&mut self, client: &Client) -> anyhow::Result<()> {
-        if self.held.is_empty() {
-            return Ok(());
-        }
-        let pipeline = client.pipeline();
-        for env in self.held.drain(..) {
-            self.producer.queue(&pipeline, &env).await?;
-        }
-        let _: Vec<Value> = pipeline.all().await?;
+    /// Writes whatever is held, in one round trip that a consumer reads as one batch.
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.producer.send_all(&self.held).await?;
+        self.held.clear();
         Ok(())
     }
 
@@ -220,13 +213,9 @@ impl Executor {
             Ending::Stopped => "stopped",
         };
         emit.end(ending).await?;
-        emit.flush(self.callbacks_client()).await?;
+        emit.flush().await?;
         metrics::counter!("fleet_exec_tasks_total", "outcome" => outcome).increment(1);
         Ok(())
-    }
-
-    fn callbacks_client(&self) -> &Client {
-        self.callbacks.client()
     }
 }
 

@@ -265,8 +265,11 @@ impl App {
         workers.close();
 
         let closing = gateway.closing.clone();
-        let server = axum::serve(listener, routes::router(gateway.clone()))
-            .with_graceful_shutdown(closing.clone().cancelled_owned());
+        let server = axum::serve(
+            fleet::net::no_delay(listener),
+            routes::router(gateway.clone()),
+        )
+        .with_graceful_shutdown(closing.clone().cancelled_owned());
         let mut server = tokio::spawn(async move { server.await });
         tracing::info!("ws-gateway serving");
 

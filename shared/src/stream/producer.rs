@@ -1,7 +1,11 @@
 //! Writing envelopes to streams.
 
+use std::sync::LazyLock;
+
+use bytes::Bytes;
 use fred::clients::Pipeline;
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use fred::types::streams::XCap;
 
 use super::entry::{StreamId, parse_id};
@@ -34,6 +38,62 @@ pub async fn send<M: Message>(
         .xadd(stream, false, cap(maxlen)?, "*", env.to_fields()?)
         .await?;
     parse_id(id).map_err(|e| ProduceError::Redis(Error::new(ErrorKind::Protocol, e.to_string())))
+}
+
+/// XADDs every envelope of `envs` to `stream`, in order, in one command, so that a consumer
+/// blocked on the stream reads them in one batch (see [`xadd_all`]).
+pub async fn send_all<M: Message>(
+    client: &Client,
+    stream: &str,
+    maxlen: Option<u64>,
+    envs: &[Envelope<M>],
+) -> Result<(), ProduceError> {
+    match envs {
+        [] => Ok(()),
+        [one] => send(client, stream, maxlen, one).await.map(drop),
+        many => {
+            let entries = many
+                .iter()
+                .map(Envelope::to_fields)
+                .collect::<Result<Vec<_>, _>>()?;
+            xadd_all(client, stream, maxlen, entries).await?;
+            Ok(())
+        }
+    }
+}
+
+/// `stream/xadd_all.lua`: several XADDs to one stream as one command.
+pub static XADD_ALL: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("xadd_all.lua")));
+
+/// XADDs `entries` (each a list of field/value pairs) to `stream` in one command. Redis serves a
+/// reader blocked on a stream after each command, so the entries of a pipeline reach it over two
+/// reads (the first alone, then the rest) while those of one command arrive in one read: one
+/// batch, one handler call, one ack downstream. (`MULTI`/`EXEC` would do the same, but a
+/// transaction holds the multiplexed connection until it completes.) Returns the entry ids.
+pub async fn xadd_all(
+    client: &Client,
+    stream: &str,
+    maxlen: Option<u64>,
+    entries: Vec<Vec<(&'static str, Bytes)>>,
+) -> Result<Vec<StreamId>, Error> {
+    let mut args: Vec<Value> =
+        Vec::with_capacity(1 + entries.iter().map(|e| 1 + 2 * e.len()).sum::<usize>());
+    args.push((maxlen.unwrap_or(0) as i64).into());
+    for fields in entries {
+        args.push((fields.len() as i64).into());
+        for (name, value) in fields {
+            args.push(name.into());
+            args.push(Value::Bytes(value));
+        }
+    }
+    let ids: Value = XADD_ALL
+        .evalsha_with_reload(client, vec![stream.to_owned()], args)
+        .await?;
+    ids.into_array()
+        .into_iter()
+        .map(|id| parse_id(id).map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())))
+        .collect()
 }
 
 /// Queues the XADD of `env` on `pipeline`.
@@ -76,6 +136,11 @@ impl Producer {
 
     pub async fn send<M: Message>(&self, env: &Envelope<M>) -> Result<StreamId, ProduceError> {
         send(&self.client, &self.stream, self.maxlen, env).await
+    }
+
+    /// See [`send_all`].
+    pub async fn send_all<M: Message>(&self, envs: &[Envelope<M>]) -> Result<(), ProduceError> {
+        send_all(&self.client, &self.stream, self.maxlen, envs).await
     }
 
     pub async fn queue<M: Message>(

@@ -427,7 +427,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(OrchestratorServiceServer::new(orchestrator))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             signal,
         )
         .await?;
