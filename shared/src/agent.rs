@@ -156,7 +156,12 @@ pub struct AgentStore {
     client: Client,
     keys: Keys,
     cache: Arc<Mutex<HashMap<String, CachedAgent>>>,
+    /// The agent of each session seen here: set when the session opens, never changed.
+    session_agents: Arc<Mutex<HashMap<String, String>>>,
 }
+
+/// Sessions whose agent [`AgentStore::of_session`] remembers; past this it starts over.
+const SESSION_AGENTS_KEPT: usize = 100_000;
 
 impl AgentStore {
     pub fn new(client: Client, keys: Keys) -> Self {
@@ -164,7 +169,25 @@ impl AgentStore {
             client,
             keys,
             cache: Arc::default(),
+            session_agents: Arc::default(),
         }
+    }
+
+    /// The agent of session `sid` (`None`: no such session). A session's agent is fixed when it
+    /// opens, so after the first read this costs no round trip.
+    pub async fn of_session(&self, sid: &str) -> Result<Option<String>, AgentError> {
+        if let Some(agent) = self.session_agents.lock().expect("session agents").get(sid) {
+            return Ok(Some(agent.clone()));
+        }
+        let agent: Option<String> = self.client.hget(self.keys.session(sid), "agent_id").await?;
+        if let Some(a) = &agent {
+            let mut known = self.session_agents.lock().expect("session agents");
+            if known.len() >= SESSION_AGENTS_KEPT {
+                known.clear();
+            }
+            known.insert(sid.to_owned(), a.clone());
+        }
+        Ok(agent)
     }
 
     /// Creates or replaces an agent. Returns whether it existed before.

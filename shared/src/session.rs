@@ -490,10 +490,7 @@ impl Chat {
             .clone()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
         // The deadline follows the agent's timeout; the agent is read through the cache.
-        let agent_id: Option<String> = self
-            .client()
-            .hget(self.keys().session(sid), "agent_id")
-            .await?;
+        let agent_id = self.agents.of_session(sid).await?;
         let timeout = match &agent_id {
             Some(a) => self
                 .agents

@@ -345,3 +345,60 @@ async fn group_gauges_report_lag_pending_and_the_oldest_pending_age() {
     assert_eq!(line("fleet_stream_pending{"), 1.0);
     assert!(line("fleet_stream_oldest_pending_age_seconds{") >= 0.0);
 }
+
+/// Reports the task ids of each batch it is handed.
+struct Batches(mpsc::UnboundedSender<Vec<String>>);
+
+impl Handler for Batches {
+    type Msg = TaskCommand;
+
+    async fn handle(&self, batch: Vec<Delivery<TaskCommand>>) -> Vec<Outcome> {
+        let ids = batch
+            .iter()
+            .map(|d| match &d.envelope.msg {
+                TaskCommand::Cancel(c) => c.task_id.clone(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        self.0.send(ids).unwrap();
+        vec![Outcome::Ack; batch.len()]
+    }
+}
+
+#[tokio::test]
+async fn entries_sent_together_reach_a_blocked_reader_as_one_batch() {
+    let (client, keys) = setup().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let mut cfg = config(&keys, "c1");
+    cfg.block = Duration::from_secs(2);
+    cfg.claim_idle = Duration::from_secs(30);
+    let run = tokio::spawn(ConsumerLoop::new(cfg, client.clone(), Batches(tx)).run(stop.clone()));
+    // Its XREADGROUP blocks: the stream is empty. (Each test process has a Redis of its own;
+    // where tests share one, another's blocked reader can only make this test pass without
+    // showing anything, never fail.)
+    eventually(Duration::from_secs(5), "the reader to block", || async {
+        let info: String = client
+            .info(Some(fred::types::InfoKind::Clients))
+            .await
+            .ok()?;
+        let blocked = info
+            .lines()
+            .find_map(|l| l.strip_prefix("blocked_clients:"))
+            .and_then(|n| n.trim().parse::<u32>().ok())?;
+        (blocked > 0).then_some(())
+    })
+    .await;
+
+    let envs = [cancel("a"), cancel("b"), cancel("c")];
+    producer::send_all(&client, &keys.tasks(), None, &envs)
+        .await
+        .unwrap();
+    assert_eq!(
+        rx.recv().await.unwrap(),
+        ["a", "b", "c"],
+        "one read, one batch, in order"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
