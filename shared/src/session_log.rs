@@ -214,40 +214,20 @@ impl SessionLog {
         applied: &Applied,
         nudge: bool,
     ) -> Result<(), Error> {
-        let key = self.fanout_key(sid);
         let fan_out = async {
-            match applied.events.as_slice() {
-                [] if nudge && !applied.last_event_id.is_empty() => {
-                    let fields = Self::nudge_fields(sid, &applied.last_event_id);
-                    let _: Value = self
-                        .client
-                        .xadd(key.as_str(), false, self.cap()?, "*", fields)
-                        .await?;
-                }
-                [] => {}
-                [ev] => {
-                    let tp = crate::telemetry::current_traceparent();
-                    let _: Value = self
-                        .client
-                        .xadd(
-                            key.as_str(),
-                            false,
-                            self.cap()?,
-                            "*",
-                            Self::fanout_fields(sid, ev, tp.as_deref()),
-                        )
-                        .await?;
-                }
-                events => {
-                    let tp = crate::telemetry::current_traceparent();
-                    let entries = events
-                        .iter()
-                        .map(|ev| Self::fanout_fields(sid, ev, tp.as_deref()))
-                        .collect();
-                    xadd_all(&self.client, &key, Some(self.fanout.maxlen), entries).await?;
-                }
+            let tp = crate::telemetry::current_traceparent();
+            let mut entries: Vec<_> = applied
+                .events
+                .iter()
+                .map(|ev| Self::fanout_fields(sid, ev, tp.as_deref()))
+                .collect();
+            if entries.is_empty() && nudge && !applied.last_event_id.is_empty() {
+                entries.push(Self::nudge_fields(sid, &applied.last_event_id));
             }
-            Ok::<_, Error>(())
+            let key = self.fanout_key(sid);
+            xadd_all(&self.client, &key, Some(self.fanout.maxlen), entries)
+                .await
+                .map(drop)
         };
         let drop_deadlines = async {
             if applied.ended.is_empty() {

@@ -239,6 +239,13 @@ pub fn parse_traceparent(tp: &str) -> Option<SpanContext> {
     sc.is_valid().then_some(sc)
 }
 
+/// Makes a server `span` a child of the caller's span, from the request's `traceparent` header
+/// (HTTP and gRPC alike), when it carries one.
+pub fn continue_from_headers(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    continue_from(span, tp, false);
+}
+
 /// Makes `span` a child of the writer of an entry (its `tp`), so every hop of a task is one
 /// trace. A redelivered entry's span also links the writer (and says `fleet.redelivered`), so
 /// each retry shows as a second consumer span under the same parent, marked as such.

@@ -305,7 +305,11 @@ pub const REPORT_KIND: &str = "fleet-bench-report";
 /// Prints a report: the table on stderr-free stdout, then the JSON line last.
 pub fn emit(report: &Report, json_out: Option<&std::path::Path>) -> anyhow::Result<()> {
     print!("{}", report.table());
-    let line = report.json_line();
+    emit_json_line(&report.json_line(), json_out)
+}
+
+/// Prints a JSON line and appends it to `json_out` when given.
+pub fn emit_json_line(line: &str, json_out: Option<&std::path::Path>) -> anyhow::Result<()> {
     println!("{line}");
     if let Some(path) = json_out {
         use std::io::Write;

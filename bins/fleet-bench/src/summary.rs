@@ -387,16 +387,7 @@ pub fn run(args: SummarizeArgs) -> anyhow::Result<()> {
         "ratios": ratios,
         "targets": targets,
     }))?;
-    println!("{line}");
-    if let Some(path) = &args.json_out {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        writeln!(f, "{line}")?;
-    }
-    Ok(())
+    crate::report::emit_json_line(&line, args.json_out.as_deref())
 }
 
 #[cfg(test)]

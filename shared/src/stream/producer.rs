@@ -37,7 +37,12 @@ pub async fn send<M: Message>(
     let id: Value = client
         .xadd(stream, false, cap(maxlen)?, "*", env.to_fields()?)
         .await?;
-    parse_id(id).map_err(|e| ProduceError::Redis(Error::new(ErrorKind::Protocol, e.to_string())))
+    Ok(entry_id(id)?)
+}
+
+/// An XADD reply as an entry id.
+fn entry_id(reply: Value) -> Result<StreamId, Error> {
+    parse_id(reply).map_err(|e| Error::new(ErrorKind::Protocol, e.to_string()))
 }
 
 /// XADDs every envelope of `envs` to `stream`, in order, in one command, so that a consumer
@@ -48,35 +53,39 @@ pub async fn send_all<M: Message>(
     maxlen: Option<u64>,
     envs: &[Envelope<M>],
 ) -> Result<(), ProduceError> {
-    match envs {
-        [] => Ok(()),
-        [one] => send(client, stream, maxlen, one).await.map(drop),
-        many => {
-            let entries = many
-                .iter()
-                .map(Envelope::to_fields)
-                .collect::<Result<Vec<_>, _>>()?;
-            xadd_all(client, stream, maxlen, entries).await?;
-            Ok(())
-        }
-    }
+    let entries = envs
+        .iter()
+        .map(Envelope::to_fields)
+        .collect::<Result<Vec<_>, _>>()?;
+    xadd_all(client, stream, maxlen, entries).await?;
+    Ok(())
 }
 
 /// `stream/xadd_all.lua`: several XADDs to one stream as one command.
 pub static XADD_ALL: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("xadd_all.lua")));
 
-/// XADDs `entries` (each a list of field/value pairs) to `stream` in one command. Redis serves a
-/// reader blocked on a stream after each command, so the entries of a pipeline reach it over two
-/// reads (the first alone, then the rest) while those of one command arrive in one read: one
-/// batch, one handler call, one ack downstream. (`MULTI`/`EXEC` would do the same, but a
-/// transaction holds the multiplexed connection until it completes.) Returns the entry ids.
+/// XADDs `entries` (each a list of field/value pairs) to `stream` in one command: a plain XADD
+/// for one entry, [`XADD_ALL`] for more. Redis serves a reader blocked on a stream after each
+/// command, so the entries of a pipeline reach it over two reads (the first alone, then the
+/// rest) while those of one command arrive in one read: one batch, one handler call, one ack
+/// downstream. (`MULTI`/`EXEC` would do the same, but a transaction holds the multiplexed
+/// connection until it completes.) Returns the entry ids.
 pub async fn xadd_all(
     client: &Client,
     stream: &str,
     maxlen: Option<u64>,
-    entries: Vec<Vec<(&'static str, Bytes)>>,
+    mut entries: Vec<Vec<(&'static str, Bytes)>>,
 ) -> Result<Vec<StreamId>, Error> {
+    if entries.len() <= 1 {
+        let Some(fields) = entries.pop() else {
+            return Ok(Vec::new());
+        };
+        let id: Value = client
+            .xadd(stream, false, cap(maxlen)?, "*", fields)
+            .await?;
+        return Ok(vec![entry_id(id)?]);
+    }
     let mut args: Vec<Value> =
         Vec::with_capacity(1 + entries.iter().map(|e| 1 + 2 * e.len()).sum::<usize>());
     args.push((maxlen.unwrap_or(0) as i64).into());
@@ -90,10 +99,7 @@ pub async fn xadd_all(
     let ids: Value = XADD_ALL
         .evalsha_with_reload(client, vec![stream.to_owned()], args)
         .await?;
-    ids.into_array()
-        .into_iter()
-        .map(|id| parse_id(id).map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())))
-        .collect()
+    ids.into_array().into_iter().map(entry_id).collect()
 }
 
 /// Queues the XADD of `env` on `pipeline`.

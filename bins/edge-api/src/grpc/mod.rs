@@ -162,11 +162,7 @@ fn rpc_span(req: &http::Request<()>) -> tracing::Span {
         rpc.method = %method,
         rpc.grpc.status_code = tracing::field::Empty,
     );
-    let tp = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok());
-    fleet::telemetry::continue_from(&span, tp, false);
+    fleet::telemetry::continue_from_headers(&span, req.headers());
     span
 }
 

@@ -123,11 +123,7 @@ fn http_span(req: &Request) -> tracing::Span {
         url.path = %req.uri().path(),
         http.response.status_code = tracing::field::Empty,
     );
-    let tp = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok());
-    fleet::telemetry::continue_from(&span, tp, false);
+    fleet::telemetry::continue_from_headers(&span, req.headers());
     span
 }
 
