@@ -16,6 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 what=${1:-}
 [ -n "$what" ] || { sed -n '2,17p' "$0"; exit 2; }
@@ -52,22 +54,9 @@ pids=()
 redis_pid=""
 cleanup() {
   trap - EXIT INT TERM
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  if [ -n "$redis_pid" ]; then kill -TERM "$redis_pid" 2>/dev/null || true; fi
-  wait 2>/dev/null || true
+  stop_all
 }
 trap cleanup EXIT INT TERM
-
-free_port() {
-  local p=$1
-  while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
-  echo "$p"
-}
 
 redis_port=$(free_port 6450)
 "$(command -v redis-server || echo /usr/sbin/redis-server)" --port "$redis_port" --bind 127.0.0.1 \

@@ -24,6 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 duration=10
 warmup=2
@@ -60,19 +62,7 @@ pids=()
 redis_pid=""
 cleanup() {
   trap - EXIT INT TERM
-  local p
-  # The fleet first (it drains through Redis), Redis last.
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  if [ -n "$redis_pid" ]; then
-    kill -TERM "$redis_pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$redis_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$redis_pid" 2>/dev/null || true
-  fi
-  wait 2>/dev/null || true
+  stop_all
 }
 trap cleanup EXIT INT TERM
 
@@ -132,12 +122,6 @@ nofile=$(ulimit -n)
   echo "open files limit: $nofile"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$out/machine.txt"
-
-free_port() {
-  local p=$1
-  while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
-  echo "$p"
-}
 
 # --- 3. Redis -------------------------------------------------------------------------------
 redis_port=$(free_port 6400)
