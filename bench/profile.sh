@@ -78,11 +78,12 @@ export FLEET_CLAIM_IDLE_MS=600000
 fleet_pids=()
 start() {
   local name=$1 admin=$2; shift 2
+  # One runtime thread per fleet process, as bench/run.sh runs them.
   if [ "$name" = "$what" ]; then
-    FLEET_ADMIN_ADDR="127.0.0.1:$admin" valgrind --tool=callgrind --instr-atstart=no \
+    TOKIO_WORKER_THREADS=1 FLEET_ADMIN_ADDR="127.0.0.1:$admin" valgrind --tool=callgrind --instr-atstart=no \
       --callgrind-out-file="$out/callgrind.out.$name" "$bin/$name" "$@" >>"$out/logs/$name.log" 2>&1 &
   else
-    FLEET_ADMIN_ADDR="127.0.0.1:$admin" "$bin/$name" "$@" >>"$out/logs/$name.log" 2>&1 &
+    TOKIO_WORKER_THREADS=1 FLEET_ADMIN_ADDR="127.0.0.1:$admin" "$bin/$name" "$@" >>"$out/logs/$name.log" 2>&1 &
   fi
   pids+=($!)
   fleet_pids+=("$name=$!")

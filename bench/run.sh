@@ -8,7 +8,8 @@
 #   bench/run.sh --only e2e           only some parts: limit,queue,bullmq,e2e,tracing,ws (comma separated)
 #
 # Other flags: --warmup S, --payload-bytes N, --ws-connections "10000 50000", --out DIR,
-# --skip-build, --scale-rate N. It:
+# --skip-build, --scale-rate N, --worker-threads N (runtime threads of each fleet process,
+# default 1: what a pod limited to one CPU gets, see docs/deploy.md). It:
 #   1. installs what is missing (redis-server and redis-tools with apt-get, BullMQ with npm ci, or npm install);
 #   2. builds the release binaries (cargo build --release --workspace --bins);
 #   3. starts its own redis-server on a free port, persistence off (no RDB, no AOF) for every run;
@@ -34,6 +35,7 @@ ws_connections="10000 50000"
 scaling=false
 scale_rate=200
 skip_build=false
+worker_threads=1
 only="limit,queue,bullmq,e2e,tracing,ws"
 out=""
 while [ $# -gt 0 ]; do
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
     --scaling) scaling=true; shift ;;
     --scale-rate) scale_rate=$2; shift 2 ;;
     --skip-build) skip_build=true; shift ;;
+    --worker-threads) worker_threads=$2; shift 2 ;;
     --only) only=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     -h|--help) sed -n '2,/^# Every process/p' "$0"; exit 0 ;;
@@ -120,6 +123,7 @@ nofile=$(ulimit -n)
   echo "redis: $("$redis_server" --version | awk '{print $3}')"
   echo "node: $(node --version 2>/dev/null || echo none)"
   echo "open files limit: $nofile"
+  echo "runtime threads per fleet process: $worker_threads (TOKIO_WORKER_THREADS)"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$out/machine.txt"
 
@@ -177,7 +181,8 @@ start_fleet() {
   export RUST_LOG="${FLEET_BENCH_RUST_LOG:-warn}"
   start() {
     local name=$1 admin=$2; shift 2
-    FLEET_ADMIN_ADDR="127.0.0.1:$admin" "$bin/$name" "$@" >>"$out/logs/$name.log" 2>&1 &
+    TOKIO_WORKER_THREADS="$worker_threads" FLEET_ADMIN_ADDR="127.0.0.1:$admin" \
+      "$bin/$name" "$@" >>"$out/logs/$name.log" 2>&1 &
     pids+=($!)
     fleet_pids+=("$name=$!")
   }

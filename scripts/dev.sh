@@ -50,9 +50,10 @@ export FLEET_PUBLIC_WS_URL="ws://127.0.0.1:$gateway"
 export FLEET_DEV=true
 export RUST_LOG="${RUST_LOG:-info}"
 
+# One runtime thread per process: five binaries share this machine's cores (docs/deploy.md).
 start() {
   local name=$1; shift
-  "$bin/$name" "$@" >"$dev/logs/$name.log" 2>&1 &
+  TOKIO_WORKER_THREADS="${TOKIO_WORKER_THREADS:-1}" "$bin/$name" "$@" >"$dev/logs/$name.log" 2>&1 &
   pids+=($!)
 }
 start dispatcher --admin-addr "127.0.0.1:$(free_port 9101)"
