@@ -24,8 +24,9 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -82,17 +83,7 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let dispatch_cell = Arc::new(OnceLock::new());
-    let fmt_json = json.then(|| {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .map_event_format(|inner| WithTraceIds {
-                inner,
-                dispatch: dispatch_cell.clone(),
-            })
-            .with_writer(std::io::stderr)
-    });
+    let fmt_json = json.then(|| json_layer(dispatch_cell.clone(), std::io::stderr));
     let fmt_pretty = (!json).then(|| {
         tracing_subscriber::fmt::layer()
             .compact()
@@ -141,6 +132,21 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
     let _ = dispatch_cell.set(dispatch.downgrade());
     dispatch.try_init()?;
     Ok(Telemetry { provider })
+}
+
+/// The JSON log layer writing to `writer`; `dispatch` is set to the subscriber's dispatch once
+/// it is built (see [`WithTraceIds`]).
+fn json_layer<S, W>(dispatch: Arc<OnceLock<WeakDispatch>>, writer: W) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .with_current_span(true)
+        .with_span_list(false)
+        .map_event_format(|inner| WithTraceIds { inner, dispatch })
+        .with_writer(writer)
 }
 
 /// JSON log lines that start with the `trace_id` and `span_id` of the span they were written
@@ -295,17 +301,7 @@ mod tests {
         let dispatch = Dispatch::new(
             tracing_subscriber::registry()
                 .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
-                .with(
-                    tracing_subscriber::fmt::layer()
-                        .json()
-                        .with_current_span(true)
-                        .with_span_list(false)
-                        .map_event_format(|inner| WithTraceIds {
-                            inner,
-                            dispatch: cell.clone(),
-                        })
-                        .with_writer(move || writer.clone()),
-                ),
+                .with(json_layer(cell.clone(), move || writer.clone())),
         );
         cell.set(dispatch.downgrade()).unwrap();
         let tp = tracing::dispatcher::with_default(&dispatch, || {

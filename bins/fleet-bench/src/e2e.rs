@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::driver::{self, Meter};
 use crate::report::{self, Percentiles, Report};
 use crate::schedule::{Load, Window};
-use crate::{Observe, RunArgs};
+use crate::{FleetArgs, Observe, RunArgs};
 
 /// How tasks are submitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -40,15 +40,8 @@ pub enum Via {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct E2eArgs {
-    /// edge-api base URL.
-    #[arg(long, env = "FLEET_API_URL", default_value = "http://127.0.0.1:8001")]
-    pub api: String,
-    /// ws-gateway base URL.
-    #[arg(long, env = "FLEET_WS_URL", default_value = "ws://127.0.0.1:8002")]
-    pub ws: String,
-    /// The agent every session talks to (an echo agent without delay measures the fleet).
-    #[arg(long, default_value = "bench")]
-    pub agent: String,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Sessions, each with its own WebSocket.
     #[arg(long, default_value_t = 64)]
     pub sessions: usize,
@@ -167,15 +160,14 @@ async fn init_session(http: &reqwest::Client, api: &str, agent: &str) -> anyhow:
     })
 }
 
-/// Opens `n` sessions, `parallel` at a time.
+/// Opens `n` sessions (at least one) with `fleet`'s agent, 32 at a time.
 pub(crate) async fn open_sessions(
     http: &reqwest::Client,
-    api: &str,
-    agent: &str,
+    fleet: &FleetArgs,
     n: usize,
 ) -> anyhow::Result<Vec<(String, String)>> {
-    let sessions: Vec<anyhow::Result<Session>> = futures::stream::iter(0..n)
-        .map(|_| init_session(http, api, agent))
+    let sessions: Vec<anyhow::Result<Session>> = futures::stream::iter(0..n.max(1))
+        .map(|_| init_session(http, &fleet.api, &fleet.agent))
         .buffer_unordered(32)
         .collect()
         .await;
@@ -458,7 +450,7 @@ pub async fn run(args: E2eArgs, mode: &str) -> anyhow::Result<Report> {
         args.sessions,
         args.sessions * (1 + args.watchers)
     );
-    let ids = open_sessions(&http, &args.api, &args.agent, args.sessions.max(1)).await?;
+    let ids = open_sessions(&http, &args.fleet, args.sessions).await?;
     let sessions: Vec<Arc<Session>> = ids
         .into_iter()
         .map(|(id, token)| {
@@ -481,7 +473,7 @@ pub async fn run(args: E2eArgs, mode: &str) -> anyhow::Result<Report> {
         let results: Vec<anyhow::Result<(usize, bool, Ws)>> = futures::stream::iter(wanted)
             .map(|(i, main)| {
                 let s = sessions[i].clone();
-                let base = args.ws.clone();
+                let base = args.fleet.ws.clone();
                 async move { connect(&base, &s).await.map(|ws| (i, main, ws)) }
             })
             .buffer_unordered(64)
@@ -534,7 +526,7 @@ pub async fn run(args: E2eArgs, mode: &str) -> anyhow::Result<Report> {
                     let keep = tx;
                     writers.spawn(submit_rest(
                         http.clone(),
-                        args.api.clone(),
+                        args.fleet.api.clone(),
                         jrx,
                         Submitter {
                             session,
@@ -643,9 +635,9 @@ pub async fn run(args: E2eArgs, mode: &str) -> anyhow::Result<Report> {
         "payload_bytes": args.run.payload_bytes,
         "duration_s": args.run.duration_s,
         "warmup_s": args.run.warmup_s,
-        "agent": args.agent,
-        "api": args.api,
-        "ws": args.ws,
+        "agent": args.fleet.agent,
+        "api": args.fleet.api,
+        "ws": args.fleet.ws,
     });
     r.window_s = window.secs();
     r.offered = meter.offered();

@@ -65,6 +65,20 @@ pub enum Command {
     OtlpSink(otlp_sink::OtlpSinkArgs),
 }
 
+/// Where the fleet under test answers, shared by the modes that open sessions.
+#[derive(clap::Args, Clone, Debug)]
+pub struct FleetArgs {
+    /// edge-api base URL.
+    #[arg(long, env = "FLEET_API_URL", default_value = "http://127.0.0.1:8001")]
+    pub api: String,
+    /// ws-gateway base URL (ws://host:port).
+    #[arg(long, env = "FLEET_WS_URL", default_value = "ws://127.0.0.1:8002")]
+    pub ws: String,
+    /// The agent every session talks to (an echo agent without delay measures the fleet).
+    #[arg(long, default_value = "bench")]
+    pub agent: String,
+}
+
 /// Load shape and length, shared by the modes that run tasks.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {

@@ -23,18 +23,13 @@ use tokio::net::TcpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::Report;
-use crate::stats;
+use crate::{FleetArgs, stats};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct WsIdleArgs {
-    /// edge-api base URL.
-    #[arg(long, env = "FLEET_API_URL", default_value = "http://127.0.0.1:8001")]
-    pub api: String,
-    /// ws-gateway base URL (ws://host:port, an IPv4 host).
-    #[arg(long, env = "FLEET_WS_URL", default_value = "ws://127.0.0.1:8002")]
-    pub ws: String,
-    #[arg(long, default_value = "bench")]
-    pub agent: String,
+    // The gateway URL needs an IPv4 host: connections spread over 127.0.0.x.
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     /// Connections to open and hold.
     #[arg(long, default_value_t = 10_000)]
     pub connections: usize,
@@ -129,10 +124,9 @@ pub async fn run(args: WsIdleArgs) -> anyhow::Result<Report> {
             );
         }
     }
-    let addr = ws_addr(&args.ws)?;
+    let addr = ws_addr(&args.fleet.ws)?;
     let http = reqwest::Client::new();
-    let sessions =
-        crate::e2e::open_sessions(&http, &args.api, &args.agent, args.sessions.max(1)).await?;
+    let sessions = crate::e2e::open_sessions(&http, &args.fleet, args.sessions).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_before, _) = stats::process_memory(gw_pid);
 
@@ -150,7 +144,7 @@ pub async fn run(args: WsIdleArgs) -> anyhow::Result<Report> {
     let mut results = futures::stream::iter(0..args.connections)
         .map(|i| {
             let (sid, token) = &sessions[i % sessions.len()];
-            let url = crate::e2e::ws_url(&args.ws, sid, token);
+            let url = crate::e2e::ws_url(&args.fleet.ws, sid, token);
             open_one(addr, source_addr(i, args.per_ip), url)
         })
         .buffer_unordered(args.connect_parallel.max(1));
@@ -215,7 +209,7 @@ pub async fn run(args: WsIdleArgs) -> anyhow::Result<Report> {
         "sessions": sessions.len(),
         "hold_s": args.hold_s,
         "per_ip": args.per_ip,
-        "ws": args.ws,
+        "ws": args.fleet.ws,
     });
     r.extra = json!({
         "connected": connected,
