@@ -9,7 +9,7 @@
 //!    previous one is being handled);
 //! 3. decodes each entry; an entry that does not decode is dead-lettered with the reason;
 //! 4. hands the decoded batch to the handler, which answers one [`Outcome`] per entry;
-//! 5. writes dead letters and acks (`XACK` with every id of the batch) in one pipeline;
+//! 5. acks the batch (`XACK` with every id), in one pipeline with its dead letters if it has any;
 //! 6. every `claim_idle / 2` (at most 5 s): renews its claim on entries still being handled,
 //!    samples the group's lag, pending count and oldest pending age into gauges, takes over
 //!    entries idle past `claim_idle` (dead consumers), dead-letters those delivered
@@ -143,19 +143,43 @@ pub enum ConsumerError {
 /// Entries currently in a handler, with when they were (re)claimed, for claim renewal.
 type InFlight = Arc<Mutex<BTreeMap<StreamId, Instant>>>;
 
+/// The loop's per-batch metrics, registered once (a lookup by name and labels per batch would
+/// cost as much as the rest of a one-entry batch's bookkeeping).
+struct BatchMetrics {
+    acked: metrics::Counter,
+    retried: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    seconds: metrics::Histogram,
+}
+
+impl BatchMetrics {
+    fn new(cfg: &ConsumerConfig) -> Self {
+        let labels = [("stream", cfg.stream.clone()), ("group", cfg.group.clone())];
+        Self {
+            acked: metrics::counter!("fleet_stream_entries_acked_total", &labels),
+            retried: metrics::counter!("fleet_stream_entries_retried_total", &labels),
+            dead_lettered: metrics::counter!("fleet_stream_entries_dead_lettered_total", &labels),
+            seconds: metrics::histogram!("fleet_stream_batch_seconds", &labels),
+        }
+    }
+}
+
 /// The consumer loop. Build with [`ConsumerLoop::new`], then [`run`](Self::run) it.
 pub struct ConsumerLoop<H: Handler> {
     cfg: Arc<ConsumerConfig>,
     client: Client,
     handler: Arc<H>,
     in_flight: InFlight,
+    metrics: Arc<BatchMetrics>,
 }
 
 impl<H: Handler> ConsumerLoop<H> {
     /// `client` is used for acks, claims and dead letters; the loop opens its own connection
-    /// (a `clone_new` of it) for the blocking reads.
+    /// (a `clone_new` of it) for the blocking reads. Its metrics go to the recorder installed
+    /// when it is built ([`crate::admin::prometheus`]).
     pub fn new(cfg: ConsumerConfig, client: Client, handler: H) -> Self {
         Self {
+            metrics: Arc::new(BatchMetrics::new(&cfg)),
             cfg: Arc::new(cfg),
             client,
             handler: Arc::new(handler),
@@ -285,9 +309,10 @@ impl<H: Handler> ConsumerLoop<H> {
         let client = self.client.clone();
         let handler = self.handler.clone();
         let in_flight = self.in_flight.clone();
+        let metrics = self.metrics.clone();
         let ids: Vec<StreamId> = entries.iter().map(|e| e.id).collect();
         batches.spawn(async move {
-            handle_batch(&cfg, &client, &*handler, entries, deliveries).await;
+            handle_batch(&cfg, &client, &*handler, &metrics, entries, deliveries).await;
             let mut in_flight = in_flight.lock().expect("in-flight lock");
             for id in &ids {
                 in_flight.remove(id);
@@ -461,6 +486,7 @@ async fn handle_batch<H: Handler>(
     cfg: &ConsumerConfig,
     client: &Client,
     handler: &H,
+    metrics: &BatchMetrics,
     entries: Vec<StreamEntry>,
     deliveries: Vec<u32>,
 ) {
@@ -527,16 +553,13 @@ async fn handle_batch<H: Handler>(
         tracing::warn!(stream = %cfg.stream, error = %e, "ack failed; entries will be redelivered");
         return;
     }
-    let labels = [("stream", cfg.stream.clone()), ("group", cfg.group.clone())];
-    metrics::counter!("fleet_stream_entries_acked_total", &labels).increment(acked);
-    metrics::counter!("fleet_stream_entries_retried_total", &labels).increment(retried);
-    metrics::counter!("fleet_stream_entries_dead_lettered_total", &labels)
-        .increment(letters.len() as u64);
-    metrics::histogram!("fleet_stream_batch_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
+    metrics.acked.increment(acked);
+    metrics.retried.increment(retried);
+    metrics.dead_lettered.increment(letters.len() as u64);
+    metrics.seconds.record(started.elapsed().as_secs_f64());
 }
 
-/// Writes dead letters then acks `ids`, in one pipeline.
+/// Acks `ids`; with dead letters, writes them first and acks in the same pipeline.
 async fn finish(
     cfg: &ConsumerConfig,
     client: &Client,
@@ -544,6 +567,13 @@ async fn finish(
     ids: &[StreamId],
 ) -> Result<(), fred::error::Error> {
     if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = ids.iter().map(StreamId::to_string).collect();
+    if letters.is_empty() {
+        let _: i64 = client
+            .xack(cfg.stream.as_str(), cfg.group.as_str(), ids)
+            .await?;
         return Ok(());
     }
     let pipeline = client.pipeline();
@@ -558,7 +588,6 @@ async fn finish(
         )
         .await?;
     }
-    let ids: Vec<String> = ids.iter().map(StreamId::to_string).collect();
     let _: () = pipeline
         .xack(cfg.stream.as_str(), cfg.group.as_str(), ids)
         .await?;
