@@ -113,10 +113,11 @@ impl Handler for CallbackHandler {
                 None => groups.push((key.to_owned(), vec![i])),
             }
         }
-        let session_results =
-            futures::future::join_all(sessions.iter().map(|(sid, idx)| {
-                self.apply_session(sid, idx.iter().map(|&i| &batch[i]).collect())
-            }));
+        // Boxed: each session's future is about 11 KB, and unboxed `join_all` copied it three
+        // times on its way into the list; now once, into the box (docs/performance.md).
+        let session_results = futures::future::join_all(sessions.iter().map(|(sid, idx)| {
+            Box::pin(self.apply_session(sid, idx.iter().map(|&i| &batch[i]).collect()))
+        }));
         let deliberation_results = futures::future::join_all(
             deliberations
                 .iter()

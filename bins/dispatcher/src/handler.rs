@@ -98,12 +98,17 @@ impl Dispatcher {
         fleet::telemetry::continue_from(&span, d.envelope.tp.as_deref(), d.deliveries > 1);
         let redelivered = d.deliveries > 1;
         let result = async {
+            // Only `submit` is inline: a future is as large as its largest branch, and `join_all`
+            // copies each command's future as it collects them (13 KB per task before the
+            // rarer commands and paths were boxed; docs/performance.md).
             match d.envelope.msg {
                 TaskCommand::Submit(s) => self.submit(s, redelivered).await,
-                TaskCommand::Cancel(c) => self.cancel(c, redelivered).await,
-                TaskCommand::SessionClose(c) => self.close(c, redelivered).await,
-                TaskCommand::PlanningEvent(e) => self.planning_event(e, redelivered).await,
-                TaskCommand::Deliberate(spec) => self.deliberate(spec, redelivered).await,
+                TaskCommand::Cancel(c) => Box::pin(self.cancel(c, redelivered)).await,
+                TaskCommand::SessionClose(c) => Box::pin(self.close(c, redelivered)).await,
+                TaskCommand::PlanningEvent(e) => {
+                    Box::pin(self.planning_event(e, redelivered)).await
+                }
+                TaskCommand::Deliberate(spec) => Box::pin(self.deliberate(spec, redelivered)).await,
             }
         }
         .instrument(span)
@@ -352,28 +357,23 @@ impl Dispatcher {
         Ok((new, true))
     }
 
+    /// Ends a submitted task whose agent no longer exists.
+    async fn fail_agent_gone(&self, s: &TaskSubmit, redelivered: bool) -> Result<()> {
+        let (sid, tid) = (&s.session_id, &s.task_id);
+        let message = format!("agent `{}` does not exist (any more)", s.agent_id);
+        let ev =
+            ServerMessage::chat_error(sid, tid, None, "agent_not_found", &message, &Json::Null);
+        let op = TaskOp::end("fail", tid, "agent_not_found", &message, ev.to_json());
+        let applied = self.tasks.apply(sid, &[op]).await?;
+        self.publish(sid, &applied, redelivered).await
+    }
+
     async fn submit(&self, s: TaskSubmit, redelivered: bool) -> Result<()> {
         let sid = &s.session_id;
         let tid = &s.task_id;
         let Some(agent) = self.agents.get_cached(&s.agent_id).await? else {
-            let message = format!("agent `{}` does not exist (any more)", s.agent_id);
-            let ev =
-                ServerMessage::chat_error(sid, tid, None, "agent_not_found", &message, &Json::Null);
-            let applied = self
-                .tasks
-                .apply(
-                    sid,
-                    &[TaskOp::end(
-                        "fail",
-                        tid,
-                        "agent_not_found",
-                        &message,
-                        ev.to_json(),
-                    )],
-                )
-                .await?;
-            self.publish(sid, &applied, redelivered).await?;
-            return Ok(());
+            // Boxed, like the rarer commands in `handle_one`.
+            return Box::pin(self.fail_agent_gone(&s, redelivered)).await;
         };
         let send = match self
             .tasks
