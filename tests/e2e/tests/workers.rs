@@ -79,6 +79,34 @@ async fn a_submitted_message_streams_back_and_completes() {
 }
 
 #[tokio::test]
+async fn a_task_whose_agent_was_deleted_fails_with_agent_not_found() {
+    let fleet = Fleet::start(Options {
+        front_doors: false,
+        ..Default::default()
+    })
+    .await;
+    let sid = open_session(&fleet).await;
+    assert!(fleet.chat.agents.delete(AGENT).await.unwrap());
+    let tid = submit(&fleet, &sid, "anyone there?").await;
+
+    let events = fleet.task_events(&sid, &tid, Duration::from_secs(10)).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.message_type.as_str()).collect();
+    assert_eq!(kinds, ["chat_error"], "{events:?}");
+    let error = &events[0].data["error"];
+    assert_eq!(error["error_type"], "agent_not_found");
+    assert!(
+        error["message"].as_str().unwrap().contains(AGENT),
+        "{error}"
+    );
+    let task = fleet.chat.task(&sid, &tid).await.unwrap();
+    assert_eq!(task.state, "failed");
+    assert!(task.dispatched_ms.is_none(), "never sent to an executor");
+    let status = fleet.chat.status(&sid).await.unwrap();
+    assert_eq!(status.totals.failed, 1);
+    fleet.stop().await;
+}
+
+#[tokio::test]
 async fn cancel_during_streaming_ends_the_task_and_no_chunk_follows() {
     let fleet = Fleet::start(Options {
         echo_delay_ms: 100,
