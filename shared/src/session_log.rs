@@ -13,9 +13,7 @@
 //! `d` the event JSON (absent in a nudge).
 
 use bytes::Bytes;
-use fred::clients::Pipeline;
 use fred::prelude::*;
-use fred::types::streams::XCap;
 
 use crate::keys::Keys;
 use crate::stream::entry::{StreamEntry, StreamId, parse_entries};
@@ -146,52 +144,6 @@ impl SessionLog {
         fields
     }
 
-    /// Queues on `pipeline` the fan-out of `events` of session `sid`.
-    pub async fn queue_fanout(
-        &self,
-        pipeline: &Pipeline<Client>,
-        sid: &str,
-        events: &[LoggedEvent],
-    ) -> Result<(), Error> {
-        let key = self.fanout_key(sid);
-        let tp = crate::telemetry::current_traceparent();
-        for ev in events {
-            pipeline
-                .xadd::<(), _, _, _, _>(
-                    key.as_str(),
-                    false,
-                    self.cap()?,
-                    "*",
-                    Self::fanout_fields(sid, ev, tp.as_deref()),
-                )
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Queues on `pipeline` a nudge: gateways holding `sid` read its log up to `last_event_id`.
-    /// Sent when a redelivered callback found its events already logged, since the fan-out of
-    /// the first delivery may never have been written.
-    pub async fn queue_nudge(
-        &self,
-        pipeline: &Pipeline<Client>,
-        sid: &str,
-        last_event_id: &str,
-    ) -> Result<(), Error> {
-        if last_event_id.is_empty() {
-            return Ok(());
-        }
-        pipeline
-            .xadd::<(), _, _, _, _>(
-                self.fanout_key(sid).as_str(),
-                false,
-                self.cap()?,
-                "*",
-                Self::nudge_fields(sid, last_event_id),
-            )
-            .await
-    }
-
     /// The fields of a nudge: a fan-out entry without payload.
     fn nudge_fields(sid: &str, last_event_id: &str) -> Vec<(&'static str, Bytes)> {
         vec![
@@ -244,10 +196,6 @@ impl SessionLog {
         };
         futures::future::try_join(fan_out, drop_deadlines).await?;
         Ok(())
-    }
-
-    fn cap(&self) -> Result<XCap, Error> {
-        XCap::try_from(("MAXLEN", "~", self.fanout.maxlen as i64))
     }
 
     /// Events of `sid` after `after` (all when `None`), up to `until` inclusive when given,

@@ -199,24 +199,25 @@ impl Fleet {
             "ops appended no event: {applied:?}"
         );
         if fanout {
-            let pipeline = self.client.pipeline();
             self.log
-                .queue_fanout(&pipeline, sid, &applied.events)
+                .publish_applied(sid, &applied, false)
                 .await
-                .expect("queue fanout");
-            let _: Vec<Value> = pipeline.all().await.expect("fanout pipeline");
+                .expect("fan-out");
         }
         applied.events
     }
 
     /// Writes a nudge: gateways read the session's log up to `event_id`.
+    /// (What the callback-worker writes for a redelivered callback that appended nothing.)
     pub async fn nudge(&self, sid: &str, event_id: &str) {
-        let pipeline = self.client.pipeline();
+        let nothing_new = fleet::task::Applied {
+            last_event_id: event_id.to_owned(),
+            ..Default::default()
+        };
         self.log
-            .queue_nudge(&pipeline, sid, event_id)
+            .publish_applied(sid, &nothing_new, true)
             .await
-            .expect("queue nudge");
-        let _: Vec<Value> = pipeline.all().await.expect("nudge pipeline");
+            .expect("nudge");
     }
 
     /// Emits chunk `seq` (1-based) of task `tid`, with its fan-out.
