@@ -34,10 +34,20 @@ pub async fn send<M: Message>(
     maxlen: Option<u64>,
     env: &Envelope<M>,
 ) -> Result<StreamId, ProduceError> {
+    Ok(xadd(client, stream, maxlen, env.to_fields()?).await?)
+}
+
+/// One XADD of `fields`; returns the entry id.
+async fn xadd(
+    client: &Client,
+    stream: &str,
+    maxlen: Option<u64>,
+    fields: Vec<(&'static str, Bytes)>,
+) -> Result<StreamId, Error> {
     let id: Value = client
-        .xadd(stream, false, cap(maxlen)?, "*", env.to_fields()?)
+        .xadd(stream, false, cap(maxlen)?, "*", fields)
         .await?;
-    Ok(entry_id(id)?)
+    entry_id(id)
 }
 
 /// An XADD reply as an entry id.
@@ -81,10 +91,7 @@ pub async fn xadd_all(
         let Some(fields) = entries.pop() else {
             return Ok(Vec::new());
         };
-        let id: Value = client
-            .xadd(stream, false, cap(maxlen)?, "*", fields)
-            .await?;
-        return Ok(vec![entry_id(id)?]);
+        return Ok(vec![xadd(client, stream, maxlen, fields).await?]);
     }
     let mut args: Vec<Value> =
         Vec::with_capacity(1 + entries.iter().map(|e| 1 + 2 * e.len()).sum::<usize>());
@@ -147,13 +154,5 @@ impl Producer {
     /// See [`send_all`].
     pub async fn send_all<M: Message>(&self, envs: &[Envelope<M>]) -> Result<(), ProduceError> {
         send_all(&self.client, &self.stream, self.maxlen, envs).await
-    }
-
-    pub async fn queue<M: Message>(
-        &self,
-        pipeline: &Pipeline<Client>,
-        env: &Envelope<M>,
-    ) -> Result<(), ProduceError> {
-        queue(pipeline, &self.stream, self.maxlen, env).await
     }
 }
