@@ -7,6 +7,14 @@ free_port() {
   echo "$p"
 }
 
+# Waits up to 5 s for the redis-server on port $1 to answer; exits with a pointer to its log ($2)
+# if it does not.
+wait_for_redis() {
+  for _ in $(seq 1 50); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "redis-server did not start on port $1; see $2" >&2
+  exit 1
+}
+
 # Stops the processes of the array `pids` (TERM, up to 10 s, then KILL), then `redis_pid` last
 # (the fleet drains through Redis).
 stop_all() {

@@ -63,7 +63,7 @@ redis_port=$(free_port 6450)
   --save "" --appendonly no --dir "$out/redis" --logfile "$out/logs/redis.log" --daemonize no &
 redis_pid=$!
 export REDIS_URL="redis://127.0.0.1:$redis_port"
-for _ in $(seq 1 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+wait_for_redis "$redis_port" "$out/logs/redis.log"
 
 edge_port=$(free_port 18101)
 gw_port=$(free_port $((edge_port + 1)))

@@ -58,6 +58,8 @@ want() { [[ ",$only," == *",$1,"* ]]; }
 
 out=${out:-$root/.bench/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out/logs" "$out/redis"
+# Absolute: Redis changes to its --dir before it opens its --logfile.
+out=$(cd "$out" && pwd)
 results="$out/results.jsonl"
 : >"$results"
 
@@ -133,7 +135,7 @@ redis_port=$(free_port 6400)
   --dir "$out/redis" --logfile "$out/logs/redis.log" --daemonize no &
 redis_pid=$!
 export REDIS_URL="redis://127.0.0.1:$redis_port"
-for _ in $(seq 1 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+wait_for_redis "$redis_port" "$out/logs/redis.log"
 echo "redis-server on port $redis_port (persistence off: no RDB, no AOF)"
 
 common=(--duration "$duration" --warmup "$warmup" --payload-bytes "$payload" --json-out "$results")
