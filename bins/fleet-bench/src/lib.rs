@@ -82,7 +82,9 @@ pub struct FleetArgs {
 /// Load shape and length, shared by the modes that run tasks.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {
-    /// Open loop at this many tasks per second (omit for closed loop at --concurrency).
+    /// Open loop at this many tasks per second (omit for closed loop at --concurrency). Each task
+    /// is started at its intended time by a pacing thread (to tens of microseconds), and its
+    /// latency is measured from that time.
     #[arg(long)]
     pub rate: Option<f64>,
     /// Closed loop: tasks in flight at once.
