@@ -180,7 +180,7 @@ impl Pacer {
                     // A permit is kept if the loop is not waiting yet: no wake-up is lost.
                     t.notify_one();
                 }
-                // Wake the loop a last time in case it waits for a task past the end.
+                // A last permit: the loop never waits on a pacer that has ended.
                 t.notify_one();
             })
             .expect("spawning the pacer thread");
