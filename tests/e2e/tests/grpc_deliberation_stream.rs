@@ -126,12 +126,19 @@ async fn two_replicas_answer_sync_calls_for_deliberations_dispatched_through_the
         .unwrap()
         .into_inner();
     assert_eq!(got.winner_id, ra.winner_id);
-    let status = a
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.deliberations_total, 2);
+    // Counters are written just after a deliberation ends, so a reply may come before them.
+    fleet_test_support::eventually(Duration::from_secs(10), "two deliberations counted", || {
+        let mut a = a.clone();
+        async move {
+            let status = a
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (status.deliberations_total == 2).then_some(())
+        }
+    })
+    .await;
     fleet.stop().await;
 }
 
@@ -185,12 +192,23 @@ async fn orchestrate_asks_an_architect_to_choose_among_the_top_candidates() {
         (res.case_id.as_str(), res.plan_id.as_str()),
         ("US-9", "P-2")
     );
-    let metrics = grpc
-        .get_metrics(pb::GetMetricsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(metrics.orchestration.unwrap().count, 1);
+    // Latencies are recorded just after a deliberation ends, so a reply may come before them.
+    let metrics = fleet_test_support::eventually(
+        Duration::from_secs(10),
+        "the orchestration's latency",
+        || {
+            let mut grpc = grpc.clone();
+            async move {
+                let m = grpc
+                    .get_metrics(pb::GetMetricsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                (m.orchestration.as_ref()?.count == 1).then_some(m)
+            }
+        },
+    )
+    .await;
     assert_eq!(metrics.deliberation.unwrap().count, 0);
     fleet.stop().await;
 }

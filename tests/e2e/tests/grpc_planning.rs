@@ -251,11 +251,21 @@ async fn a_design_transition_starts_an_async_deliberation_queryable_by_its_id() 
         .into_inner();
     assert_eq!(again.already_derived, 2);
     assert_eq!(again.subtasks[0].state, "completed");
-    let status = grpc
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    // Counters are written just after a deliberation ends, so a reply may come before them;
+    // the replay must not add one.
+    let status =
+        fleet_test_support::eventually(Duration::from_secs(10), "the deliberation counted", || {
+            let mut grpc = grpc.clone();
+            async move {
+                let status = grpc
+                    .get_status(pb::GetStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                (status.deliberations_total > 0).then_some(status)
+            }
+        })
+        .await;
     assert_eq!(status.deliberations_total, 1);
     fleet.stop().await;
 }
