@@ -565,14 +565,103 @@ messages! {
         "error" => Error(TaskFailure),
         "proposal" => Proposal(ProposalCallback),
         "selection" => Selection(SelectionCallback),
+        "batch" => Batch(CallbackBatch),
+    }
+}
+
+/// Task callbacks of one task attempt in one entry (`batch`), in the order they were written:
+/// what an executor has ready at once, e.g. `started`, the chunks and `result` of an instant
+/// answer. One plain XADD writes it and the callback-worker reads, decodes and acks one entry,
+/// where one entry per callback needed a script to reach the callback-worker in one read
+/// (docs/performance.md).
+///
+/// On the wire: `{"callbacks": [{"kind": <kind>, "body": <the callback's body, MessagePack
+/// bytes>}, ...]}`. It holds at least one callback, only task callbacks (no `proposal`,
+/// `selection` or `batch`), all of one `(session_id, task_id, attempt)`; a batch that breaks
+/// these rules does not decode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallbackBatch(Vec<Callback>);
+
+impl CallbackBatch {
+    /// `callbacks` as one batch, or why they cannot be one.
+    pub fn new(callbacks: Vec<Callback>) -> Result<Self, String> {
+        let Some(first) = callbacks.first() else {
+            return Err("a batch holds at least one callback".into());
+        };
+        let (sid, tid, attempt, _) = first.position();
+        for cb in &callbacks {
+            if matches!(
+                cb,
+                Callback::Proposal(_) | Callback::Selection(_) | Callback::Batch(_)
+            ) {
+                return Err(format!(
+                    "a batch holds task callbacks only, not `{}`",
+                    cb.kind()
+                ));
+            }
+            let (s, t, a, _) = cb.position();
+            if (s, t, a) != (sid, tid, attempt) {
+                return Err("the callbacks of a batch are of one task attempt".into());
+            }
+        }
+        Ok(Self(callbacks))
+    }
+
+    /// The callbacks, in order.
+    pub fn callbacks(&self) -> &[Callback] {
+        &self.0
+    }
+}
+
+/// A [`CallbackBatch`] as MessagePack sees it.
+#[derive(Serialize, Deserialize)]
+struct BatchWire {
+    callbacks: Vec<BatchItem>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BatchItem {
+    kind: String,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+}
+
+impl Serialize for CallbackBatch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let callbacks = self
+            .0
+            .iter()
+            .map(|cb| {
+                Ok(BatchItem {
+                    kind: cb.kind().to_owned(),
+                    body: cb.encode_body().map_err(serde::ser::Error::custom)?,
+                })
+            })
+            .collect::<Result<_, S::Error>>()?;
+        BatchWire { callbacks }.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CallbackBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = BatchWire::deserialize(deserializer)?;
+        let callbacks = wire
+            .callbacks
+            .iter()
+            .map(|item| Callback::decode_body(&item.kind, &item.body))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(serde::de::Error::custom)?;
+        Self::new(callbacks).map_err(serde::de::Error::custom)
     }
 }
 
 impl Callback {
     /// `(session_id, task_id, attempt, seq)` of the callback. Deliberation callbacks
-    /// (`proposal`, `selection`) belong to no session: `("", deliberation_id, round, 0)`.
+    /// (`proposal`, `selection`) belong to no session: `("", deliberation_id, round, 0)`. A
+    /// batch is at the position of its first callback.
     pub fn position(&self) -> (&str, &str, u32, u32) {
         match self {
+            Callback::Batch(b) => b.0[0].position(),
             Callback::Started(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
             Callback::Chunk(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
             Callback::Progress(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
@@ -580,6 +669,14 @@ impl Callback {
             Callback::Error(c) => (&c.session_id, &c.task_id, c.attempt, c.seq),
             Callback::Proposal(c) => ("", &c.deliberation_id, c.round, 0),
             Callback::Selection(c) => ("", &c.deliberation_id, 0, 0),
+        }
+    }
+
+    /// The callbacks this entry carries, in order: a batch's, or itself.
+    pub fn unbatched(&self) -> &[Callback] {
+        match self {
+            Callback::Batch(b) => b.callbacks(),
+            _ => std::slice::from_ref(self),
         }
     }
 
@@ -1058,6 +1155,42 @@ mod tests {
         })
     }
 
+    /// Moves a task callback to task attempt `(s, t, a)`.
+    fn move_to(cb: &mut Callback, s: &str, t: &str, a: u32) {
+        let (sid, tid, attempt) = match cb {
+            Callback::Started(c) => (&mut c.session_id, &mut c.task_id, &mut c.attempt),
+            Callback::Chunk(c) => (&mut c.session_id, &mut c.task_id, &mut c.attempt),
+            Callback::Result(c) => (&mut c.session_id, &mut c.task_id, &mut c.attempt),
+            Callback::Error(c) => (&mut c.session_id, &mut c.task_id, &mut c.attempt),
+            _ => unreachable!("callback() makes task callbacks only"),
+        };
+        (*sid, *tid, *attempt) = (s.to_owned(), t.to_owned(), a);
+    }
+
+    /// Batches of one to four task callbacks of one task attempt.
+    fn batch() -> impl Strategy<Value = Vec<Callback>> {
+        prop::collection::vec(callback(), 1..5).prop_map(|mut cbs| {
+            let (s, t, a, _) = cbs[0].position();
+            let (s, t) = (s.to_owned(), t.to_owned());
+            for cb in &mut cbs[1..] {
+                move_to(cb, &s, &t, a);
+            }
+            cbs
+        })
+    }
+
+    /// A `batch` body holding `cbs` as they are (no checks).
+    fn raw_batch(cbs: &[Callback]) -> Vec<u8> {
+        let callbacks = cbs
+            .iter()
+            .map(|cb| BatchItem {
+                kind: cb.kind().to_owned(),
+                body: cb.encode_body().unwrap(),
+            })
+            .collect();
+        rmp_serde::to_vec_named(&BatchWire { callbacks }).unwrap()
+    }
+
     fn roundtrip<M: Message + PartialEq + std::fmt::Debug + Clone>(msg: M, tp: Option<String>) {
         let env = Envelope {
             id: Uuid::now_v7(),
@@ -1083,6 +1216,14 @@ mod tests {
 
         #[test]
         fn callbacks_round_trip(msg in callback()) {
+            roundtrip(msg, None);
+        }
+
+        #[test]
+        fn batches_round_trip_in_order(cbs in batch()) {
+            let msg = Callback::Batch(CallbackBatch::new(cbs.clone()).unwrap());
+            prop_assert_eq!(msg.unbatched(), &cbs[..]);
+            prop_assert_eq!(msg.position(), cbs[0].position());
             roundtrip(msg, None);
         }
 
@@ -1120,6 +1261,41 @@ mod tests {
             let _ = AgentMessage::decode_body(&kind, &body);
             let _ = DecisionMessage::decode_body(&kind, &body);
         }
+    }
+
+    #[test]
+    fn a_batch_that_breaks_the_rules_does_not_decode_and_says_why() {
+        let cb = |tid: &str, seq| {
+            Callback::Started(Started {
+                session_id: "s".into(),
+                task_id: tid.into(),
+                attempt: 1,
+                seq,
+                executor: String::new(),
+            })
+        };
+        let selection = Callback::Selection(SelectionCallback {
+            deliberation_id: "d".into(),
+            member: "m".into(),
+            winner: "w".into(),
+            rationale: String::new(),
+        });
+        let nested = Callback::Batch(CallbackBatch::new(vec![cb("t", 1)]).unwrap());
+        for (cbs, why) in [
+            (vec![], "at least one"),
+            (vec![cb("t", 1), cb("u", 2)], "one task attempt"),
+            (vec![cb("t", 1), selection], "not `selection`"),
+            (vec![nested], "not `batch`"),
+        ] {
+            let err = Callback::decode_body("batch", &raw_batch(&cbs)).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+        }
+        assert_eq!(
+            Callback::decode_body("batch", &raw_batch(&[cb("t", 1), cb("t", 2)]))
+                .unwrap()
+                .unbatched(),
+            [cb("t", 1), cb("t", 2)]
+        );
     }
 
     #[test]

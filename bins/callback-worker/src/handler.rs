@@ -42,7 +42,8 @@ pub fn invalid_deliberation_callback(cb: &Callback) -> Option<String> {
 }
 
 /// The task op (with its rendered client event) a task callback asks for; `None` for
-/// deliberation callbacks, which do not touch task state.
+/// deliberation callbacks, which do not touch task state, and for a batch, whose callbacks
+/// each ask for their own ([`Callback::unbatched`]).
 pub fn op_for(cb: &Callback) -> Option<TaskOp> {
     Some(match cb {
         Callback::Started(c) => {
@@ -70,7 +71,7 @@ pub fn op_for(cb: &Callback) -> Option<TaskOp> {
             op.content = Some(c.content.clone());
             op
         }
-        Callback::Proposal(_) | Callback::Selection(_) => return None,
+        Callback::Proposal(_) | Callback::Selection(_) | Callback::Batch(_) => return None,
         Callback::Error(c) => {
             let ev = ServerMessage::chat_error(
                 &c.session_id,
@@ -226,9 +227,11 @@ impl CallbackHandler {
                 }
             }
         }
-        let (deliveries, ops): (Vec<&Delivery<Callback>>, Vec<TaskOp>) = deliveries
-            .into_iter()
-            .filter_map(|d| op_for(&d.envelope.msg).map(|op| (d, op)))
+        // One op per task callback, a batch's included; the kind of each for its metrics.
+        let (kinds, ops): (Vec<&'static str>, Vec<TaskOp>) = deliveries
+            .iter()
+            .flat_map(|d| d.envelope.msg.unbatched())
+            .filter_map(|cb| op_for(cb).map(|op| (fleet::envelope::Message::kind(cb), op)))
             .unzip();
         let result = async {
             let applied = self.tasks.apply(sid, &ops).await?;
@@ -239,8 +242,7 @@ impl CallbackHandler {
         .await;
         match result {
             Ok(applied) => {
-                for (d, status) in deliveries.iter().zip(&applied.statuses) {
-                    let kind = fleet::envelope::Message::kind(&d.envelope.msg);
+                for (&kind, status) in kinds.iter().zip(&applied.statuses) {
                     metrics::counter!("fleet_callbacks_total", "kind" => kind, "status" => status.as_str())
                         .increment(1);
                     if matches!(status, OpStatus::Stale | OpStatus::Missing) {

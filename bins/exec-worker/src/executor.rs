@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use fleet::envelope::{
-    Callback, Chunk, Envelope, ExecMessage, ExecRequest, Started, TaskFailure, TaskResult,
+    Callback, CallbackBatch, Chunk, Envelope, ExecMessage, ExecRequest, Started, TaskFailure,
+    TaskResult,
 };
 use fleet::stream::{Delivery, Handler, Outcome, Producer};
 use fleet::time::now_ms;
@@ -39,8 +40,8 @@ pub struct Emitter<'a> {
     req: &'a ExecRequest,
     seq: u32,
     chunks: u32,
-    /// Callbacks kept back to be written in one round trip (`batch` mode).
-    held: Vec<Envelope<Callback>>,
+    /// Callbacks kept back to be written as one entry (`batch` mode).
+    held: Vec<Callback>,
     batch: bool,
 }
 
@@ -62,19 +63,24 @@ impl<'a> Emitter<'a> {
     }
 
     async fn emit(&mut self, cb: Callback) -> anyhow::Result<()> {
-        let env = Envelope::new(cb);
         if self.batch {
-            self.held.push(env);
+            self.held.push(cb);
             return Ok(());
         }
-        self.producer.send(&env).await?;
+        self.producer.send(&Envelope::new(cb)).await?;
         Ok(())
     }
 
-    /// Writes whatever is held, in one round trip that a consumer reads as one batch.
+    /// Writes whatever is held as one entry: the callback itself, or a `batch` of them.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        self.producer.send_all(&self.held).await?;
-        self.held.clear();
+        let cb = match self.held.len() {
+            0 => return Ok(()),
+            1 => self.held.remove(0),
+            _ => Callback::Batch(
+                CallbackBatch::new(std::mem::take(&mut self.held)).map_err(anyhow::Error::msg)?,
+            ),
+        };
+        self.producer.send(&Envelope::new(cb)).await?;
         Ok(())
     }
 

@@ -150,9 +150,4 @@ impl Producer {
     pub async fn send<M: Message>(&self, env: &Envelope<M>) -> Result<StreamId, ProduceError> {
         send(&self.client, &self.stream, self.maxlen, env).await
     }
-
-    /// See [`send_all`].
-    pub async fn send_all<M: Message>(&self, envs: &[Envelope<M>]) -> Result<(), ProduceError> {
-        send_all(&self.client, &self.stream, self.maxlen, envs).await
-    }
 }

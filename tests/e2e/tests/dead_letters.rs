@@ -101,3 +101,82 @@ async fn garbage_on_every_stream_is_dead_lettered_and_work_goes_on() {
     assert_eq!(events.last().unwrap().message_type, "chat_response");
     fleet.stop().await;
 }
+
+/// A `batch` body as an executor in any language writes it (docs/protocol.md).
+#[derive(serde::Serialize)]
+struct Batch {
+    callbacks: Vec<BatchItem>,
+}
+
+#[derive(serde::Serialize)]
+struct BatchItem {
+    kind: &'static str,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_two_tasks_is_dead_lettered_with_its_reason() {
+    let fleet = Fleet::start(Options {
+        front_doors: false,
+        ..Default::default()
+    })
+    .await;
+    let started = |tid: &str| BatchItem {
+        kind: "started",
+        body: rmp_serde::to_vec_named(&fleet::envelope::Started {
+            session_id: "s".into(),
+            task_id: tid.into(),
+            attempt: 1,
+            seq: 1,
+            executor: String::new(),
+        })
+        .unwrap(),
+    };
+    let body = rmp_serde::to_vec_named(&Batch {
+        callbacks: vec![started("t1"), started("t2")],
+    })
+    .unwrap();
+    let id = uuid::Uuid::now_v7().to_string();
+    let _: String = fleet
+        .client
+        .xadd(
+            fleet.keys.callbacks(),
+            false,
+            None,
+            "*",
+            vec![
+                ("v", bytes::Bytes::from_static(b"1")),
+                ("kind", bytes::Bytes::from_static(b"batch")),
+                ("id", bytes::Bytes::from(id)),
+                ("tp", bytes::Bytes::new()),
+                ("ts", bytes::Bytes::from_static(b"1")),
+                ("body", bytes::Bytes::from(body)),
+            ],
+        )
+        .await
+        .unwrap();
+
+    let letters =
+        fleet_test_support::eventually(Duration::from_secs(10), "a dead letter", || async {
+            let v: Value = fleet
+                .client
+                .xrange(fleet.keys.dlq(), "-", "+", None)
+                .await
+                .unwrap();
+            let l = parse_entries(v).unwrap();
+            (!l.is_empty()).then_some(l)
+        })
+        .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].get_str("stream"),
+        Some(fleet.keys.callbacks().as_str())
+    );
+    let reason = letters[0].get_str("reason").unwrap();
+    assert!(
+        reason.contains("the callbacks of a batch are of one task attempt"),
+        "{reason}"
+    );
+    fleet.stop().await;
+}
