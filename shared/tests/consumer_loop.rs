@@ -391,7 +391,8 @@ async fn entries_sent_together_reach_a_blocked_reader_as_one_batch() {
     .await;
 
     let envs = [cancel("a"), cancel("b"), cancel("c")];
-    producer::send_all(&client, &keys.tasks(), None, &envs)
+    let entries = envs.iter().map(|e| e.to_fields().unwrap()).collect();
+    producer::xadd_all(&client, &keys.tasks(), None, entries)
         .await
         .unwrap();
     assert_eq!(

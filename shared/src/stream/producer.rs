@@ -55,22 +55,6 @@ fn entry_id(reply: Value) -> Result<StreamId, Error> {
     parse_id(reply).map_err(|e| Error::new(ErrorKind::Protocol, e.to_string()))
 }
 
-/// XADDs every envelope of `envs` to `stream`, in order, in one command, so that a consumer
-/// blocked on the stream reads them in one batch (see [`xadd_all`]).
-pub async fn send_all<M: Message>(
-    client: &Client,
-    stream: &str,
-    maxlen: Option<u64>,
-    envs: &[Envelope<M>],
-) -> Result<(), ProduceError> {
-    let entries = envs
-        .iter()
-        .map(Envelope::to_fields)
-        .collect::<Result<Vec<_>, _>>()?;
-    xadd_all(client, stream, maxlen, entries).await?;
-    Ok(())
-}
-
 /// `stream/xadd_all.lua`: several XADDs to one stream as one command.
 pub static XADD_ALL: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("xadd_all.lua")));
