@@ -4,9 +4,26 @@
 use std::time::Duration;
 
 use fleet::session::{InitSession, SubmitMessage};
-use fleet::stream::entry::parse_entries;
+use fleet::stream::entry::{StreamEntry, parse_entries};
 use fleet_e2e::{AGENT, Fleet, Options};
 use fred::prelude::*;
+
+/// The dead-letter stream once it holds `n` entries (no more: asserted).
+async fn dead_letters(fleet: &Fleet, n: usize) -> Vec<StreamEntry> {
+    let what = format!("{n} dead letters");
+    let letters = fleet_test_support::eventually(Duration::from_secs(10), &what, || async {
+        let v: Value = fleet
+            .client
+            .xrange(fleet.keys.dlq(), "-", "+", None)
+            .await
+            .unwrap();
+        let l = parse_entries(v).unwrap();
+        (l.len() >= n).then_some(l)
+    })
+    .await;
+    assert_eq!(letters.len(), n);
+    letters
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_every_stream_is_dead_lettered_and_work_goes_on() {
@@ -45,18 +62,7 @@ async fn garbage_on_every_stream_is_dead_lettered_and_work_goes_on() {
             .unwrap();
     }
 
-    let letters =
-        fleet_test_support::eventually(Duration::from_secs(10), "six dead letters", || async {
-            let v: Value = fleet
-                .client
-                .xrange(fleet.keys.dlq(), "-", "+", None)
-                .await
-                .unwrap();
-            let l = parse_entries(v).unwrap();
-            (l.len() >= 6).then_some(l)
-        })
-        .await;
-    assert_eq!(letters.len(), 6);
+    let letters = dead_letters(&fleet, 6).await;
     for stream in &streams {
         let mine: Vec<_> = letters
             .iter()
@@ -157,18 +163,7 @@ async fn a_batch_of_two_tasks_is_dead_lettered_with_its_reason() {
         .await
         .unwrap();
 
-    let letters =
-        fleet_test_support::eventually(Duration::from_secs(10), "a dead letter", || async {
-            let v: Value = fleet
-                .client
-                .xrange(fleet.keys.dlq(), "-", "+", None)
-                .await
-                .unwrap();
-            let l = parse_entries(v).unwrap();
-            (!l.is_empty()).then_some(l)
-        })
-        .await;
-    assert_eq!(letters.len(), 1);
+    let letters = dead_letters(&fleet, 1).await;
     assert_eq!(
         letters[0].get_str("stream"),
         Some(fleet.keys.callbacks().as_str())
