@@ -17,7 +17,7 @@ use fred::prelude::*;
 
 use crate::keys::Keys;
 use crate::stream::entry::{StreamEntry, StreamId, parse_entries};
-use crate::stream::producer::xadd_all;
+use crate::stream::producer::xadd;
 use crate::task::Applied;
 
 /// An event a script appended to a session log.
@@ -67,14 +67,43 @@ pub struct FanoutEntry {
 }
 
 impl FanoutEntry {
-    /// Parses a fan-out stream entry; `None` when it is not one.
-    pub fn parse(e: &StreamEntry) -> Option<FanoutEntry> {
-        Some(FanoutEntry {
-            session_id: e.get_str("s")?.to_owned(),
-            event_id: e.get_str("e")?.parse().ok()?,
-            prev: e.get_str("p").and_then(|p| p.parse().ok()),
-            json: e.get_str("d").map(str::to_owned),
-        })
+    /// The events of a fan-out stream entry, in order; none when it is not one.
+    ///
+    /// An entry is `s` (the session), then `e`, `p`, `d` for each of its events in log order
+    /// (`p` absent for a session's first event, `d` absent in a nudge), then `tp` when traced.
+    /// An `e` that does not parse ends the list: what follows it cannot be placed (a reader
+    /// catches up from the session log).
+    pub fn parse_all(e: &StreamEntry) -> Vec<FanoutEntry> {
+        let Some(sid) = e.get_str("s") else {
+            return Vec::new();
+        };
+        let mut events: Vec<FanoutEntry> = Vec::new();
+        for (name, value) in &e.fields {
+            let value = std::str::from_utf8(value).ok();
+            match name.as_ref() {
+                b"e" => match value.and_then(|v| v.parse().ok()) {
+                    Some(event_id) => events.push(FanoutEntry {
+                        session_id: sid.to_owned(),
+                        event_id,
+                        prev: None,
+                        json: None,
+                    }),
+                    None => break,
+                },
+                b"p" => {
+                    if let Some(ev) = events.last_mut() {
+                        ev.prev = value.and_then(|p| p.parse().ok());
+                    }
+                }
+                b"d" => {
+                    if let Some(ev) = events.last_mut() {
+                        ev.json = value.map(str::to_owned);
+                    }
+                }
+                _ => {}
+            }
+        }
+        events
     }
 }
 
@@ -130,14 +159,20 @@ impl SessionLog {
             .collect()
     }
 
-    /// The fields of the fan-out entry of `ev`, with the trace context `tp` when traced.
-    fn fanout_fields(sid: &str, ev: &LoggedEvent, tp: Option<&str>) -> Vec<(&'static str, Bytes)> {
-        let mut fields: Vec<(&str, Bytes)> = vec![
-            ("s", Bytes::from(sid.to_owned())),
-            ("e", Bytes::from(ev.event_id.clone())),
-            ("p", Bytes::from(ev.prev.clone())),
-            ("d", Bytes::from(ev.json.clone())),
-        ];
+    /// The fields of the one fan-out entry of `events` (see [`FanoutEntry::parse_all`]), with
+    /// the trace context `tp` when traced.
+    fn fanout_fields(
+        sid: &str,
+        events: &[LoggedEvent],
+        tp: Option<&str>,
+    ) -> Vec<(&'static str, Bytes)> {
+        let mut fields: Vec<(&str, Bytes)> = Vec::with_capacity(2 + 3 * events.len());
+        fields.push(("s", Bytes::from(sid.to_owned())));
+        for ev in events {
+            fields.push(("e", Bytes::from(ev.event_id.clone())));
+            fields.push(("p", Bytes::from(ev.prev.clone())));
+            fields.push(("d", Bytes::from(ev.json.clone())));
+        }
         if let Some(tp) = tp {
             fields.push(("tp", Bytes::from(tp.to_owned())));
         }
@@ -157,8 +192,8 @@ impl SessionLog {
     /// also a nudge when the call appended nothing (a redelivered entry whose events were
     /// logged by an earlier delivery whose fan-out may be missing).
     ///
-    /// Two or more events go to the shard in one command ([`xadd_all`]), so that a gateway reads
-    /// them in one XREAD. Commands sent together on one connection share its round trip, so the
+    /// The events go to the shard as one entry (one XADD), which a gateway reads and hands on
+    /// in one go. Commands sent together on one connection share its round trip, so the
     /// deadline removal runs beside the fan-out, not after it.
     pub async fn publish_applied(
         &self,
@@ -167,17 +202,16 @@ impl SessionLog {
         nudge: bool,
     ) -> Result<(), Error> {
         let fan_out = async {
-            let tp = crate::telemetry::current_traceparent();
-            let mut entries: Vec<_> = applied
-                .events
-                .iter()
-                .map(|ev| Self::fanout_fields(sid, ev, tp.as_deref()))
-                .collect();
-            if entries.is_empty() && nudge && !applied.last_event_id.is_empty() {
-                entries.push(Self::nudge_fields(sid, &applied.last_event_id));
-            }
+            let fields = if !applied.events.is_empty() {
+                let tp = crate::telemetry::current_traceparent();
+                Self::fanout_fields(sid, &applied.events, tp.as_deref())
+            } else if nudge && !applied.last_event_id.is_empty() {
+                Self::nudge_fields(sid, &applied.last_event_id)
+            } else {
+                return Ok(());
+            };
             let key = self.fanout_key(sid);
-            xadd_all(&self.client, &key, Some(self.fanout.maxlen), entries)
+            xadd(&self.client, &key, Some(self.fanout.maxlen), fields)
                 .await
                 .map(drop)
         };
@@ -233,5 +267,77 @@ impl SessionLog {
             .unwrap_or_default()
             .first()
             .map(LogEntry::from_entry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&'static str, &'static str)]) -> StreamEntry {
+        StreamEntry {
+            id: StreamId { ms: 9, seq: 0 },
+            fields: fields
+                .iter()
+                .map(|&(k, v)| {
+                    (
+                        Bytes::from_static(k.as_bytes()),
+                        Bytes::from_static(v.as_bytes()),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn ev(sid: &str, e: &str, p: Option<&str>, d: Option<&str>) -> FanoutEntry {
+        FanoutEntry {
+            session_id: sid.into(),
+            event_id: e.parse().unwrap(),
+            prev: p.map(|p| p.parse().unwrap()),
+            json: d.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_fanout_entry_holds_its_events_in_order() {
+        let fields = [
+            ("s", "s1"),
+            ("e", "5-0"),
+            ("p", ""),
+            ("d", "{\"a\":1}"),
+            ("e", "5-1"),
+            ("p", "5-0"),
+            ("d", "{\"b\":2}"),
+            ("tp", "00-x"),
+        ];
+        assert_eq!(
+            FanoutEntry::parse_all(&entry(&fields)),
+            [
+                ev("s1", "5-0", None, Some("{\"a\":1}")),
+                ev("s1", "5-1", Some("5-0"), Some("{\"b\":2}")),
+            ]
+        );
+        // A nudge: an event id and no payload.
+        assert_eq!(
+            FanoutEntry::parse_all(&entry(&[("s", "s1"), ("e", "7-0")])),
+            [ev("s1", "7-0", None, None)]
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_placed_is_left_to_the_log() {
+        assert!(FanoutEntry::parse_all(&entry(&[("e", "5-0"), ("d", "{}")])).is_empty());
+        let fields = [
+            ("s", "s1"),
+            ("e", "5-0"),
+            ("d", "{}"),
+            ("e", "not an id"),
+            ("d", "{}"),
+            ("e", "6-0"),
+        ];
+        assert_eq!(
+            FanoutEntry::parse_all(&entry(&fields)),
+            [ev("s1", "5-0", None, Some("{}"))]
+        );
     }
 }

@@ -116,13 +116,11 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 });
 
 impl Scripts {
-    /// `SCRIPT LOAD`s every script (on every primary in cluster mode), and the streams'
-    /// [`XADD_ALL`](crate::stream::producer::XADD_ALL).
+    /// `SCRIPT LOAD`s every script (on every primary in cluster mode).
     pub async fn load(&self, client: &Client) -> Result<(), Error> {
         for s in [&self.create, &self.reserve, &self.dispatch, &self.apply] {
             s.load(client).await?;
         }
-        crate::stream::producer::XADD_ALL.load(client).await?;
         Ok(())
     }
 }

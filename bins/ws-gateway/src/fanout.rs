@@ -98,7 +98,12 @@ pub async fn read_shard(
                 let Some(sid) = entry.get_str("s") else {
                     continue;
                 };
-                let queued = registry.dispatch(sid, || FanoutEntry::parse(&entry).map(Live::from));
+                let queued = registry.dispatch(sid, || {
+                    FanoutEntry::parse_all(&entry)
+                        .into_iter()
+                        .map(Live::from)
+                        .collect()
+                });
                 if queued > 0
                     && let Some(tp) = entry.get_str("tp")
                 {

@@ -145,27 +145,28 @@ impl Registry {
         }
     }
 
-    /// Hands an entry of session `sid` to each of its clients, without ever waiting: a client
-    /// whose channel is full is marked lagging instead. `live` is only called when the session
-    /// has clients here. Returns the number of clients the entry was queued for.
-    pub fn dispatch(&self, sid: &str, live: impl FnOnce() -> Option<Live>) -> usize {
+    /// Hands the events of one fan-out entry of session `sid`, in order, to each of its
+    /// clients, without ever waiting: a client whose channel is full is marked lagging instead.
+    /// `events` is only called when the session has clients here. Returns the number of
+    /// clients the last event was queued for.
+    pub fn dispatch(&self, sid: &str, events: impl FnOnce() -> Vec<Live>) -> usize {
         let shard = self.shard(sid).lock().expect("registry lock");
         let Some(slots) = shard.get(sid) else {
             return 0;
         };
-        let Some(live) = live().map(Arc::new) else {
-            return 0;
-        };
         let mut queued = 0;
-        for slot in slots {
-            match slot.tx.try_send(live.clone()) {
-                Ok(()) => queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    metrics::counter!("fleet_ws_lagged_total").increment(1);
-                    slot.mark_lagged(live.event_id);
+        for live in events().into_iter().map(Arc::new) {
+            queued = 0;
+            for slot in slots {
+                match slot.tx.try_send(live.clone()) {
+                    Ok(()) => queued += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        metrics::counter!("fleet_ws_lagged_total").increment(1);
+                        slot.mark_lagged(live.event_id);
+                    }
+                    // The client is going away; its subscription removes the slot.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
-                // The client is going away; its subscription removes the slot.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         queued
@@ -245,12 +246,12 @@ impl Drop for Subscription {
 mod tests {
     use super::*;
 
-    fn live(ms: u64, prev: Option<u64>) -> Option<Live> {
-        Some(Live {
+    fn live(ms: u64, prev: Option<u64>) -> Vec<Live> {
+        vec![Live {
             event_id: StreamId { ms, seq: 0 },
             prev: prev.map(|p| StreamId { ms: p, seq: 0 }),
             json: Some("{}".into()),
-        })
+        }]
     }
 
     #[tokio::test]

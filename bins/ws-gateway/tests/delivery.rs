@@ -40,11 +40,11 @@ async fn a_client_whose_channel_overflowed_catches_up_from_the_log() {
     let mut queued = 0;
     for ev in &logged {
         queued += registry.dispatch(&s.sid, || {
-            Some(Live {
+            vec![Live {
                 event_id: ev.event_id.parse().unwrap(),
                 prev: ev.prev.parse::<StreamId>().ok(),
                 json: Some(ev.json.clone().into_boxed_str()),
-            })
+            }]
         });
     }
     assert_eq!(queued, CHANNEL_CAPACITY, "the rest were dropped");
