@@ -4,13 +4,15 @@
 //!   by the task-state scripts in the same atomic step as the state change (capped, with a TTL).
 //!   Its entry ids are the `event_id`s clients resume from.
 //! * `fleet:fanout:<shard>` is the **fast path**: after a script appended events, the writer
-//!   XADDs a copy of each to the session's shard, with the id of the event before it (`prev`).
+//!   XADDs a copy of them, as one entry, to the session's shard, each with the id of the event
+//!   before it (`prev`).
 //!   Every ws-gateway XREADs every shard. The shards are capped: losing an entry there is fine,
 //!   because a gateway that sees `prev` differ from what it last delivered (or receives a nudge
 //!   without payload) reads the gap from the log before delivering more.
 //!
-//! Fan-out entry fields: `s` session id, `e` event id, `p` previous event id (empty: none),
-//! `d` the event JSON (absent in a nudge).
+//! Fan-out entry fields: `s` session id, then for each event `e` event id, `p` previous event id
+//! (empty: none), `d` the event JSON (absent in a nudge), then `tp` when traced
+//! ([`FanoutEntry::parse_all`]).
 
 use bytes::Bytes;
 use fred::prelude::*;
