@@ -5,6 +5,7 @@
 #   bench/profile.sh dispatcher                 callgrind of the dispatcher, 100 tasks/s for 10 s
 #   bench/profile.sh ws-gateway --rate 50 --duration 20
 #   bench/profile.sh edge-api --via rest        (edge-api only works per task when tasks come over REST)
+#   bench/profile.sh redis-server               callgrind of Redis itself (its scripts included)
 #   bench/profile.sh perf                       no valgrind: perf record (cpu-clock) of every binary
 #                                               and Redis during an e2e run at max
 #
@@ -36,8 +37,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$what" in
-  dispatcher|callback-worker|exec-worker|ws-gateway|edge-api|perf) ;;
-  *) echo "profile one of: dispatcher callback-worker exec-worker ws-gateway edge-api perf" >&2; exit 2 ;;
+  dispatcher|callback-worker|exec-worker|ws-gateway|edge-api|redis-server|perf) ;;
+  *) echo "profile one of: dispatcher callback-worker exec-worker ws-gateway edge-api redis-server perf" >&2; exit 2 ;;
 esac
 
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
@@ -59,8 +60,12 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 redis_port=$(free_port 6450)
-"$(command -v redis-server || echo /usr/sbin/redis-server)" --port "$redis_port" --bind 127.0.0.1 \
-  --save "" --appendonly no --dir "$out/redis" --logfile "$out/logs/redis.log" --daemonize no &
+redis_cmd=()
+[ "$what" = redis-server ] && redis_cmd=(valgrind --tool=callgrind --instr-atstart=no
+  --callgrind-out-file="$out/callgrind.out.$what")
+"${redis_cmd[@]}" "$(command -v redis-server || echo /usr/sbin/redis-server)" --port "$redis_port" \
+  --bind 127.0.0.1 --save "" --appendonly no --dir "$out/redis" --logfile "$out/logs/redis.log" \
+  --daemonize no >>"$out/logs/redis.log" 2>&1 &
 redis_pid=$!
 export REDIS_URL="redis://127.0.0.1:$redis_port"
 wait_for_redis "$redis_port" "$out/logs/redis.log"
@@ -123,6 +128,7 @@ if [ "$what" = perf ]; then
 fi
 
 target_pid=""
+[ "$what" = redis-server ] && target_pid=$redis_pid
 for kv in "${fleet_pids[@]}"; do [ "${kv%%=*}" = "$what" ] && target_pid=${kv#*=}; done
 # callgrind_control finds the valgrind process by pid.
 callgrind_control -i on "$target_pid" >/dev/null

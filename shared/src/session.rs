@@ -4,8 +4,9 @@
 //! A session is the hash `fleet:{s:<sid>}` (fields `session_id`, `type`, `agent_id`,
 //! `agent_name`, `tenant_id`, `user_id`, `metadata`, `state` open|closed, `created_ms`,
 //! `last_activity_ms`, `expires_ms`, `tasks_total`, `tasks_<final state>`, `active_task`,
-//! `last_eid`, `ws_connections`, `ws_seen_ms`). It expires after the retention TTL without
-//! activity, together with its tasks and its event log.
+//! `last_eid`, `ws_connections`, `ws_seen_ms`, `open:<tid>` per open task, `ttl_refreshed_ms`).
+//! It expires after the retention TTL without activity, together with its tasks and its event
+//! log (the scripts renew the TTLs once a hundredth of it has passed: `lua/prelude.lua`).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -31,6 +31,9 @@ use crate::time::now_ms;
 /// A pool's control stream keeps about this many entries; executors only read its tail.
 pub const CONTROL_MAXLEN: u64 = 10_000;
 
+/// The session hash holds `open:<tid>` while task `tid` is open (see [`TaskStore::open_tasks`]).
+pub const OPEN_FIELD_PREFIX: &str = "open:";
+
 /// Where a task is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -190,23 +193,16 @@ pub enum Dispatched {
 }
 
 /// One operation for the `apply` script (see `lua/apply.lua`).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct TaskOp {
-    #[serde(skip)]
     pub task_id: String,
     pub op: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none", rename = "a")]
     pub attempt: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none", rename = "s")]
     pub seq: Option<u32>,
     /// The client event to append when the op applies ("" for none).
-    #[serde(rename = "ev")]
     pub event: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", rename = "et")]
     pub error_type: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", rename = "em")]
     pub error_message: Option<String>,
 }
 
@@ -472,9 +468,9 @@ impl TaskStore {
             &SCRIPTS.create,
             vec![
                 self.keys.session(sid),
+                self.keys.session_events(sid),
                 task_key,
                 idem_key,
-                self.open_tasks_key(sid),
             ],
             vec![
                 now_ms().into(),
@@ -529,24 +525,27 @@ impl TaskStore {
         })
     }
 
-    /// The key of the set of a session's open task ids.
-    pub fn open_tasks_key(&self, sid: &str) -> String {
-        format!("{}:open", self.keys.session(sid))
+    /// The ids of the session's open tasks (created and not yet ended): its hash's `open:<tid>`
+    /// fields.
+    pub async fn open_tasks(&self, sid: &str) -> Result<Vec<String>, TaskError> {
+        let fields: Vec<String> = self.client.hkeys(self.keys.session(sid)).await?;
+        Ok(fields
+            .into_iter()
+            .filter_map(|f| f.strip_prefix(OPEN_FIELD_PREFIX).map(str::to_owned))
+            .collect())
     }
 
-    /// The keys and arguments of one `apply` call for session `sid`.
+    /// The keys and arguments of one `apply` call for session `sid`: nine arguments per op
+    /// (see `lua/apply.lua`).
     pub fn apply_call(&self, sid: &str, ops: &[TaskOp]) -> (Vec<String>, Vec<Value>) {
-        let mut keys = vec![
-            self.keys.session(sid),
-            self.keys.session_events(sid),
-            self.open_tasks_key(sid),
-        ];
+        let mut keys = vec![self.keys.session(sid), self.keys.session_events(sid)];
         let mut index: HashMap<&str, usize> = HashMap::new();
-        let mut args: Vec<Value> = vec![
+        let mut args: Vec<Value> = Vec::with_capacity(3 + 9 * ops.len());
+        args.extend([
             now_ms().into(),
             self.retention.session_ttl_ms.into(),
             (self.retention.log_maxlen as i64).into(),
-        ];
+        ]);
         for op in ops {
             let k = if op.task_id.is_empty() {
                 0
@@ -556,10 +555,18 @@ impl TaskStore {
                     keys.len()
                 })
             };
-            let mut json = serde_json::to_value(op).expect("a TaskOp always serializes");
-            json["k"] = k.into();
-            json["tid"] = op.task_id.clone().into();
-            args.push(json.to_string().into());
+            let text = |v: &Option<String>| v.as_deref().unwrap_or_default().into();
+            args.extend([
+                (k as i64).into(),
+                op.task_id.as_str().into(),
+                op.op.into(),
+                op.attempt.map_or(Value::from(""), |a| i64::from(a).into()),
+                i64::from(op.seq.unwrap_or(0)).into(),
+                op.event.as_str().into(),
+                text(&op.content),
+                text(&op.error_type),
+                text(&op.error_message),
+            ]);
         }
         (keys, args)
     }
@@ -568,7 +575,7 @@ impl TaskStore {
     pub async fn apply(&self, sid: &str, ops: &[TaskOp]) -> Result<Applied, TaskError> {
         let (keys, args) = self.apply_call(sid, ops);
         let reply = eval(&self.client, &SCRIPTS.apply, keys, args).await?;
-        parse_applied(reply)
+        parse_applied(reply, ops)
     }
 
     /// Tells every executor of `pool` to stop working on task `tid` (`exec.cancel` on the
@@ -605,8 +612,8 @@ impl TaskStore {
     }
 }
 
-/// Parses the reply of the `apply` script.
-pub fn parse_applied(reply: Value) -> Result<Applied, TaskError> {
+/// Parses the reply of the `apply` script for `ops`, the ops of the call.
+pub fn parse_applied(reply: Value, ops: &[TaskOp]) -> Result<Applied, TaskError> {
     let mut parts = reply.into_array().into_iter();
     let (Some(statuses), Some(events), Some(ended), Some(last)) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -620,11 +627,20 @@ pub fn parse_applied(reply: Value) -> Result<Applied, TaskError> {
         .collect();
     let mut out_events = Vec::new();
     let mut it = events.into_array().into_iter();
-    while let (Some(prev), Some(eid), Some(json)) = (it.next(), it.next(), it.next()) {
+    while let (Some(prev), Some(eid), Some(source)) = (it.next(), it.next(), it.next()) {
+        // The index (from 1) of the op whose event it is, or the JSON of an op parked earlier.
+        let json = match source {
+            Value::Integer(i) => usize::try_from(i - 1)
+                .ok()
+                .and_then(|i| ops.get(i))
+                .map(|op| op.event.clone())
+                .ok_or_else(|| TaskError::Reply(format!("apply named op {i} of {}", ops.len())))?,
+            other => other.as_string().unwrap_or_default(),
+        };
         out_events.push(LoggedEvent {
             prev: prev.as_string().unwrap_or_default(),
             event_id: eid.as_string().unwrap_or_default(),
-            json: json.as_string().unwrap_or_default(),
+            json,
         });
     }
     let mut out_ended = Vec::new();
@@ -678,13 +694,17 @@ mod tests {
         let client = Client::default();
         let store = TaskStore::new(client, store_keys, Retention::default());
         let (keys, args) = store.apply_call("s", &ops);
-        assert_eq!(keys.len(), 5);
-        assert_eq!(keys[3], "p:{s:s}:task:t1");
-        assert_eq!(keys[4], "p:{s:s}:task:t2");
-        let op3: Json = serde_json::from_str(args[5].as_str().unwrap().as_ref()).unwrap();
-        assert_eq!(op3["k"], 4);
-        assert_eq!(op3["s"], 2);
-        let op4: Json = serde_json::from_str(args[6].as_str().unwrap().as_ref()).unwrap();
-        assert_eq!(op4["k"], 0);
+        assert_eq!(keys.len(), 4);
+        assert_eq!(keys[2], "p:{s:s}:task:t1");
+        assert_eq!(keys[3], "p:{s:s}:task:t2");
+        assert_eq!(args.len(), 3 + 9 * ops.len());
+        let op = |n: usize| &args[3 + 9 * n..3 + 9 * (n + 1)];
+        assert_eq!(op(2)[0], Value::Integer(3), "t1 again: its first key");
+        assert_eq!(op(2)[4], Value::Integer(2), "its seq");
+        assert_eq!(
+            op(3)[0],
+            Value::Integer(0),
+            "a session-level op names no task key"
+        );
     }
 }

@@ -8,6 +8,7 @@ use fleet::events::ServerMessage;
 use fleet::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
 use fleet::session_log::{FanoutConfig, SessionLog};
 use fleet::task::{OpStatus, Retention, TaskOp, TaskState, TaskStore};
+use fred::prelude::*;
 use proptest::prelude::*;
 use serde_json::Value as Json;
 
@@ -334,4 +335,83 @@ async fn the_log_tells_whether_events_were_trimmed_before_its_oldest() {
         oldest.lost_since(ids[0]),
         "a client that saw only ids[0] lost ids[1]"
     );
+}
+
+#[tokio::test]
+async fn a_session_counts_its_tasks_and_every_key_it_writes_expires() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    assert_eq!(
+        f.chat.tasks.open_tasks(&sid).await.unwrap(),
+        vec![tid.clone()]
+    );
+    let status = f.chat.status(&sid).await.unwrap();
+    assert_eq!(status.active_task.as_deref(), Some(tid.as_str()));
+    assert_eq!(status.totals.tasks, 1);
+
+    f.chat
+        .tasks
+        .apply(&sid, &callbacks(&sid, &tid, 2))
+        .await
+        .unwrap();
+
+    assert!(f.chat.tasks.open_tasks(&sid).await.unwrap().is_empty());
+    let status = f.chat.status(&sid).await.unwrap();
+    assert_eq!(status.active_task, None);
+    assert_eq!((status.totals.tasks, status.totals.completed), (1, 1));
+    let keys = f.chat.tasks.keys();
+    let client = f.chat.tasks.client();
+    for key in [
+        keys.session(&sid),
+        keys.session_events(&sid),
+        keys.task(&sid, &tid),
+    ] {
+        let ttl: i64 = client.pttl(&key).await.unwrap();
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+}
+
+/// TTLs are renewed only when the last renewal is older than a hundredth of the TTL.
+#[tokio::test]
+async fn a_busy_session_renews_its_ttls_once_a_hundredth_of_the_ttl_has_passed() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let (keys, client) = (f.chat.tasks.keys(), f.chat.tasks.client());
+    let ttl = Retention::default().session_ttl_ms;
+    let session_ttl = || async { client.pttl::<i64, _>(keys.session(&sid)).await.unwrap() };
+    let event = |text: &str| {
+        TaskOp::session(
+            "event",
+            ServerMessage::streaming(&sid, &tid, 0, text, 0).to_json(),
+        )
+    };
+    // The log's first event always sets its TTL; the rule applies after it.
+    f.chat.tasks.apply(&sid, &[event("first")]).await.unwrap();
+    let now = fleet::time::now_ms();
+    let short = 60_000;
+
+    // Renewed a moment ago: an event leaves the TTL alone.
+    let _: () = client
+        .hset(keys.session(&sid), ("ttl_refreshed_ms", now))
+        .await
+        .unwrap();
+    let _: bool = client
+        .pexpire(keys.session(&sid), short, None)
+        .await
+        .unwrap();
+    f.chat.tasks.apply(&sid, &[event("a")]).await.unwrap();
+    assert!(session_ttl().await <= short);
+
+    // Renewed more than a hundredth of the TTL ago: the next event renews every key.
+    let _: () = client
+        .hset(
+            keys.session(&sid),
+            ("ttl_refreshed_ms", now - ttl / 100 - 1),
+        )
+        .await
+        .unwrap();
+    f.chat.tasks.apply(&sid, &[event("b")]).await.unwrap();
+    assert!(session_ttl().await > ttl - 60_000);
+    let log_ttl: i64 = client.pttl(keys.session_events(&sid)).await.unwrap();
+    assert!(log_ttl > ttl - 60_000);
 }

@@ -465,7 +465,6 @@ impl Dispatcher {
         } else {
             c.reason.as_str()
         };
-        let open_key = self.tasks.open_tasks_key(sid);
         let cancel_ops = |tids: Vec<String>| -> Vec<TaskOp> {
             tids.iter()
                 .map(|tid| {
@@ -489,7 +488,7 @@ impl Dispatcher {
         };
         // Cancel what is open, then close (no task can be created after that), then cancel
         // anything created in between.
-        let open: Vec<String> = self.tasks.client().smembers(&open_key).await?;
+        let open = self.tasks.open_tasks(sid).await?;
         let mut ops = cancel_ops(open);
         let closed = ServerMessage::new(
             message_type::SESSION_CLOSED,
@@ -500,7 +499,7 @@ impl Dispatcher {
         ops.push(TaskOp::session("close", closed.to_json()));
         let first = self.tasks.apply(sid, &ops).await?;
         self.publish(sid, &first, redelivered).await?;
-        let late: Vec<String> = self.tasks.client().smembers(&open_key).await?;
+        let late = self.tasks.open_tasks(sid).await?;
         let mut ended = first.ended;
         if !late.is_empty() {
             let second = self.tasks.apply(sid, &cancel_ops(late)).await?;

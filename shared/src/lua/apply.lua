@@ -1,171 +1,228 @@
 -- Apply a list of task operations of one session, in order, atomically.
--- KEYS: 1 session, 2 session event log, 3 open-task set, 4.. task keys
--- ARGV: 1 now_ms, 2 session ttl ms, 3 log max length, 4.. one JSON op each:
---   { k = index into KEYS of the task key (0: session-level event), tid, op, a = attempt,
---     s = seq, ev = client event JSON ('' for none), content, et = error type, em = message }
+-- KEYS: 1 session, 2 session event log, 3.. task keys
+-- ARGV: 1 now_ms, 2 session ttl ms, 3 log max length, then 9 per op:
+--   k (index into KEYS of the task key; 0: a session-level op), tid, op, a (attempt), s (seq),
+--   ev (client event JSON, '' for none), content, et (error type, '' for none), em (message)
 --   op: started | chunk | progress | result | error  (ordered by seq within (tid, attempt))
 --       cancel | timeout | fail                     (end any open task: cancelled,
 --                                                    timed_out, failed)
 --       event                                       (append ev to the session log only)
 --       close                                       (mark the session closed, append ev)
 -- Seq-ordered ops apply strictly in seq order: a duplicate (seq <= applied) is dropped, an early
--- one (seq > applied + 1) is parked in the task hash as p:<seq> and applied when its
--- predecessor arrives, so events reach the log in order whatever order the ops came in.
--- seq 0 means unordered: the op applies on arrival while the task is open.
--- Each task hash is read once per call and the session's fields written once at its end, so a
--- call runs a handful of commands however many ops it carries. Each log entry keeps the id of
--- the session's event before it (field p), so a reader can tell whether the log lost events
--- before its oldest.
+-- one (seq > applied + 1) is parked in the task hash as p:<seq> (`parked` counts them) and
+-- applied when its predecessor arrives, so events reach the log in order whatever order the ops
+-- came in. seq 0 means unordered: the op applies on arrival while the task is open.
+-- Redis charges each redis.call several times the command's own cost, so a call reads each hash
+-- once, writes each task hash once and the session hash at most twice (one HDEL of the ended
+-- tasks' `open:<tid>`, one HSET), whatever the number of ops. Each log entry keeps the id of the
+-- session's event before it (field p), so a reader can tell whether the log lost events before
+-- its oldest.
 -- Returns { statuses, events, ended, last_eid }:
 --   statuses: one per op: applied | duplicate | buffered | stale | terminal | missing
---   events:   flat { prev_eid, eid, json, ... } of every event appended
+--   events:   flat { prev_eid, eid, source, ... } of every event appended; source is the index
+--             (from 1) of the op whose `ev` it is, or the event JSON of an op parked earlier
 --   ended:    flat { tid, state, created_ms, pool, ... } of every task this call ended
 --   last_eid: the session's newest event id after this call ('' when it has none)
 local now, ttl, maxlen = ARGV[1], ARGV[2], ARGV[3]
-local skey, lkey, okey = KEYS[1], KEYS[2], KEYS[3]
-local events, ended = {}, {}
--- The session's newest event id: read once, written once at the end.
-local last_eid = redis.call('HGET', skey, 'last_eid') or ''
+local skey, lkey = KEYS[1], KEYS[2]
+local session = redis.call('HMGET', skey, 'last_eid', 'active_task', 'ttl_refreshed_ms',
+  'tasks_completed', 'tasks_failed', 'tasks_cancelled', 'tasks_timed_out')
+local last_eid = session[1] or ''
+local log_is_new = last_eid == ''
+local active = session[2]
+local ends = { completed = session[4], failed = session[5], cancelled = session[6],
+  timed_out = session[7] }
+local ended_now = {}
+local events, ended, closed_fields = {}, {}, {}
 local touched = false
 
-local function push(t, ...)
-  for _, v in ipairs({ ... }) do t[#t + 1] = v end
-end
-
 -- Appends one client event to the session log.
-local function emit(tid, json)
-  if json and json ~= '' then
+local function emit(tid, json, source)
+  if json ~= '' then
     local eid = redis.call('XADD', lkey, 'MAXLEN', '~', maxlen, '*', 't', tid, 'p', last_eid, 'd', json)
-    push(events, last_eid, eid, json)
+    local n = #events
+    events[n + 1], events[n + 2], events[n + 3] = last_eid, eid, source
     last_eid = eid
   end
 end
 
--- What this call knows of each task hash it touched: read once, then kept up to date here.
-local known = {}
-local function task(tkey)
-  local t = known[tkey]
+-- What this call knows of each task hash it touched: read once, kept up to date here, and the
+-- fields to write (`set`) written once at the end.
+local known, dirty = {}, {}
+local function task(k)
+  local t = known[k]
   if not t then
-    local r = redis.call('HMGET', tkey, 'state', 'attempt', 'seq', 'created_ms', 'pool')
-    t = { state = r[1], attempt = r[2], seq = tonumber(r[3]) or 0, created = r[4], pool = r[5] }
-    known[tkey] = t
+    local r = redis.call('HMGET', KEYS[k], 'state', 'attempt', 'seq', 'created_ms', 'pool',
+      'chunks', 'parked')
+    t = { key = KEYS[k], state = r[1], attempt = tonumber(r[2]), seq = tonumber(r[3]) or 0,
+      created = r[4], pool = r[5], chunks = tonumber(r[6]) or 0, parked = tonumber(r[7]) or 0 }
+    known[k] = t
   end
   return t
 end
-
--- Ends task t as `state`; `fields` are more fields to set in the same HSET.
-local function finish(tkey, t, op, state, fields)
-  push(fields, 'state', state, 'finished_ms', now, 'updated_ms', now)
-  if op.et then push(fields, 'error_type', op.et, 'error', op.em or '') end
-  redis.call('HSET', tkey, unpack(fields))
-  redis.call('PEXPIRE', tkey, ttl)
-  t.state = state
-  redis.call('SREM', okey, op.tid)
-  redis.call('HINCRBY', skey, 'tasks_' .. state, 1)
-  if redis.call('HGET', skey, 'active_task') == op.tid then
-    redis.call('HDEL', skey, 'active_task')
+local function set(t, field, value)
+  if not t.set then
+    t.set = {}
+    dirty[#dirty + 1] = t
   end
-  touched = true
-  push(ended, op.tid, state, t.created or '0', t.pool or '')
-  emit(op.tid, op.ev)
+  t.set[field] = value
 end
 
--- One in-order step; returns the task's state after it.
-local function step(tkey, t, op)
-  local fields = {}
-  if tonumber(op.s) > 0 then
-    push(fields, 'seq', op.s)
-    t.seq = tonumber(op.s)
+-- Ends task t as `state`.
+local function finish(t, o, state)
+  set(t, 'state', state)
+  set(t, 'finished_ms', now)
+  set(t, 'updated_ms', now)
+  if o.et ~= '' then
+    set(t, 'error_type', o.et)
+    set(t, 'error', o.em)
   end
-  if op.op == 'result' then
-    push(fields, 'result', op.content or '')
-    finish(tkey, t, op, 'completed', fields)
-    return t.state
-  elseif op.op == 'error' then
-    finish(tkey, t, op, 'failed', fields)
-    return t.state
+  t.state = state
+  if renewal_due(t.created, now, ttl) then redis.call('PEXPIRE', t.key, ttl) end
+  ends[state] = (tonumber(ends[state]) or 0) + 1
+  ended_now[state] = true
+  closed_fields[#closed_fields + 1] = 'open:' .. o.tid
+  if active == o.tid then
+    closed_fields[#closed_fields + 1] = 'active_task'
+    active = false
   end
-  push(fields, 'updated_ms', now)
+  touched = true
+  local n = #ended
+  ended[n + 1], ended[n + 2], ended[n + 3], ended[n + 4] = o.tid, state, t.created or '0',
+    t.pool or ''
+  emit(o.tid, o.ev, o.source)
+end
+
+-- One in-order step.
+local function step(t, o)
+  if o.s > 0 then
+    set(t, 'seq', o.s)
+    t.seq = o.s
+  end
+  if o.op == 'result' then
+    set(t, 'result', o.content)
+    finish(t, o, 'completed')
+    return
+  elseif o.op == 'error' then
+    finish(t, o, 'failed')
+    return
+  end
+  set(t, 'updated_ms', now)
   local running = false
-  if op.op == 'started' then
+  if o.op == 'started' then
     running = t.state == 'queued' or t.state == 'dispatched'
-  elseif op.op == 'chunk' then
+  elseif o.op == 'chunk' then
     running = t.state ~= 'running'
   end
   if running then
-    push(fields, 'state', 'running', 'started_ms', now)
+    set(t, 'state', 'running')
+    set(t, 'started_ms', now)
     t.state = 'running'
   end
-  redis.call('HSET', tkey, unpack(fields))
-  if op.op == 'chunk' then
-    redis.call('HINCRBY', tkey, 'chunks', 1)
-    emit(op.tid, op.ev)
-  elseif op.op == 'progress' then
-    emit(op.tid, op.ev)
+  if o.op == 'chunk' then
+    t.chunks = t.chunks + 1
+    set(t, 'chunks', t.chunks)
+    emit(o.tid, o.ev, o.source)
+  elseif o.op == 'progress' then
+    emit(o.tid, o.ev, o.source)
   end
-  return t.state
 end
 
-local function apply_one(op)
-  if op.op == 'event' then
-    emit(op.tid or '', op.ev)
+local function apply_one(o)
+  if o.op == 'event' then
+    emit(o.tid, o.ev, o.source)
     return 'applied'
   end
-  if op.op == 'close' then
+  if o.op == 'close' then
     local st = redis.call('HGET', skey, 'state')
     if not st then return 'missing' end
     if st == 'closed' then return 'terminal' end
     redis.call('HSET', skey, 'state', 'closed', 'closed_ms', now)
     touched = true
-    emit('', op.ev)
+    emit('', o.ev, o.source)
     return 'applied'
   end
-  local tkey = KEYS[op.k]
-  local t = task(tkey)
+  local t = task(o.k)
   if not t.state then return 'missing' end
   if TERMINAL[t.state] then return 'terminal' end
-  if op.op == 'cancel' then
-    finish(tkey, t, op, 'cancelled', {})
+  if o.op == 'cancel' then
+    finish(t, o, 'cancelled')
     return 'applied'
-  elseif op.op == 'timeout' then
-    finish(tkey, t, op, 'timed_out', {})
+  elseif o.op == 'timeout' then
+    finish(t, o, 'timed_out')
     return 'applied'
-  elseif op.op == 'fail' then
-    finish(tkey, t, op, 'failed', {})
+  elseif o.op == 'fail' then
+    finish(t, o, 'failed')
     return 'applied'
   end
-  if tonumber(t.attempt) ~= tonumber(op.a) then return 'stale' end
-  local seq = tonumber(op.s)
+  if t.attempt ~= o.a then return 'stale' end
+  local seq = o.s
   if seq == 0 then
-    step(tkey, t, op)
+    step(t, o)
     return 'applied'
   end
   if seq <= t.seq then return 'duplicate' end
   if seq > t.seq + 1 then
-    redis.call('HSET', tkey, 'p:' .. seq, cjson.encode(op))
+    -- Parked with its event JSON: the call that applies it has only this.
+    o.source = nil
+    if redis.call('HSET', t.key, 'p:' .. seq, cjson.encode(o)) == 1 then
+      t.parked = t.parked + 1
+      set(t, 'parked', t.parked)
+    end
     return 'buffered'
   end
-  local state = step(tkey, t, op)
+  step(t, o)
   local nxt = seq + 1
-  while not TERMINAL[state] do
-    local raw = redis.call('HGET', tkey, 'p:' .. nxt)
+  while t.parked > 0 and not TERMINAL[t.state] do
+    local raw = redis.call('HGET', t.key, 'p:' .. nxt)
     if not raw then break end
-    redis.call('HDEL', tkey, 'p:' .. nxt)
-    state = step(tkey, t, cjson.decode(raw))
+    redis.call('HDEL', t.key, 'p:' .. nxt)
+    t.parked = t.parked - 1
+    set(t, 'parked', t.parked)
+    local p = cjson.decode(raw)
+    p.source = p.ev
+    step(t, p)
     nxt = nxt + 1
   end
   return 'applied'
 end
 
 local statuses = {}
-for i = 4, #ARGV do
-  statuses[#statuses + 1] = apply_one(cjson.decode(ARGV[i]))
+local i, n = 4, 0
+while i + 8 <= #ARGV do
+  n = n + 1
+  statuses[n] = apply_one({ k = tonumber(ARGV[i]), tid = ARGV[i + 1], op = ARGV[i + 2],
+    a = tonumber(ARGV[i + 3]), s = tonumber(ARGV[i + 4]) or 0, ev = ARGV[i + 5],
+    content = ARGV[i + 6], et = ARGV[i + 7], em = ARGV[i + 8], source = n })
+  i = i + 9
 end
-local session = {}
-if #events > 0 then push(session, 'last_eid', last_eid) end
-if touched then push(session, 'last_activity_ms', now) end
-if #session > 0 then redis.call('HSET', skey, unpack(session)) end
+
+for _, t in ipairs(dirty) do
+  local fields, m = {}, 0
+  for f, v in pairs(t.set) do
+    fields[m + 1], fields[m + 2] = f, v
+    m = m + 2
+  end
+  redis.call('HSET', t.key, unpack(fields))
+end
+if #closed_fields > 0 then redis.call('HDEL', skey, unpack(closed_fields)) end
+local fields = {}
 if #events > 0 then
+  fields[#fields + 1], fields[#fields + 2] = 'last_eid', last_eid
+end
+if touched then
+  fields[#fields + 1], fields[#fields + 2] = 'last_activity_ms', now
+end
+for state in pairs(ended_now) do
+  fields[#fields + 1], fields[#fields + 2] = 'tasks_' .. state, ends[state]
+end
+local renew = (#events > 0 or touched) and (log_is_new or renewal_due(session[3], now, ttl))
+if renew then
+  fields[#fields + 1], fields[#fields + 2] = 'ttl_refreshed_ms', now
+end
+if #fields > 0 then redis.call('HSET', skey, unpack(fields)) end
+-- After the HSET, which creates the session hash if it had expired.
+if renew then
   redis.call('PEXPIRE', lkey, ttl)
   redis.call('PEXPIRE', skey, ttl)
 end
