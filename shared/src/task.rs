@@ -546,6 +546,7 @@ impl TaskStore {
             self.retention.session_ttl_ms.into(),
             (self.retention.log_maxlen as i64).into(),
         ]);
+        let text = |v: &Option<String>| Value::from(v.as_deref().unwrap_or_default());
         for op in ops {
             let k = if op.task_id.is_empty() {
                 0
@@ -555,7 +556,6 @@ impl TaskStore {
                     keys.len()
                 })
             };
-            let text = |v: &Option<String>| v.as_deref().unwrap_or_default().into();
             args.extend([
                 (k as i64).into(),
                 op.task_id.as_str().into(),
