@@ -163,6 +163,24 @@ impl Delivery {
         }
     }
 
+    /// The next message if one can be handed out without waiting or reading the log: what
+    /// [`Delivery::next`] would return at once, or `None`. A sender drains these after each
+    /// `next` to write everything ready in one go.
+    pub fn ready(&mut self) -> Option<Outgoing> {
+        loop {
+            if let Some(out) = self.pending.pop_front() {
+                return Some(out);
+            }
+            if self.catch_up.is_some() {
+                return None;
+            }
+            match self.live.try_recv()? {
+                Signal::Live(live) => self.on_live(&live),
+                Signal::Lagged(until) => self.gap_fill(until),
+            }
+        }
+    }
+
     /// Applies the delivery rule to one live entry.
     fn on_live(&mut self, live: &Live) {
         if self.last.is_some_and(|l| live.event_id <= l) {
@@ -294,6 +312,22 @@ mod tests {
         let (mut d, _r) = delivery(Some(9)).await;
         d.on_live(&live(9, None, false));
         assert_eq!(d.catch_up, None);
+    }
+
+    #[tokio::test]
+    async fn what_is_ready_is_handed_out_without_waiting_and_a_gap_stops_it() {
+        let (mut d, registry) = delivery(Some(5)).await;
+        assert_eq!(d.ready(), None);
+        // One fan-out entry with two events (a chunk and the result), then one after a gap.
+        registry.dispatch("s", || vec![live(6, Some(5), true), live(7, Some(6), true)]);
+        registry.dispatch("s", || vec![live(9, Some(8), true)]);
+        let first = d.next().await.expect("queued");
+        assert_eq!(first.event_id, Some(id(6)));
+        assert_eq!(d.ready().map(|o| o.event_id), Some(Some(id(7))));
+        // Event 8 must come from the log: not ready.
+        assert_eq!(d.ready(), None);
+        assert_eq!(d.catch_up, Some(Target::Upto(id(9))));
+        assert_eq!(d.last_event_id(), Some(id(7)));
     }
 
     #[tokio::test]

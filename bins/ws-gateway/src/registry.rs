@@ -234,6 +234,15 @@ impl Subscription {
             }
         }
     }
+
+    /// What [`Subscription::recv`] would return now, without waiting: `None` when nothing is
+    /// queued.
+    pub fn try_recv(&mut self) -> Option<Signal> {
+        if let Some(until) = self.slot.take_lag() {
+            return Some(Signal::Lagged(until));
+        }
+        self.rx.try_recv().ok().map(Signal::Live)
+    }
 }
 
 impl Drop for Subscription {

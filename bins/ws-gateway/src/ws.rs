@@ -26,6 +26,7 @@ use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use fleet::events::{ChatMessageData, ClientMessage, ServerMessage, message_type};
 use fleet::session::{ChatError, SubmitMessage};
+use futures::SinkExt;
 use futures::future::BoxFuture;
 use serde_json::json;
 use tracing::Instrument;
@@ -50,6 +51,11 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// so 1 KiB reads them in one call and keeps an idle connection's memory low (see
 /// docs/performance.md, idle WebSockets).
 pub const READ_BUFFER_BYTES: usize = 1024;
+/// Frames are written to the socket when the write buffer holds more than this, or on flush:
+/// [`send_ready`] queues everything ready (a task's chunk and result come together) and flushes
+/// once, so they leave in one system call and one TCP segment. The buffer keeps its capacity
+/// (at most this plus one frame), so it stays small.
+pub const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 /// The upgrade handler.
 pub async fn upgrade(
@@ -68,7 +74,7 @@ pub async fn upgrade(
     let hard_cap = gw.limits.hard_cap();
     let span = tracing::info_span!("ws", session_id = %sid);
     ws.read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_frame_size(hard_cap)
         .max_message_size(hard_cap)
         .on_upgrade(move |socket| {
@@ -193,7 +199,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
             }
             out = delivery.next() => match out {
                 Ok(out) => {
-                    if send(&mut socket, out.json).await.is_err() {
+                    if send_ready(&mut socket, &mut delivery, out).await.is_err() {
                         break End::Gone;
                     }
                 }
@@ -371,6 +377,38 @@ async fn send(socket: &mut WebSocket, json: String) -> Result<(), ()> {
     match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(json.into()))).await {
         Ok(Ok(())) => {
             metrics::counter!("fleet_ws_messages_sent_total").increment(1);
+            Ok(())
+        }
+        _ => Err(()),
+    }
+}
+
+/// Most messages [`send_ready`] writes before one flush.
+const MAX_WRITE_BATCH: u64 = 64;
+
+/// Sends `first` and whatever else `delivery` has ready without waiting (the events of one
+/// fan-out entry, such as a task's last chunk and its result, arrive together), flushed once:
+/// one system call and one TCP segment instead of one per message.
+async fn send_ready(
+    socket: &mut WebSocket,
+    delivery: &mut Delivery,
+    first: Outgoing,
+) -> Result<(), ()> {
+    let write = async {
+        socket.feed(Message::Text(first.json.into())).await?;
+        let mut sent = 1;
+        while sent < MAX_WRITE_BATCH
+            && let Some(out) = delivery.ready()
+        {
+            socket.feed(Message::Text(out.json.into())).await?;
+            sent += 1;
+        }
+        socket.flush().await?;
+        Ok::<_, axum::Error>(sent)
+    };
+    match tokio::time::timeout(SEND_TIMEOUT, write).await {
+        Ok(Ok(sent)) => {
+            metrics::counter!("fleet_ws_messages_sent_total").increment(sent);
             Ok(())
         }
         _ => Err(()),
