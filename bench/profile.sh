@@ -8,6 +8,8 @@
 #   bench/profile.sh redis-server               callgrind of Redis itself (its scripts included)
 #   bench/profile.sh perf                       no valgrind: perf record (cpu-clock) of every binary
 #                                               and Redis during an e2e run at max
+#   bench/profile.sh syscalls --rate 1000       no valgrind: system calls per task of every binary
+#                                               and Redis, by kind (perf's syscall tracepoints)
 #
 # The other binaries run natively. Instrumentation is switched on when the load starts and the
 # profile is dumped when it ends, so start-up is not counted; instructions per task = the dump's
@@ -21,7 +23,7 @@ root=$(pwd)
 source bench/lib.sh
 
 what=${1:-}
-[ -n "$what" ] || { sed -n '2,17p' "$0"; exit 2; }
+[ -n "$what" ] || { sed -n '2,19p' "$0"; exit 2; }
 shift
 rate=100
 duration=10
@@ -37,13 +39,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$what" in
-  dispatcher|callback-worker|exec-worker|ws-gateway|edge-api|redis-server|perf) ;;
-  *) echo "profile one of: dispatcher callback-worker exec-worker ws-gateway edge-api redis-server perf" >&2; exit 2 ;;
+  dispatcher|callback-worker|exec-worker|ws-gateway|edge-api|redis-server|perf|syscalls) ;;
+  *) echo "profile one of: dispatcher callback-worker exec-worker ws-gateway edge-api redis-server perf syscalls" >&2; exit 2 ;;
 esac
 
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 [ -x "$bin/fleet-bench" ] || { echo "no release binaries in $bin (cargo build --release --workspace --bins)" >&2; exit 1; }
-if [ "$what" = perf ]; then
+if [ "$what" = perf ] || [ "$what" = syscalls ]; then
   command -v perf >/dev/null || { echo "perf is missing (apt-get install linux-perf)" >&2; exit 1; }
 else
   command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
@@ -124,6 +126,38 @@ if [ "$what" = perf ]; then
       2>/dev/null | grep -v '^#' | grep -v '^$' | sed -n '1,25p' | tee "$out/top-${kv%%=*}.txt" || true
   done
   echo "profile in $out (perf report -i $out/perf.data)"
+  exit 0
+fi
+
+if [ "$what" = syscalls ]; then
+  kinds="getrandom writev write sendto recvfrom read epoll_wait futex madvise"
+  events=$(for k in $kinds; do printf 'syscalls:sys_enter_%s,' "$k"; done)
+  "$bin/fleet-bench" e2e --api "http://127.0.0.1:$edge_port" --ws "ws://127.0.0.1:$gw_port" \
+    --sessions 64 --rate "$rate" --duration "$duration" --warmup 1 --via "$via" --no-procs \
+    --json-out "$out/e2e.jsonl" >"$out/e2e.txt" 2>&1 &
+  load=$!
+  sleep 2
+  # Counted over a window inside the run's, at the fixed rate: tasks = rate x window.
+  window=$((duration - 3))
+  counters=()
+  for kv in "${fleet_pids[@]}" "redis-server=$redis_pid"; do
+    perf stat -x, -e "${events%,}" -p "${kv#*=}" -o "$out/syscalls-${kv%%=*}.txt" -- sleep "$window" &
+    counters+=($!)
+  done
+  wait "$load" "${counters[@]}" || true
+  grep -E "throughput|final " "$out/e2e.txt" || true
+  printf '%-16s' "per task"; for k in $kinds all; do printf '%11s' "$k"; done; echo
+  for kv in "${fleet_pids[@]}" "redis-server=$redis_pid"; do
+    awk -F, -v name="${kv%%=*}" -v tasks="$((rate * window))" -v kinds="$kinds" '
+      $3 ~ /sys_enter_/ { k = $3; sub(/.*sys_enter_/, "", k); n[k] = $1 + 0; all += $1 }
+      END {
+        printf "%-16s", name
+        split(kinds, ks, " ")
+        for (i = 1; i in ks; i++) printf "%11.2f", n[ks[i]] / tasks
+        printf "%11.2f\n", all / tasks
+      }' "$out/syscalls-${kv%%=*}.txt"
+  done | tee "$out/summary.txt"
+  echo "counts in $out"
   exit 0
 fi
 
