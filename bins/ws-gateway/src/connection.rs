@@ -144,11 +144,7 @@ impl Delivery {
     /// Cancel-safe: state changes only after each read completed.
     pub async fn next(&mut self) -> Result<Outgoing, fred::error::Error> {
         loop {
-            if let Some(out) = self.pending.pop_front() {
-                if self.pending.is_empty() && self.pending.capacity() > 16 {
-                    // A replay page was delivered: give its buffer back.
-                    self.pending = VecDeque::new();
-                }
+            if let Some(out) = self.pop_pending() {
                 return Ok(out);
             }
             if let Some(target) = self.catch_up {
@@ -168,7 +164,7 @@ impl Delivery {
     /// `next` to write everything ready in one go.
     pub fn ready(&mut self) -> Option<Outgoing> {
         loop {
-            if let Some(out) = self.pending.pop_front() {
+            if let Some(out) = self.pop_pending() {
                 return Some(out);
             }
             if self.catch_up.is_some() {
@@ -179,6 +175,15 @@ impl Delivery {
                 Signal::Lagged(until) => self.gap_fill(until),
             }
         }
+    }
+
+    fn pop_pending(&mut self) -> Option<Outgoing> {
+        let out = self.pending.pop_front()?;
+        if self.pending.is_empty() && self.pending.capacity() > 16 {
+            // A replay page was delivered: give its buffer back.
+            self.pending = VecDeque::new();
+        }
+        Some(out)
     }
 
     /// Applies the delivery rule to one live entry.
