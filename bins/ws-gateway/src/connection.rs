@@ -152,10 +152,8 @@ impl Delivery {
                 Box::pin(self.read_page(target)).await?;
                 continue;
             }
-            match self.live.recv().await {
-                Signal::Live(live) => self.on_live(&live),
-                Signal::Lagged(until) => self.gap_fill(until),
-            }
+            let signal = self.live.recv().await;
+            self.on_signal(signal);
         }
     }
 
@@ -170,10 +168,8 @@ impl Delivery {
             if self.catch_up.is_some() {
                 return None;
             }
-            match self.live.try_recv()? {
-                Signal::Live(live) => self.on_live(&live),
-                Signal::Lagged(until) => self.gap_fill(until),
-            }
+            let signal = self.live.try_recv()?;
+            self.on_signal(signal);
         }
     }
 
@@ -184,6 +180,13 @@ impl Delivery {
             self.pending = VecDeque::new();
         }
         Some(out)
+    }
+
+    fn on_signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::Live(live) => self.on_live(&live),
+            Signal::Lagged(until) => self.gap_fill(until),
+        }
     }
 
     /// Applies the delivery rule to one live entry.

@@ -52,7 +52,7 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// docs/performance.md, idle WebSockets).
 pub const READ_BUFFER_BYTES: usize = 1024;
 /// Frames are written to the socket when the write buffer holds more than this, or on flush:
-/// [`send_ready`] queues everything ready (a task's chunk and result come together) and flushes
+/// [`send_batch`] queues everything ready (a task's chunk and result come together) and flushes
 /// once, so they leave in one system call and one TCP segment. The buffer keeps its capacity
 /// (at most this plus one frame), so it stays small.
 pub const WRITE_BUFFER_BYTES: usize = 4 * 1024;
@@ -199,7 +199,8 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
             }
             out = delivery.next() => match out {
                 Ok(out) => {
-                    if send_ready(&mut socket, &mut delivery, out).await.is_err() {
+                    let more = || delivery.ready().map(|o| o.json);
+                    if send_batch(&mut socket, out.json, more).await.is_err() {
                         break End::Gone;
                     }
                 }
@@ -373,34 +374,29 @@ fn too_large_or_gone(e: &axum::Error) -> End {
     }
 }
 
+/// Sends one message.
 async fn send(socket: &mut WebSocket, json: String) -> Result<(), ()> {
-    match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(json.into()))).await {
-        Ok(Ok(())) => {
-            metrics::counter!("fleet_ws_messages_sent_total").increment(1);
-            Ok(())
-        }
-        _ => Err(()),
-    }
+    send_batch(socket, json, || None).await
 }
 
-/// Most messages [`send_ready`] writes before one flush.
+/// Most messages [`send_batch`] writes before one flush.
 const MAX_WRITE_BATCH: u64 = 64;
 
-/// Sends `first` and whatever else `delivery` has ready without waiting (the events of one
-/// fan-out entry, such as a task's last chunk and its result, arrive together), flushed once:
-/// one system call and one TCP segment instead of one per message.
-async fn send_ready(
+/// Sends `first` and then whatever `more` has ready without waiting (for a delivery, the events
+/// of one fan-out entry, such as a task's last chunk and its result, arrive together), flushed
+/// once: one system call and one TCP segment instead of one per message.
+async fn send_batch(
     socket: &mut WebSocket,
-    delivery: &mut Delivery,
-    first: Outgoing,
+    first: String,
+    mut more: impl FnMut() -> Option<String>,
 ) -> Result<(), ()> {
     let write = async {
-        socket.feed(Message::Text(first.json.into())).await?;
+        socket.feed(Message::Text(first.into())).await?;
         let mut sent = 1;
         while sent < MAX_WRITE_BATCH
-            && let Some(out) = delivery.ready()
+            && let Some(json) = more()
         {
-            socket.feed(Message::Text(out.json.into())).await?;
+            socket.feed(Message::Text(json.into())).await?;
             sent += 1;
         }
         socket.flush().await?;
