@@ -177,8 +177,10 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut heard, mut pinged) = (false, false);
     let end = loop {
+        // Not `biased`: with the socket polled first, a client that sends without pause (one
+        // submitting faster than the fleet answers) kept it ready and got none of its events
+        // until it stopped. In random order each ready branch gets its turn.
         tokio::select! {
-            biased;
             () = gw.closing.cancelled() => break End::Close(close::GOING_AWAY, "going away"),
             frame = socket.recv() => {
                 heard = true;

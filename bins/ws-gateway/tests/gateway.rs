@@ -139,6 +139,71 @@ async fn a_lost_fanout_entry_is_read_from_the_log_before_the_next_event() {
 }
 
 #[tokio::test]
+async fn a_client_that_keeps_sending_still_gets_its_events() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+    let ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    let (mut tx, mut rx) = futures::StreamExt::split(ws);
+    // Live first: the replay of the log is over once this event is in.
+    fleet.chunk(&s.sid, &tid, 1, "a").await;
+    let first: Json = match futures::StreamExt::next(&mut rx).await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).expect("json"),
+        other => panic!("expected the first event, got {other:?}"),
+    };
+    assert_chunk(&first, "a");
+
+    // The client sends without pause (a client submitting faster than the fleet answers keeps
+    // the gateway's socket full like this) and reads what comes back.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flood = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let ping = Message::Text(json!({"message_type": "ping"}).to_string().into());
+            let mut sent = 0u64;
+            while !stop.is_cancelled() {
+                if tx.send(ping.clone()).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        }
+    });
+    let mut pongs = 0u64;
+    while pongs < 200 {
+        match tokio::time::timeout(WAIT, futures::StreamExt::next(&mut rx)).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.contains("\"pong\"") => pongs += 1,
+            other => panic!("expected pongs while the client sends, got {other:?}"),
+        }
+    }
+    // An event fanned out while the client keeps sending reaches it while it keeps sending.
+    fleet.chunk(&s.sid, &tid, 2, "b").await;
+    let event = tokio::time::timeout(WAIT, async {
+        loop {
+            match futures::StreamExt::next(&mut rx).await {
+                Some(Ok(Message::Text(t))) if t.contains("\"pong\"") => pongs += 1,
+                Some(Ok(Message::Text(t))) => {
+                    break serde_json::from_str::<Json>(&t).expect("json");
+                }
+                other => panic!("expected the event while the client sends, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!("no event in {WAIT:?} while the client kept sending ({pongs} pongs)")
+    });
+    assert!(!flood.is_finished(), "the client was still sending");
+    stop.cancel();
+    let sent = flood.await.expect("flood");
+    assert_chunk(&event, "b");
+    assert!(pongs < sent, "{pongs} pongs, {sent} pings");
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn a_nudge_alone_delivers_the_events_it_points_at() {
     let fleet = Fleet::new().await;
     let gw = fleet.gateway().await;
