@@ -219,8 +219,8 @@ impl Subscription {
     /// The next live entry, or the news that some were dropped. Cancel-safe.
     pub async fn recv(&mut self) -> Signal {
         loop {
-            if let Some(until) = self.slot.take_lag() {
-                return Signal::Lagged(until);
+            if let Some(signal) = self.try_recv() {
+                return signal;
             }
             tokio::select! {
                 biased;
