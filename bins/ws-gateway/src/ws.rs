@@ -8,14 +8,20 @@
 //! * `{"message_type":"chat_message","data":{"message":"...","metadata":{},"task_id"?,"idempotency_key"?}}`:
 //!   submitted like `POST /api/v1/chat/{id}/task`; answered with `task_queued` (or an `error`
 //!   message) on this connection only;
-//! * `{"message_type":"ping"}`: answered with `pong`.
+//! * `{"message_type":"ping"}`: answered with `pong` at once.
+//!
+//! Chat messages are submitted concurrently, up to [`MAX_PENDING_REPLIES`] per socket: while one
+//! waits on Redis the socket goes on reading frames, sending events and answering pings. Their
+//! replies (and the `error` replies to malformed frames) go out in the order of the frames, so a
+//! client may match them by order; a client with that many replies outstanding is read again
+//! once the oldest is sent.
 //!
 //! Anything else gets an `error` message; the [`MAX_MALFORMED`]th bad frame closes the socket with
 //! 4008, and so does a frame over `--max-frame-bytes`. On shutdown every socket closes with 1001.
 //!
 //! One task per socket (the one axum spawns for the upgrade) does everything: it reads frames,
-//! sends events and pings. Rarely taken, large futures (replay pages, submits) are boxed so that
-//! an idle connection stays small.
+//! drives the socket's submits, sends events and pings. Rarely taken, large futures (replay
+//! pages, submits) are boxed so that an idle connection stays small.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +32,9 @@ use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use fleet::events::{ChatMessageData, ClientMessage, ServerMessage, message_type};
 use fleet::session::{ChatError, SubmitMessage};
-use futures::SinkExt;
 use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 use tracing::Instrument;
 
@@ -39,6 +46,9 @@ use crate::routes::Gateway;
 
 /// Malformed frames tolerated on one connection; this many closes it with 4008.
 pub const MAX_MALFORMED: u32 = 5;
+/// Replies one socket may owe at once (chat messages being submitted, and replies queued behind
+/// them); past this the socket is not read until the oldest is sent.
+pub const MAX_PENDING_REPLIES: usize = 32;
 /// A server ping goes out this often; a client that sent nothing (not even the pong) between two
 /// pings is dropped.
 pub const PING_EVERY: Duration = Duration::from_secs(30);
@@ -114,10 +124,16 @@ enum End {
 /// What to do about one client frame.
 enum Action {
     Nothing,
+    /// Send this at once (a pong).
+    Answer(ServerMessage),
+    /// Send this in frame order, after the replies owed before it.
     Reply(ServerMessage),
     Submit(ChatMessageData),
     End(End),
 }
+
+/// A reply the socket owes, in frame order.
+type PendingReply = BoxFuture<'static, ServerMessage>;
 
 async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     if req.bad_query {
@@ -173,6 +189,9 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
         gw: &gw,
         malformed: 0,
     };
+    let sid: Arc<str> = Arc::from(delivery.session_id());
+    // Replies owed, oldest first: submits run here concurrently with everything else.
+    let mut replies: FuturesOrdered<PendingReply> = FuturesOrdered::new();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut heard, mut pinged) = (false, false);
@@ -182,20 +201,42 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
         // until it stopped. In random order each ready branch gets its turn.
         tokio::select! {
             () = gw.closing.cancelled() => break End::Close(close::GOING_AWAY, "going away"),
-            frame = socket.recv() => {
+            frame = socket.recv(), if replies.len() < MAX_PENDING_REPLIES => {
                 heard = true;
                 let action = match frame {
-                    Some(Ok(msg)) => conn.on_frame(delivery.session_id(), msg),
+                    Some(Ok(msg)) => conn.on_frame(&sid, msg),
                     Some(Err(e)) => break too_large_or_gone(&e),
                     None => break End::Gone,
                 };
-                let reply = match action {
-                    Action::Nothing => continue,
+                match action {
+                    Action::Nothing => {}
                     Action::End(end) => break end,
-                    Action::Reply(msg) => msg,
-                    Action::Submit(data) => Box::pin(conn.submit(delivery.session_id(), data)).await,
+                    Action::Reply(msg) if replies.is_empty() => {
+                        if send(&mut socket, Outgoing::reply(&msg).json).await.is_err() {
+                            break End::Gone;
+                        }
+                    }
+                    Action::Reply(msg) => replies.push_back(Box::pin(std::future::ready(msg))),
+                    Action::Answer(msg) => {
+                        if send(&mut socket, Outgoing::reply(&msg).json).await.is_err() {
+                            break End::Gone;
+                        }
+                    }
+                    Action::Submit(data) => {
+                        replies.push_back(Box::pin(submit(gw.clone(), sid.clone(), data)));
+                    }
+                }
+            }
+            Some(reply) = replies.next(), if !replies.is_empty() => {
+                // Replies that are ready behind it go out with it, in one flush.
+                let more = || {
+                    replies
+                        .next()
+                        .now_or_never()
+                        .flatten()
+                        .map(|msg| Outgoing::reply(&msg).json)
                 };
-                if send(&mut socket, Outgoing::reply(&reply).json).await.is_err() {
+                if send_batch(&mut socket, Outgoing::reply(&reply).json, more).await.is_err() {
                     break End::Gone;
                 }
             }
@@ -228,9 +269,20 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
             }
         }
     };
-    let sid = delivery.session_id().to_owned();
     // Unregister before the close handshake: nothing more will be sent.
     drop(delivery);
+    // A submit that started runs to its end (its task is created and queued, or not at all);
+    // its reply still goes out if the client is there to read it.
+    let mut end = end;
+    while let Some(reply) = replies.next().await {
+        if !matches!(end, End::Gone)
+            && send(&mut socket, Outgoing::reply(&reply).json)
+                .await
+                .is_err()
+        {
+            end = End::Gone;
+        }
+    }
     finish(socket, end).await;
     metrics::gauge!("fleet_ws_connections").decrement(1.0);
     Box::pin(presence::record(&gw.chat, &sid, -1)).await;
@@ -274,7 +326,7 @@ impl Connection<'_> {
         };
         match msg.message_type.as_str() {
             message_type::PING => {
-                Action::Reply(ServerMessage::new(message_type::PONG, sid, None, json!({})))
+                Action::Answer(ServerMessage::new(message_type::PONG, sid, None, json!({})))
             }
             message_type::CHAT_MESSAGE => match serde_json::from_value::<ChatMessageData>(msg.data)
             {
@@ -304,44 +356,45 @@ impl Connection<'_> {
         }
         Action::Reply(ServerMessage::error(sid, code, &message))
     }
+}
 
-    /// Submits a chat message the way `POST /api/v1/chat/{id}/task` does.
-    async fn submit(&self, sid: &str, data: ChatMessageData) -> ServerMessage {
-        // Each message is its own trace (the connection lives far longer than one task).
-        let span = tracing::info_span!(
-            parent: None,
-            "ws_message",
-            otel.name = "ws chat_message",
-            otel.kind = "server",
-            fleet.session_id = %sid,
-        );
-        let submitted = self
-            .gw
-            .chat
-            .submit(
-                sid,
-                SubmitMessage {
-                    message: data.message,
-                    metadata: data.metadata,
-                    task_id: data.task_id,
-                    idempotency_key: data.idempotency_key,
-                    source: "ws",
-                },
-            )
-            .instrument(span)
-            .await;
-        match submitted {
-            Ok(s) => {
-                let mut body = json!({"task_id": s.task_id, "status": s.status});
-                if s.duplicate {
-                    body["duplicate"] = true.into();
-                }
-                ServerMessage::new(message_type::TASK_QUEUED, sid, Some(&s.task_id), body)
+/// Submits a chat message the way `POST /api/v1/chat/{id}/task` does. Owns what it uses, so that
+/// a socket can run several at once beside its other work.
+async fn submit(gw: Arc<Gateway>, sid: Arc<str>, data: ChatMessageData) -> ServerMessage {
+    let sid = &*sid;
+    // Each message is its own trace (the connection lives far longer than one task).
+    let span = tracing::info_span!(
+        parent: None,
+        "ws_message",
+        otel.name = "ws chat_message",
+        otel.kind = "server",
+        fleet.session_id = %sid,
+    );
+    let submitted = gw
+        .chat
+        .submit(
+            sid,
+            SubmitMessage {
+                message: data.message,
+                metadata: data.metadata,
+                task_id: data.task_id,
+                idempotency_key: data.idempotency_key,
+                source: "ws",
+            },
+        )
+        .instrument(span)
+        .await;
+    match submitted {
+        Ok(s) => {
+            let mut body = json!({"task_id": s.task_id, "status": s.status});
+            if s.duplicate {
+                body["duplicate"] = true.into();
             }
-            Err(e) => {
-                let (code, message) = submit_error(&e);
-                ServerMessage::error(sid, code, &message)
-            }
+            ServerMessage::new(message_type::TASK_QUEUED, sid, Some(&s.task_id), body)
+        }
+        Err(e) => {
+            let (code, message) = submit_error(&e);
+            ServerMessage::error(sid, code, &message)
         }
     }
 }

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use fred::cmd;
 use fred::prelude::*;
 use futures::SinkExt;
 use serde_json::{Value as Json, json};
@@ -200,6 +201,91 @@ async fn a_client_that_keeps_sending_still_gets_its_events() {
     let sent = flood.await.expect("flood");
     assert_chunk(&event, "b");
     assert!(pongs < sent, "{pongs} pongs, {sent} pings");
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_socket_is_served_while_its_chat_message_waits_on_redis() {
+    // A Redis of its own: the test pauses its writes.
+    let redis = fleet_test_support::RedisServer::start();
+    let fleet = Fleet::on(redis.url()).await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    ping_pong(&mut ws).await;
+
+    // Writes wait (the submit's `create` script among them) until the pause is lifted.
+    let _: Value = fleet
+        .client
+        .custom(cmd!("CLIENT"), vec!["PAUSE", "30000", "WRITE"])
+        .await
+        .expect("client pause");
+    send_text(
+        &mut ws,
+        r#"{"message_type":"chat_message","data":{"message":"hello","task_id":"t-paused"}}"#,
+    )
+    .await;
+    // The socket still answers while the chat message waits on Redis...
+    send_text(&mut ws, r#"{"message_type":"ping"}"#).await;
+    let pong = recv_json(&mut ws).await;
+    assert_eq!(
+        pong["message_type"], "pong",
+        "the pong comes before the queued task it did not wait for: {pong}"
+    );
+    // ...and a malformed frame's error waits its turn behind the chat message's reply.
+    send_text(&mut ws, "not json").await;
+    let _: Value = fleet
+        .client
+        .custom(cmd!("CLIENT"), vec!["UNPAUSE"])
+        .await
+        .expect("client unpause");
+    let queued = recv_json(&mut ws).await;
+    assert_eq!(queued["message_type"], "task_queued", "{queued}");
+    assert_eq!(queued["task_id"], "t-paused");
+    let refused = recv_json(&mut ws).await;
+    assert_eq!(
+        refused["data"]["error"]["error_type"], "invalid_message",
+        "{refused}"
+    );
+    let task = fleet.chat.task(&s.sid, "t-paused").await.expect("task");
+    assert_eq!(task.state, "queued");
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn chat_messages_sent_at_once_are_answered_in_the_order_sent() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    let (mut tx, mut rx) = futures::StreamExt::split(ws);
+    // More than one socket may have in flight, so that some wait for a place.
+    let n = ws_gateway::ws::MAX_PENDING_REPLIES + 8;
+    let ids: Vec<String> = (0..n).map(|i| format!("t-{i:03}")).collect();
+    let frames = ids.iter().map(|id| {
+        Ok(Message::Text(
+            json!({"message_type": "chat_message", "data": {"message": "hi", "task_id": id}})
+                .to_string()
+                .into(),
+        ))
+    });
+    tx.send_all(&mut futures::stream::iter(frames))
+        .await
+        .expect("send");
+    let mut answered = Vec::with_capacity(n);
+    while answered.len() < n {
+        let msg = match tokio::time::timeout(WAIT, futures::StreamExt::next(&mut rx)).await {
+            Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Json>(&t).expect("json"),
+            other => panic!("expected task_queued, got {other:?} after {answered:?}"),
+        };
+        assert_eq!(msg["message_type"], "task_queued", "{msg}");
+        answered.push(msg["task_id"].as_str().expect("task_id").to_owned());
+    }
+    assert_eq!(answered, ids);
+    for id in &ids {
+        let task = fleet.chat.task(&s.sid, id).await.expect("task");
+        assert_eq!(task.state, "queued");
+    }
     gw.stop().await.expect("clean stop");
 }
 

@@ -86,7 +86,11 @@ pub struct Session {
 
 impl Fleet {
     pub async fn new() -> Fleet {
-        let redis_url = fleet_test_support::redis();
+        Fleet::on(fleet_test_support::redis()).await
+    }
+
+    /// A fleet on the Redis at `redis_url` (a test that pauses or restarts Redis brings its own).
+    pub async fn on(redis_url: String) -> Fleet {
         let prefix = fleet_test_support::prefix();
         let keys = Keys::new(&prefix);
         let client = fleet::redis::connect(&redis_url).await.expect("redis");
