@@ -54,9 +54,15 @@ async fn bench(fleet: &Fleet, mode: &str, extra: &[&str]) -> Json {
 /// Every task offered in the window completed, and `names` each hold one latency per task.
 fn assert_complete(report: &Json, names: &[(&str, u64)]) {
     assert_eq!(report["offered"], 200, "200/s for 1 s offers 200: {report}");
-    assert_eq!(report["completed"], 200, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
-    assert_eq!(report["incomplete"], 0, "{report}");
+    assert_eq!(
+        report["incomplete"], 0,
+        "every task of the window ended: {report}"
+    );
+    // `completed` counts the finals that arrived inside the window (the throughput), so the
+    // last tasks' finals, which arrive after it, are not in it.
+    let completed = report["completed"].as_u64().unwrap();
+    assert!(0 < completed && completed <= 200, "{report}");
     assert_eq!(report["extra"]["finals_without_chunk"], 0, "{report}");
     for (name, per_task) in names {
         let l = &report["latency_ms"][name];
