@@ -318,6 +318,11 @@ pub struct Chat {
     pub backpressure: Backpressure,
 }
 
+/// A new task id (a UUIDv7: ids made later sort later).
+pub fn new_task_id() -> String {
+    Uuid::now_v7().to_string()
+}
+
 fn check_id(what: &'static str, id: &str) -> Result<(), ChatError> {
     if crate::agent::valid_name(id) {
         Ok(())
@@ -381,7 +386,7 @@ impl Chat {
             .pexpire(&key, self.tasks.retention().session_ttl_ms, None)
             .await?;
         let _: Value = tx.exec(true).await?;
-        let task_id = Uuid::now_v7().to_string();
+        let task_id = new_task_id();
         self.tasks.reserve(&sid, &task_id).await?;
         metrics::counter!("fleet_sessions_created_total").increment(1);
         Ok(NewSession {
@@ -449,7 +454,7 @@ impl Chat {
     /// Reserves a task id for a later submit.
     pub async fn reserve_task(&self, sid: &str) -> Result<String, ChatError> {
         check_id("session", sid)?;
-        let tid = Uuid::now_v7().to_string();
+        let tid = new_task_id();
         match self.tasks.reserve(sid, &tid).await? {
             Created::New { .. } => Ok(tid),
             Created::SessionClosed => Err(ChatError::SessionClosed(sid.to_owned())),
@@ -486,10 +491,7 @@ impl Chat {
         }
         self.backpressure.check()?;
 
-        let tid = msg
-            .task_id
-            .clone()
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let tid = msg.task_id.clone().unwrap_or_else(new_task_id);
         // The deadline follows the agent's timeout; the agent is read through the cache.
         let agent_id = self.agents.of_session(sid).await?;
         let timeout = match &agent_id {

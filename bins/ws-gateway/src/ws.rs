@@ -23,6 +23,7 @@
 //! drives the socket's submits, sends events and pings. Rarely taken, large futures (replay
 //! pages, submits) are boxed so that an idle connection stays small.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use fleet::events::{ChatMessageData, ClientMessage, ServerMessage, message_type};
-use fleet::session::{ChatError, SubmitMessage};
+use fleet::session::{ChatError, SubmitMessage, new_task_id};
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -192,6 +193,12 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     let sid: Arc<str> = Arc::from(delivery.session_id());
     // Replies owed, oldest first: submits run here concurrently with everything else.
     let mut replies: FuturesOrdered<PendingReply> = FuturesOrdered::new();
+    // Beside each reply owed, the id of the task it answers (`None`: not a submit's). A task
+    // can have events before its `task_queued` is sent (its submit returned, but a reply owed
+    // before it has not), so an event of a task in here waits in `held`, with every event after
+    // it, until the task's reply has gone out: a client sees `task_queued` first.
+    let mut owed: VecDeque<Option<Arc<str>>> = VecDeque::new();
+    let mut held: Option<String> = None;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut heard, mut pinged) = (false, false);
@@ -216,33 +223,44 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
                             break End::Gone;
                         }
                     }
-                    Action::Reply(msg) => replies.push_back(Box::pin(std::future::ready(msg))),
+                    Action::Reply(msg) => {
+                        owed.push_back(None);
+                        replies.push_back(Box::pin(std::future::ready(msg)));
+                    }
                     Action::Answer(msg) => {
                         if send(&mut socket, Outgoing::reply(&msg).json).await.is_err() {
                             break End::Gone;
                         }
                     }
-                    Action::Submit(data) => {
+                    Action::Submit(mut data) => {
+                        let tid = data.task_id.get_or_insert_with(new_task_id);
+                        owed.push_back(Some(Arc::from(tid.as_str())));
                         replies.push_back(Box::pin(submit(gw.clone(), sid.clone(), data)));
                     }
                 }
             }
             Some(reply) = replies.next(), if !replies.is_empty() => {
+                owed.pop_front();
                 // Replies that are ready behind it go out with it, in one flush.
                 let more = || {
-                    replies
-                        .next()
-                        .now_or_never()
-                        .flatten()
-                        .map(|msg| Outgoing::reply(&msg).json)
+                    let msg = replies.next().now_or_never().flatten()?;
+                    owed.pop_front();
+                    Some(Outgoing::reply(&msg).json)
                 };
                 if send_batch(&mut socket, Outgoing::reply(&reply).json, more).await.is_err() {
                     break End::Gone;
                 }
+                if let Some(first) = held.take_if(|json| !awaits_reply(&owed, json)) {
+                    let more = || next_event(&mut delivery, &owed, &mut held);
+                    if send_batch(&mut socket, first, more).await.is_err() {
+                        break End::Gone;
+                    }
+                }
             }
-            out = delivery.next() => match out {
+            out = delivery.next(), if held.is_none() => match out {
+                Ok(out) if awaits_reply(&owed, &out.json) => held = Some(out.json),
                 Ok(out) => {
-                    let more = || delivery.ready().map(|o| o.json);
+                    let more = || next_event(&mut delivery, &owed, &mut held);
                     if send_batch(&mut socket, out.json, more).await.is_err() {
                         break End::Gone;
                     }
@@ -287,6 +305,28 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     metrics::gauge!("fleet_ws_connections").decrement(1.0);
     Box::pin(presence::record(&gw.chat, &sid, -1)).await;
     tracing::debug!("websocket ended");
+}
+
+/// Whether event `json` is of a task whose `task_queued` is still owed. Events carry their
+/// task's id as `"task_id":"<id>"`; an id seen elsewhere in the text only holds the event until
+/// that reply has gone out.
+fn awaits_reply(owed: &VecDeque<Option<Arc<str>>>, json: &str) -> bool {
+    owed.iter().flatten().any(|tid| json.contains(&**tid))
+}
+
+/// The next event ready to send in the same flush; one that awaits a reply goes to `held`
+/// instead, and ends the flush.
+fn next_event(
+    delivery: &mut Delivery,
+    owed: &VecDeque<Option<Arc<str>>>,
+    held: &mut Option<String>,
+) -> Option<String> {
+    let out = delivery.ready()?;
+    if awaits_reply(owed, &out.json) {
+        *held = Some(out.json);
+        return None;
+    }
+    Some(out.json)
 }
 
 /// Per-connection state that only frames from the client change.

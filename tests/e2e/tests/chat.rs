@@ -275,3 +275,39 @@ async fn cancel_over_rest_during_streaming_stops_the_answer_at_the_client() {
     ws.close().await;
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_task_queued_comes_before_the_events_of_its_task() {
+    // Messages sent in bursts are submitted concurrently and answered in order; a task that
+    // runs while an earlier message's answer is still owed must not show its events first.
+    let fleet = Fleet::start(Options::default()).await;
+    let s = init(&fleet).await;
+    let mut ws = WsClient::connect(&ws_url(&fleet, &s, None)).await;
+    let (rounds, burst) = (4, 32);
+    for _ in 0..rounds {
+        for i in 0..burst {
+            ws.send_chat(&format!("m{i}")).await;
+        }
+    }
+    let mut queued = std::collections::HashSet::new();
+    let mut finals = 0;
+    while finals < rounds * burst {
+        let m = ws.next(WAIT).await;
+        let Some(tid) = m.task_id.clone() else {
+            continue;
+        };
+        if m.message_type == "task_queued" {
+            assert!(queued.insert(tid), "one task_queued per task");
+            continue;
+        }
+        assert!(
+            queued.contains(&tid),
+            "{} of task {tid} came before its task_queued",
+            m.message_type
+        );
+        finals += is_final_of(&m, &tid) as usize;
+    }
+    assert_eq!(queued.len(), rounds * burst);
+    ws.close().await;
+    fleet.stop().await;
+}
