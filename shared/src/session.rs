@@ -23,7 +23,9 @@ use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::agent::{AgentConfig, AgentError, AgentStore};
-use crate::envelope::{Envelope, SessionClose, TaskCancel, TaskCommand, TaskSubmit};
+use crate::envelope::{
+    Envelope, ExecMessage, ExecRequest, SessionClose, TaskCancel, TaskCommand, TaskSubmit,
+};
 use crate::keys::Keys;
 use crate::stream::producer;
 use crate::task::{Created, TaskError, TaskStore, TaskView};
@@ -180,6 +182,11 @@ pub struct ChatLimits {
     pub default_task_timeout: Duration,
     /// Session tokens are valid this long.
     pub token_ttl: Duration,
+    /// Whether a submit sends the executor's request itself (the task is created `dispatched`
+    /// to its agent's pool) instead of a `task.submit` for the dispatchers: one hop fewer per
+    /// task (docs/ARCHITECTURE.md). A task whose agent is unknown always goes to the
+    /// dispatchers, which fail it with the reason.
+    pub direct_dispatch: bool,
 }
 
 impl Default for ChatLimits {
@@ -188,6 +195,7 @@ impl Default for ChatLimits {
             max_message_bytes: 64 * 1024,
             default_task_timeout: Duration::from_secs(300),
             token_ttl: Duration::from_secs(24 * 3600),
+            direct_dispatch: true,
         }
     }
 }
@@ -284,17 +292,28 @@ static PRESENCE: std::sync::LazyLock<fred::types::scripts::Script> = std::sync::
 /// A WebSocket counts as connected while its gateway refreshed `ws_seen_ms` this recently.
 pub const WS_PRESENCE_WINDOW_MS: i64 = 45_000;
 
-/// Whether new work should be refused, from the dispatchers' backlog (see [`crate::backlog`]).
+/// Whether new work should be refused, from the backlog of the dispatchers and of the pools
+/// this process sends to (see [`crate::backlog`]).
 #[derive(Clone, Default)]
 pub struct Backpressure {
     backlog: Arc<AtomicU64>,
+    pools: crate::backlog::Pools,
     limit: u64,
 }
 
 impl Backpressure {
     /// `limit` 0 never refuses.
-    pub fn new(backlog: Arc<AtomicU64>, limit: u64) -> Self {
-        Self { backlog, limit }
+    pub fn new(sampler: crate::backlog::Sampler, limit: u64) -> Self {
+        Self {
+            backlog: sampler.backlog,
+            pools: sampler.pools,
+            limit,
+        }
+    }
+
+    /// Counts the backlog of `pool`'s executors from the next sample on.
+    pub fn watch_pool(&self, pool: &str) {
+        self.pools.watch(pool);
     }
 
     pub fn check(&self) -> Result<(), ChatError> {
@@ -465,8 +484,11 @@ impl Chat {
         }
     }
 
-    /// Submits a user message as a task: creates it `queued`, registers its deadline and sends
-    /// `task.submit` to the dispatchers. Answers at once with the task id.
+    /// Submits a user message as a task and answers at once with its id. The task is created
+    /// `dispatched` to its agent's pool with its deadline registered and the executor's request
+    /// sent, in one round trip after the `create` script; without
+    /// [`direct_dispatch`](ChatLimits::direct_dispatch), or when the agent is unknown, it is
+    /// created `queued` and `task.submit` goes to the dispatchers instead.
     pub async fn submit(&self, sid: &str, msg: SubmitMessage) -> Result<Submitted, ChatError> {
         check_id("session", sid)?;
         if msg.message.trim().is_empty() {
@@ -494,17 +516,18 @@ impl Chat {
         let tid = msg.task_id.clone().unwrap_or_else(new_task_id);
         // The deadline follows the agent's timeout; the agent is read through the cache.
         let agent_id = self.agents.of_session(sid).await?;
-        let timeout = match &agent_id {
-            Some(a) => self
-                .agents
-                .get_cached(a)
-                .await?
-                .and_then(|a| a.timeout_secs)
-                .map(Duration::from_secs),
+        let agent = match &agent_id {
+            Some(a) => self.agents.get_cached(a).await?,
             None => None,
-        }
-        .unwrap_or(self.limits.default_task_timeout);
+        };
+        let timeout = agent
+            .as_ref()
+            .and_then(|a| a.timeout_secs)
+            .map(Duration::from_secs)
+            .unwrap_or(self.limits.default_task_timeout);
         let deadline_ms = now_ms() + timeout.as_millis() as i64;
+        // Sent straight to the agent's pool, or through the dispatchers.
+        let direct = agent.filter(|_| self.limits.direct_dispatch);
 
         let created = self
             .tasks
@@ -516,20 +539,11 @@ impl Chat {
                 deadline_ms,
                 msg.source,
                 msg.idempotency_key.as_deref(),
+                direct.as_ref().map(|a| a.pool.as_str()),
             )
             .await?;
         match created {
             Created::New { agent_id } => {
-                let env = Envelope::new(TaskCommand::Submit(TaskSubmit {
-                    session_id: sid.to_owned(),
-                    task_id: tid.clone(),
-                    agent_id,
-                    attempt: 1,
-                    message: msg.message,
-                    metadata: msg.metadata,
-                    deadline_ms,
-                    source: msg.source.to_owned(),
-                }));
                 let pipeline = self.client().pipeline();
                 let _: () = pipeline
                     .zadd(
@@ -541,10 +555,43 @@ impl Chat {
                         (deadline_ms as f64, format!("{sid}/{tid}")),
                     )
                     .await?;
-                producer::queue(&pipeline, &self.keys().tasks(), None, &env).await?;
+                match &direct {
+                    Some(agent) => {
+                        let env = Envelope::new(ExecMessage::Request(ExecRequest {
+                            session_id: sid.to_owned(),
+                            task_id: tid.clone(),
+                            attempt: 1,
+                            agent_id,
+                            message: msg.message,
+                            metadata: msg.metadata,
+                            params: agent.params.clone(),
+                            deadline_ms,
+                        }));
+                        let stream = self.keys().exec(&agent.pool);
+                        producer::queue(&pipeline, &stream, None, &env).await?;
+                        self.backpressure.watch_pool(&agent.pool);
+                    }
+                    None => {
+                        let env = Envelope::new(TaskCommand::Submit(TaskSubmit {
+                            session_id: sid.to_owned(),
+                            task_id: tid.clone(),
+                            agent_id,
+                            attempt: 1,
+                            message: msg.message,
+                            metadata: msg.metadata,
+                            deadline_ms,
+                            source: msg.source.to_owned(),
+                        }));
+                        producer::queue(&pipeline, &self.keys().tasks(), None, &env).await?;
+                    }
+                }
                 let _: Vec<Value> = pipeline.all().await?;
                 metrics::counter!("fleet_tasks_submitted_total", "source" => msg.source)
                     .increment(1);
+                if let Some(agent) = direct {
+                    metrics::counter!("fleet_tasks_dispatched_total", "pool" => agent.pool)
+                        .increment(1);
+                }
                 Ok(Submitted {
                     task_id: tid,
                     status: "queued".into(),

@@ -446,7 +446,8 @@ impl TaskStore {
         })
     }
 
-    /// Creates task `tid` as `queued` (see `lua/create.lua`).
+    /// Creates task `tid` as `queued`, or as `dispatched` to `pool` when the caller sends its
+    /// execution request itself (see `lua/create.lua`).
     #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
@@ -457,6 +458,7 @@ impl TaskStore {
         deadline_ms: i64,
         source: &str,
         idempotency_key: Option<&str>,
+        pool: Option<&str>,
     ) -> Result<Created, TaskError> {
         let task_key = self.keys.task(sid, tid);
         let idem_key = match idempotency_key {
@@ -483,6 +485,7 @@ impl TaskStore {
                 if idempotency_key.is_some() { "1" } else { "0" }.into(),
                 self.retention.session_ttl_ms.into(),
                 self.retention.session_ttl_ms.into(),
+                pool.unwrap_or_default().into(),
             ],
         )
         .await?;

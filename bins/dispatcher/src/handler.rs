@@ -243,6 +243,7 @@ impl Dispatcher {
                 deadline_ms,
                 "planning",
                 None,
+                None,
             )
             .await?;
         let new = matches!(created, Created::New { .. });

@@ -124,8 +124,9 @@ pub struct Config {
     #[arg(long, env = "FLEET_AGENTS_FILE")]
     pub agents_file: Option<PathBuf>,
 
-    /// Refuse new tasks (429) while the dispatchers' backlog is above this many entries;
-    /// 0 never refuses.
+    /// Refuse new tasks (429) while the backlog (entries not yet taken by the dispatchers, or by
+    /// the executors of a pool this process sends to) is above this many entries; 0 never
+    /// refuses.
     #[arg(long, env = "FLEET_MAX_BACKLOG", default_value_t = 100_000)]
     pub max_backlog: u64,
 
@@ -141,6 +142,14 @@ pub struct Config {
     #[arg(long, env = "FLEET_TASK_TIMEOUT_SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub task_timeout_secs: u64,
+
+    /// Send a chat task's request straight to its agent's pool (`fleet:exec:<pool>`), one hop
+    /// fewer than through the dispatchers; `false` sends every task through `fleet:tasks` and
+    /// the dispatchers (docs/ARCHITECTURE.md, "One task, end to end").
+    #[arg(long, env = "FLEET_DIRECT_DISPATCH", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub direct_dispatch: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -161,6 +170,7 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("task_timeout_secs", &self.task_timeout_secs)
+            .field("direct_dispatch", &self.direct_dispatch)
             .finish()
     }
 }
@@ -198,6 +208,7 @@ impl Config {
         ChatLimits {
             max_message_bytes: self.max_message_bytes,
             default_task_timeout: Duration::from_secs(self.task_timeout_secs),
+            direct_dispatch: self.direct_dispatch,
             ..ChatLimits::default()
         }
     }
@@ -242,9 +253,9 @@ impl App {
         fleet::admin::prometheus();
         let background = CancellationToken::new();
         let backpressure = if cfg.max_backlog > 0 {
-            let backlog =
+            let sampler =
                 fleet::backlog::spawn_sampler(client.clone(), keys.clone(), background.clone());
-            Backpressure::new(backlog, cfg.max_backlog)
+            Backpressure::new(sampler, cfg.max_backlog)
         } else {
             Backpressure::default()
         };
@@ -408,6 +419,12 @@ mod tests {
             parse(&["--max-message-bytes", "10", "--task-timeout-secs", "7"]).chat_limits();
         assert_eq!(limits.max_message_bytes, 10);
         assert_eq!(limits.default_task_timeout, Duration::from_secs(7));
+        assert!(limits.direct_dispatch);
+        assert!(
+            !parse(&["--direct-dispatch", "false"])
+                .chat_limits()
+                .direct_dispatch
+        );
     }
 
     #[test]

@@ -158,7 +158,7 @@ async fn init_refuses_unknown_agents_and_bad_bodies() {
 }
 
 #[tokio::test]
-async fn submit_queues_a_task_that_is_readable_and_on_the_tasks_stream() {
+async fn submit_sends_the_task_to_its_agents_pool_and_it_is_readable() {
     let app = spawn_app(&[]).await;
     let s = app.open_session().await;
 
@@ -171,25 +171,51 @@ async fn submit_queues_a_task_that_is_readable_and_on_the_tasks_stream() {
     assert_eq!(body["status"], "queued");
     assert!(body.get("duplicate").is_none(), "{body}");
 
-    let resp = app
-        .authed(
-            Method::GET,
-            &format!("/api/v1/chat/{}/tasks/{tid}", s.id),
-            &s.token,
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let task: Json = resp.json().await.unwrap();
+    let task = app.task_json(&s, &tid).await;
     assert_eq!(task["task_id"], tid.as_str());
     assert_eq!(task["session_id"], s.id.as_str());
     assert_eq!(task["agent_id"], AGENT);
-    assert_eq!(task["state"], "queued");
+    assert_eq!(task["state"], "dispatched");
+    assert_eq!(task["pool"], fleet::agent::DEFAULT_POOL);
     assert_eq!(task["attempt"], 1);
     assert_eq!(task["message"], "hello");
     assert_eq!(task["metadata"]["k"], 1);
-    assert!(task["deadline_ms"].as_i64().unwrap() > task["created_ms"].as_i64().unwrap());
+    let deadline = task["deadline_ms"].as_i64().unwrap();
+    assert!(deadline > task["created_ms"].as_i64().unwrap());
+
+    // The executor's request, straight to the agent's pool: nothing for the dispatchers.
+    let requests = app.exec_requests(fleet::agent::DEFAULT_POOL).await;
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let r = &requests[0];
+    assert_eq!(
+        (r.session_id.as_str(), r.task_id.as_str()),
+        (s.id.as_str(), tid.as_str())
+    );
+    assert_eq!((r.agent_id.as_str(), r.attempt), (AGENT, 1));
+    assert_eq!(r.message, "hello");
+    assert_eq!(r.metadata, json!({"k": 1}));
+    assert_eq!(r.deadline_ms, deadline);
+    assert_eq!(app.tasks_stream_len().await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn without_direct_dispatch_submit_queues_the_task_for_the_dispatchers() {
+    let app = spawn_app(&["--direct-dispatch", "false"]).await;
+    let s = app.open_session().await;
+
+    let resp = app
+        .submit(&s, json!({"message": "hello", "metadata": {"k": 1}}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let body: Json = resp.json().await.unwrap();
+    let tid = body["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(body["status"], "queued");
+
+    let task = app.task_json(&s, &tid).await;
+    assert_eq!(task["state"], "queued");
+    assert!(task.get("pool").is_none(), "{task}");
+    assert_eq!(task["message"], "hello");
 
     let commands = app.task_commands().await;
     assert_eq!(commands.len(), 1);
@@ -198,29 +224,13 @@ async fn submit_queues_a_task_that_is_readable_and_on_the_tasks_stream() {
     };
     assert_eq!(submit.task_id, tid);
     assert_eq!(submit.session_id, s.id);
-    assert_eq!(submit.agent_id, AGENT);
-    assert_eq!(submit.message, "hello");
-    assert_eq!(submit.source, "rest");
-    assert_eq!(submit.attempt, 1);
-
-    let status = app.status(&s).await;
-    assert_eq!(status["totals"]["tasks"], 1);
-    assert_eq!(status["active_task"], tid.as_str());
-
-    // An unknown task of the session is a 404.
-    let resp = app
-        .authed(
-            Method::GET,
-            &format!(
-                "/api/v1/chat/{}/tasks/0190f0a1-aaaa-7bbb-8ccc-ddddeeeeffff",
-                s.id
-            ),
-            &s.token,
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
+    assert_eq!(submit.metadata, json!({"k": 1}));
+    assert_eq!(submit.deadline_ms, task["deadline_ms"].as_i64().unwrap());
+    assert!(
+        app.exec_requests(fleet::agent::DEFAULT_POOL)
+            .await
+            .is_empty()
+    );
     app.stop().await;
 }
 
@@ -247,13 +257,15 @@ async fn an_idempotency_key_retry_returns_the_same_task_and_writes_once() {
     let retry: Json = retry.json().await.unwrap();
     assert_eq!(retry["task_id"], first["task_id"]);
     assert_eq!(retry["duplicate"], true);
-    assert_eq!(retry["status"], "queued");
-    assert_eq!(app.tasks_stream_len().await, 1);
+    // The task as it is now: its request went to its pool with the first submit.
+    assert_eq!(retry["status"], "dispatched");
+    let sent = || async { app.exec_requests(fleet::agent::DEFAULT_POOL).await.len() };
+    assert_eq!(sent().await, 1);
     assert_eq!(app.tasks_total(&s).await, 1);
 
     let other: Json = send("key-2").await.unwrap().json().await.unwrap();
     assert_ne!(other["task_id"], first["task_id"]);
-    assert_eq!(app.tasks_stream_len().await, 2);
+    assert_eq!(sent().await, 2);
     app.stop().await;
 }
 
@@ -296,7 +308,7 @@ async fn a_reserved_task_id_is_used_by_the_submit_that_names_it() {
         .json()
         .await
         .unwrap();
-    assert_eq!(task["state"], "queued");
+    assert_eq!(task["state"], "dispatched");
     assert_eq!(task["message"], "with my id");
 
     // Submitting the same task id again is answered as a duplicate and writes nothing.
@@ -308,7 +320,8 @@ async fn a_reserved_task_id_is_used_by_the_submit_that_names_it() {
         .unwrap();
     assert_eq!(again["task_id"], tid.as_str());
     assert_eq!(again["duplicate"], true);
-    assert_eq!(app.tasks_stream_len().await, 1);
+    let sent = || async { app.exec_requests(fleet::agent::DEFAULT_POOL).await };
+    assert_eq!(sent().await.len(), 1);
 
     // The id init reserved works the same way.
     let first: Json = app
@@ -318,15 +331,7 @@ async fn a_reserved_task_id_is_used_by_the_submit_that_names_it() {
         .await
         .unwrap();
     assert_eq!(first["task_id"], s.first_task.as_str());
-    let ids: Vec<String> = app
-        .task_commands()
-        .await
-        .into_iter()
-        .map(|c| match c {
-            TaskCommand::Submit(t) => t.task_id,
-            other => panic!("unexpected {other:?}"),
-        })
-        .collect();
+    let ids: Vec<String> = sent().await.into_iter().map(|r| r.task_id).collect();
     assert_eq!(ids, vec![tid, s.first_task.clone()]);
     app.stop().await;
 }
@@ -496,7 +501,7 @@ async fn bad_bodies_are_refused_with_json_errors_and_change_nothing() {
 }
 
 #[tokio::test]
-async fn cancelling_a_queued_task_sends_task_cancel_and_an_ended_task_answers_its_state() {
+async fn cancelling_a_task_sends_task_cancel_and_an_ended_task_answers_its_state() {
     let app = spawn_app(&[]).await;
     let s = app.open_session().await;
     let submitted: Json = app
@@ -517,9 +522,9 @@ async fn cancelling_a_queued_task_sends_task_cancel_and_an_ended_task_answers_it
     let body: Json = resp.json().await.unwrap();
     assert_eq!(body, json!({"task_id": tid, "status": "cancelling"}));
     let commands = app.task_commands().await;
-    assert_eq!(commands.len(), 2);
-    let TaskCommand::Cancel(cancel) = &commands[1] else {
-        panic!("expected task.cancel, got {:?}", commands[1]);
+    assert_eq!(commands.len(), 1);
+    let TaskCommand::Cancel(cancel) = &commands[0] else {
+        panic!("expected task.cancel, got {:?}", commands[0]);
     };
     assert_eq!(cancel.task_id, tid);
     assert_eq!(cancel.session_id, s.id);
@@ -548,7 +553,7 @@ async fn cancelling_a_queued_task_sends_task_cancel_and_an_ended_task_answers_it
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Json = resp.json().await.unwrap();
     assert_eq!(body, json!({"task_id": tid, "status": "cancelled"}));
-    assert_eq!(app.tasks_stream_len().await, 2, "no second task.cancel");
+    assert_eq!(app.tasks_stream_len().await, 1, "no second task.cancel");
 
     let task: Json = app
         .authed(Method::GET, &task_path, &s.token)
@@ -573,7 +578,7 @@ async fn cancelling_a_queued_task_sends_task_cancel_and_an_ended_task_answers_it
         .await
         .unwrap();
     assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
-    assert_eq!(app.tasks_stream_len().await, 2);
+    assert_eq!(app.tasks_stream_len().await, 1);
     app.stop().await;
 }
 
@@ -630,9 +635,52 @@ async fn closing_a_session_sends_session_close_and_a_closed_session_refuses_work
     app.stop().await;
 }
 
+/// Submits until one is refused as overloaded (the backlog is sampled in the background);
+/// returns that answer and the number of entries on `stream` before it.
+async fn submit_until_overloaded(
+    app: &TestApp,
+    s: &Session,
+    stream: &str,
+) -> (reqwest::Response, u64) {
+    fleet_test_support::eventually(
+        Duration::from_secs(10),
+        "submits refused as overloaded",
+        || async {
+            let before = app.stream_len(stream).await;
+            let resp = app.submit(s, json!({"message": "more"})).await;
+            (resp.status() == StatusCode::TOO_MANY_REQUESTS).then_some((resp, before))
+        },
+    )
+    .await
+}
+
 #[tokio::test]
-async fn a_deep_backlog_is_answered_with_429_and_retry_after() {
+async fn a_deep_backlog_of_the_agents_pool_is_answered_with_429_and_retry_after() {
     let app = spawn_app(&["--max-backlog", "1"]).await;
+    let s = app.open_session().await;
+    // The executors' group exists but nobody reads: every submit adds to its backlog.
+    let pool = app.keys.exec(fleet::agent::DEFAULT_POOL);
+    fleet::stream::groups::ensure_group(&app.redis, &pool, fleet::keys::GROUP_EXECUTORS)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let resp = app.submit(&s, json!({"message": "fill"})).await;
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    }
+    let (resp, before) = submit_until_overloaded(&app, &s, &pool).await;
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_error(resp, StatusCode::TOO_MANY_REQUESTS, "overloaded").await;
+    assert_eq!(
+        app.stream_len(&pool).await,
+        before,
+        "a refused submit sends nothing"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_deep_backlog_of_the_dispatchers_is_answered_with_429_and_retry_after() {
+    let app = spawn_app(&["--max-backlog", "1", "--direct-dispatch", "false"]).await;
     let s = app.open_session().await;
     // The dispatchers' group exists but nobody reads: every submit adds to its backlog.
     fleet::stream::groups::ensure_group(
@@ -646,17 +694,7 @@ async fn a_deep_backlog_is_answered_with_429_and_retry_after() {
         let resp = app.submit(&s, json!({"message": "fill"})).await;
         assert_eq!(resp.status(), StatusCode::ACCEPTED);
     }
-    // The backlog is sampled in the background; wait until the sample sees it.
-    let (resp, before) = fleet_test_support::eventually(
-        Duration::from_secs(10),
-        "submits refused as overloaded",
-        || async {
-            let before = app.tasks_stream_len().await;
-            let resp = app.submit(&s, json!({"message": "more"})).await;
-            (resp.status() == StatusCode::TOO_MANY_REQUESTS).then_some((resp, before))
-        },
-    )
-    .await;
+    let (resp, before) = submit_until_overloaded(&app, &s, &app.keys.tasks()).await;
     assert_eq!(resp.headers()["retry-after"], "1");
     assert_error(resp, StatusCode::TOO_MANY_REQUESTS, "overloaded").await;
     assert_eq!(app.tasks_stream_len().await, before);

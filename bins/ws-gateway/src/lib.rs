@@ -88,8 +88,9 @@ pub struct Config {
     #[arg(long, env = "FLEET_DEV", value_parser = clap::builder::BoolishValueParser::new())]
     pub dev: bool,
 
-    /// Refuse chat messages (an `overloaded` error) while the dispatchers' backlog is above this
-    /// many entries; 0 never refuses.
+    /// Refuse chat messages (an `overloaded` error) while the backlog (entries not yet taken by
+    /// the dispatchers, or by the executors of a pool this process sends to) is above this many
+    /// entries; 0 never refuses.
     #[arg(long, env = "FLEET_MAX_BACKLOG", default_value_t = 100_000)]
     pub max_backlog: u64,
 
@@ -108,6 +109,14 @@ pub struct Config {
     #[arg(long, env = "FLEET_TASK_TIMEOUT_SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub task_timeout_secs: u64,
+
+    /// Send a chat task's request straight to its agent's pool (`fleet:exec:<pool>`), one hop
+    /// fewer than through the dispatchers; `false` sends every task through `fleet:tasks` and
+    /// the dispatchers (docs/ARCHITECTURE.md, "One task, end to end").
+    #[arg(long, env = "FLEET_DIRECT_DISPATCH", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub direct_dispatch: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -122,6 +131,7 @@ impl std::fmt::Debug for Config {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("task_timeout_secs", &self.task_timeout_secs)
+            .field("direct_dispatch", &self.direct_dispatch)
             .finish()
     }
 }
@@ -140,6 +150,7 @@ impl Config {
         ChatLimits {
             max_message_bytes: self.max_message_bytes,
             default_task_timeout: Duration::from_secs(self.task_timeout_secs),
+            direct_dispatch: self.direct_dispatch,
             ..ChatLimits::default()
         }
     }
@@ -169,9 +180,9 @@ impl App {
         fleet::admin::prometheus();
         let background = CancellationToken::new();
         let backpressure = if cfg.max_backlog > 0 {
-            let backlog =
+            let sampler =
                 fleet::backlog::spawn_sampler(client.clone(), keys.clone(), background.clone());
-            Backpressure::new(backlog, cfg.max_backlog)
+            Backpressure::new(sampler, cfg.max_backlog)
         } else {
             Backpressure::default()
         };
@@ -349,6 +360,9 @@ mod tests {
             c.chat_limits().default_task_timeout,
             Duration::from_secs(300)
         );
+        assert!(c.chat_limits().direct_dispatch);
+        let off = config(&["--dev", "--direct-dispatch", "false"]).chat_limits();
+        assert!(!off.direct_dispatch);
         assert!(!format!("{:?}", config(&["--secret", "sekrit-sekrit-sekrit"])).contains("sekrit"));
     }
 }

@@ -248,7 +248,7 @@ async fn a_socket_is_served_while_its_chat_message_waits_on_redis() {
         "{refused}"
     );
     let task = fleet.chat.task(&s.sid, "t-paused").await.expect("task");
-    assert_eq!(task.state, "queued");
+    assert_eq!(task.state, "dispatched");
     gw.stop().await.expect("clean stop");
 }
 
@@ -284,7 +284,7 @@ async fn chat_messages_sent_at_once_are_answered_in_the_order_sent() {
     assert_eq!(answered, ids);
     for id in &ids {
         let task = fleet.chat.task(&s.sid, id).await.expect("task");
-        assert_eq!(task.state, "queued");
+        assert_eq!(task.state, "dispatched");
     }
     gw.stop().await.expect("clean stop");
 }
@@ -341,22 +341,22 @@ async fn a_chat_message_over_the_websocket_queues_a_task() {
     assert!(queued.get("event_id").is_none(), "replies are not logged");
 
     let task = fleet.chat.task(&s.sid, &tid).await.expect("task");
-    assert_eq!(task.state, "queued");
+    assert_eq!(task.state, "dispatched");
     assert_eq!(task.message, "hello there");
     assert_eq!(task.metadata, json!({"k": 1}));
+    // The executor's request went straight to the agent's pool.
+    let pool = fleet.keys.exec(fleet::agent::DEFAULT_POOL);
     let reply: Value = fleet
         .client
-        .xrange(fleet.keys.tasks(), "-", "+", None)
+        .xrange(&pool, "-", "+", None)
         .await
         .expect("xrange");
     let entries = fleet::stream::entry::parse_entries(reply).expect("entries");
-    assert!(
-        entries
-            .iter()
-            .any(|e| e.get_str("kind") == Some("task.submit")),
-        "a task.submit entry on {}: {entries:?}",
-        fleet.keys.tasks()
-    );
+    let requests: Vec<_> = entries
+        .iter()
+        .filter(|e| e.get_str("kind") == Some("exec.request"))
+        .collect();
+    assert_eq!(requests.len(), 1, "one exec.request on {pool}: {entries:?}");
 
     // The same idempotency key answers with the same task.
     send_text(
@@ -366,6 +366,8 @@ async fn a_chat_message_over_the_websocket_queues_a_task() {
     .await;
     let again = recv_json(&mut ws).await;
     assert_eq!(again["task_id"], tid.as_str(), "{again}");
+    let len: u64 = fleet.client.xlen(&pool).await.expect("xlen");
+    assert_eq!(len, 1, "a duplicate sends nothing");
 
     // A refused submit answers with an error and keeps the connection.
     send_text(

@@ -1,7 +1,9 @@
--- Create a queued task in an open session (or take over a reserved task id).
+-- Create a task in an open session (or take over a reserved task id): `queued` for the
+-- dispatchers, or `dispatched` to a pool when the caller sends the executor's request itself.
 -- KEYS: 1 session, 2 session event log, 3 task, 4 idempotency key (the task key again when none)
 -- ARGV: 1 now_ms, 2 sid, 3 tid, 4 message, 5 metadata json, 6 deadline_ms, 7 source,
---       8 "1" when an idempotency key is given, 9 idempotency ttl ms, 10 session ttl ms
+--       8 "1" when an idempotency key is given, 9 idempotency ttl ms, 10 session ttl ms,
+--       11 pool: when not empty, the task is created `dispatched` to it instead of `queued`
 -- Returns: {'created', agent_id} | {'duplicate', tid} | {'exists', state}
 --          | {'no_session'} | {'session_closed'}
 -- The task is open until it ends: the session hash holds `open:<tid>` meanwhile.
@@ -15,10 +17,16 @@ end
 local cur = redis.call('HGET', KEYS[3], 'state')
 if cur and cur ~= 'reserved' then return { 'exists', cur } end
 local now, ttl = ARGV[1], ARGV[10]
-redis.call('HSET', KEYS[3],
-  'session_id', ARGV[2], 'task_id', ARGV[3], 'agent_id', s[2], 'state', 'queued',
+local pool = ARGV[11] or ''
+local task = { 'session_id', ARGV[2], 'task_id', ARGV[3], 'agent_id', s[2],
+  'state', pool == '' and 'queued' or 'dispatched',
   'attempt', '1', 'seq', '0', 'chunks', '0', 'message', ARGV[4], 'metadata', ARGV[5],
-  'created_ms', now, 'updated_ms', now, 'deadline_ms', ARGV[6], 'source', ARGV[7])
+  'created_ms', now, 'updated_ms', now, 'deadline_ms', ARGV[6], 'source', ARGV[7] }
+if pool ~= '' then
+  task[#task + 1], task[#task + 2] = 'pool', pool
+  task[#task + 1], task[#task + 2] = 'dispatched_ms', now
+end
+redis.call('HSET', KEYS[3], unpack(task))
 redis.call('PEXPIRE', KEYS[3], ttl)
 if ARGV[8] == '1' then
   redis.call('SET', KEYS[4], ARGV[3], 'PX', ARGV[9])

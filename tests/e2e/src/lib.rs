@@ -37,6 +37,9 @@ pub struct Options {
     /// Start a dispatcher, a callback-worker and an exec-worker in-process (tests that run the
     /// workers as processes turn this off).
     pub workers: bool,
+    /// Front doors (and [`Fleet::chat`]) send a chat task straight to its pool; off, through
+    /// the dispatchers (`--direct-dispatch`).
+    pub direct_dispatch: bool,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             claim_idle_ms: 2_000,
             front_doors: true,
             workers: true,
+            direct_dispatch: true,
         }
     }
 }
@@ -99,7 +103,10 @@ impl Fleet {
             tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
             agents,
             tokens: TokenSigner::new(SECRET.as_bytes()),
-            limits: ChatLimits::default(),
+            limits: ChatLimits {
+                direct_dispatch: opts.direct_dispatch,
+                ..ChatLimits::default()
+            },
             backpressure: Default::default(),
         };
         let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
@@ -138,7 +145,17 @@ impl Fleet {
         if opts.front_doors {
             let secret = vec!["--secret".to_owned(), SECRET.to_owned()];
             let http = vec!["--http-addr".to_owned(), "127.0.0.1:0".to_owned()];
-            let base = [common_args(&redis_url, &prefix)[..4].to_vec(), secret, http].concat();
+            let direct = vec![
+                "--direct-dispatch".to_owned(),
+                opts.direct_dispatch.to_string(),
+            ];
+            let base = [
+                common_args(&redis_url, &prefix)[..4].to_vec(),
+                secret,
+                http,
+                direct,
+            ]
+            .concat();
 
             // The gateway first, so that edge-api hands out its real address.
             let cfg: ws_gateway::Config = parse(

@@ -180,6 +180,77 @@ async fn messages_over_ws_and_rest_stream_back_on_ws_and_sse() {
     fleet.stop().await;
 }
 
+/// Submits one task over WebSocket and one over REST and waits for both answers; returns their
+/// ids.
+async fn two_tasks_answered(fleet: &Fleet) -> (Session, [String; 2]) {
+    let s = init(fleet).await;
+    let mut ws = WsClient::connect(&ws_url(fleet, &s, None)).await;
+    ws.send_chat("over the websocket").await;
+    let queued = ws.next(WAIT).await;
+    assert_eq!(queued.message_type, "task_queued");
+    let t1 = queued.data["task_id"].as_str().unwrap().to_owned();
+    let t2 = submit_rest(fleet, &s, "over rest").await;
+    let mut finals = 0;
+    let events = ws
+        .until(WAIT, |m| {
+            finals += usize::from(is_final_of(m, &t1) || is_final_of(m, &t2));
+            finals == 2
+        })
+        .await;
+    fleet_e2e::assert_clean_delivery(&events, &[t1.clone(), t2.clone()]);
+    for (tid, text) in [(&t1, "over the websocket"), (&t2, "over rest")] {
+        let task = task_over_rest(fleet, &s, tid).await;
+        assert_eq!(
+            (task["state"].as_str(), task["result"].as_str()),
+            (Some("completed"), Some(text))
+        );
+        assert_eq!(task["pool"], "default");
+    }
+    ws.close().await;
+    (s, [t1, t2])
+}
+
+/// The ids of the tasks `task.submit` entries on `fleet:tasks` carry.
+async fn submitted_to_dispatchers(fleet: &Fleet) -> Vec<String> {
+    let raw: fred::prelude::Value =
+        fred::prelude::StreamsInterface::xrange(&fleet.client, fleet.keys.tasks(), "-", "+", None)
+            .await
+            .unwrap();
+    fleet::stream::entry::parse_entries(raw)
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            match fleet::envelope::Envelope::<fleet::envelope::TaskCommand>::from_fields(&e.fields)
+                .unwrap()
+                .msg
+            {
+                fleet::envelope::TaskCommand::Submit(t) => Some(t.task_id),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_tasks_go_from_the_front_doors_straight_to_their_pool() {
+    let fleet = Fleet::start(Options::default()).await;
+    two_tasks_answered(&fleet).await;
+    assert_eq!(submitted_to_dispatchers(&fleet).await, Vec::<String>::new());
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_direct_dispatch_off_chat_tasks_go_through_the_dispatchers() {
+    let fleet = Fleet::start(Options {
+        direct_dispatch: false,
+        ..Default::default()
+    })
+    .await;
+    let (_, tids) = two_tasks_answered(&fleet).await;
+    assert_eq!(submitted_to_dispatchers(&fleet).await, tids.to_vec());
+    fleet.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reconnects_with_its_last_event_id_gets_exactly_what_it_missed() {
     let fleet = Fleet::start(Options {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use edge_api::{App, Config};
-use fleet::envelope::{Envelope, TaskCommand};
+use fleet::envelope::{Envelope, ExecMessage, ExecRequest, TaskCommand};
 use fleet::session::TokenSigner;
 use fleet::stream::entry::parse_entries;
 use fred::prelude::*;
@@ -163,6 +163,21 @@ impl TestApp {
         resp.json().await.unwrap()
     }
 
+    /// `GET /api/v1/chat/{sid}/tasks/{tid}` as JSON (asserting 200).
+    pub async fn task_json(&self, s: &Session, tid: &str) -> Json {
+        let resp = self
+            .authed(
+                reqwest::Method::GET,
+                &format!("/api/v1/chat/{}/tasks/{tid}", s.id),
+                &s.token,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.unwrap()
+    }
+
     /// Tasks submitted in the session so far, per its status.
     pub async fn tasks_total(&self, s: &Session) -> i64 {
         self.status(s).await["totals"]["tasks"].as_i64().unwrap()
@@ -170,7 +185,12 @@ impl TestApp {
 
     /// Entries on `<prefix>:tasks`.
     pub async fn tasks_stream_len(&self) -> u64 {
-        self.redis.xlen(self.keys.tasks()).await.unwrap()
+        self.stream_len(&self.keys.tasks()).await
+    }
+
+    /// Entries on `stream`.
+    pub async fn stream_len(&self, stream: &str) -> u64 {
+        self.redis.xlen(stream).await.unwrap()
     }
 
     /// Every command on `<prefix>:tasks`, decoded.
@@ -184,6 +204,23 @@ impl TestApp {
             .unwrap()
             .iter()
             .map(|e| Envelope::<TaskCommand>::from_fields(&e.fields).unwrap().msg)
+            .collect()
+    }
+
+    /// Every execution request on `<prefix>:exec:<pool>`, decoded.
+    pub async fn exec_requests(&self, pool: &str) -> Vec<ExecRequest> {
+        let raw: Value = self
+            .redis
+            .xrange(self.keys.exec(pool), "-", "+", None)
+            .await
+            .unwrap();
+        parse_entries(raw)
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let ExecMessage::Request(r) = Envelope::from_fields(&e.fields).unwrap().msg;
+                r
+            })
             .collect()
     }
 
