@@ -5,7 +5,7 @@
 #   bench/run.sh --duration 30        longer runs
 #   bench/run.sh --scaling            also: sessions 1 / 64 / 1024 and worker replicas 1 vs 2
 #                                     (at max and at --scale-rate, default 200/s)
-#   bench/run.sh --only e2e           only some parts: limit,queue,bullmq,e2e,tracing,ws (comma separated)
+#   bench/run.sh --only e2e           only some parts: limit,queue,bullmq,e2e,route,tracing,ws (comma separated)
 #
 # Other flags: --warmup S, --payload-bytes N, --ws-connections "10000 50000", --out DIR,
 # --skip-build, --scale-rate N, --worker-threads N (runtime threads of each fleet process,
@@ -16,9 +16,10 @@
 #   4. measures the limit (redis-benchmark XADD, unpipelined and -P 16), Fleet's queue hop
 #      (fleet-bench queue), the peer (BullMQ, no-op worker), then starts the fleet (dispatcher,
 #      callback-worker, exec-worker --mode echo --echo-delay-ms 0, edge-api --dev, ws-gateway
-#      --dev) and measures the whole path (fleet-bench e2e: max, 1k/s, 5k/s; fanout), the cost
-#      of tracing (the whole path with no exporter, then exporting to fleet-bench otlp-sink at
-#      0 %, 1 % and 100 % sampling), then idle WebSocket capacity (fleet-bench ws-idle);
+#      --dev) and measures the whole path (fleet-bench e2e: max, 1k/s, 5k/s; fanout), the same
+#      through the dispatchers (FLEET_DIRECT_DISPATCH=false: max, 1k/s), the cost of tracing
+#      (the whole path with no exporter, then exporting to fleet-bench otlp-sink at 0 %, 1 %
+#      and 100 % sampling), then idle WebSocket capacity (fleet-bench ws-idle);
 #   5. prints every run's table and JSON line, then the summary table, ratios and targets, and
 #      the summary's JSON line. Everything is kept in the output directory (.bench/<time>/).
 # Every process it starts is stopped by pid at the end; the machine's own Redis is not touched.
@@ -36,7 +37,7 @@ scaling=false
 scale_rate=200
 skip_build=false
 worker_threads=1
-only="limit,queue,bullmq,e2e,tracing,ws"
+only="limit,queue,bullmq,e2e,route,tracing,ws"
 out=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -269,7 +270,47 @@ if $scaling && want e2e; then
   echo "(replicas started: $((${#fleet_pids[@]} - n_before)))"
 fi
 
-# --- 4d'. what tracing costs ------------------------------------------------------------------
+# --- 4d'. the route through the dispatchers ----------------------------------------------------
+# Chat tasks go from the front doors straight to their pool; FLEET_DIRECT_DISPATCH=false sends
+# them through fleet:tasks and the dispatchers instead (docs/ARCHITECTURE.md). The same whole
+# path, max and 1000/s, on a fresh fleet with that route, beside the direct runs above.
+if want route; then
+  stop_fleet
+  export FLEET_DIRECT_DISPATCH=false
+  start_fleet
+  log "through the dispatchers: whole path, max"
+  e2e e2e "${common[@]}" --sessions 64 --concurrency 256 --label route-dispatchers-max
+  log "through the dispatchers: whole path, 1000/s"
+  e2e e2e "${common[@]}" --sessions 64 --rate 1000 --label route-dispatchers-1k
+  stop_fleet
+  unset FLEET_DIRECT_DISPATCH
+  log "direct to the pool vs through the dispatchers (whole path)"
+  python3 - "$results" <<'PY'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    rows[r.get("label", "")] = r
+def cpu(r):
+    return sum(p["cpu_us_per_task"] for p in r.get("processes", [])) if r else float("nan")
+def get(r, *path):
+    for k in path:
+        r = (r or {}).get(k)
+    return float("nan") if r is None else r
+print(f"{'route':>12} {'max tasks/s':>12} {'cpu us/task':>12} {'cmds/task':>10} {'1k cpu us/task':>15} {'1k p50 ms':>10} {'1k p99 ms':>10}")
+for name, m, k in [("direct", "fleet-e2e-max", "fleet-e2e-1k"),
+                   ("dispatchers", "route-dispatchers-max", "route-dispatchers-1k")]:
+    m, k = rows.get(m), rows.get(k)
+    print(f"{name:>12} {get(m, 'throughput_per_s'):>12.0f} {cpu(m):>12.0f} "
+          f"{get(m, 'redis', 'commands_per_task'):>10.1f} {cpu(k):>15.0f} "
+          f"{get(k, 'latency_ms', 'final', 'p50'):>10.2f} {get(k, 'latency_ms', 'final', 'p99'):>10.2f}")
+PY
+fi
+
+# --- 4d''. what tracing costs ------------------------------------------------------------------
 # The whole path with no exporter at all, then exporting over OTLP to a sink that only counts
 # (fleet-bench otlp-sink) with 0 %, 1 % and 100 % of the traces sampled.
 if want tracing; then
