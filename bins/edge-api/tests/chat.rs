@@ -296,18 +296,7 @@ async fn a_reserved_task_id_is_used_by_the_submit_that_names_it() {
     let body: Json = resp.json().await.unwrap();
     assert_eq!(body["task_id"], tid.as_str());
     assert_eq!(body["status"], "queued");
-    let task: Json = app
-        .authed(
-            Method::GET,
-            &format!("/api/v1/chat/{}/tasks/{tid}", s.id),
-            &s.token,
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let task = app.task_json(&s, &tid).await;
     assert_eq!(task["state"], "dispatched");
     assert_eq!(task["message"], "with my id");
 
@@ -555,14 +544,7 @@ async fn cancelling_a_task_sends_task_cancel_and_an_ended_task_answers_its_state
     assert_eq!(body, json!({"task_id": tid, "status": "cancelled"}));
     assert_eq!(app.tasks_stream_len().await, 1, "no second task.cancel");
 
-    let task: Json = app
-        .authed(Method::GET, &task_path, &s.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let task = app.task_json(&s, &tid).await;
     assert_eq!(task["state"], "cancelled");
     assert_eq!(task["error"]["error_type"], "cancelled");
     assert!(task["finished_ms"].as_i64().is_some());

@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
+use fleet::envelope::{Envelope, TaskCommand};
 use fleet::events::ServerMessage;
+use fleet::stream::entry::parse_entries;
 use fleet_e2e::{AGENT, Fleet, Options, WsClient, is_final_of};
+use fred::prelude::{StreamsInterface, Value};
 use futures::StreamExt;
 use serde_json::{Value as Json, json};
 
@@ -212,22 +215,20 @@ async fn two_tasks_answered(fleet: &Fleet) -> (Session, [String; 2]) {
 
 /// The ids of the tasks `task.submit` entries on `fleet:tasks` carry.
 async fn submitted_to_dispatchers(fleet: &Fleet) -> Vec<String> {
-    let raw: fred::prelude::Value =
-        fred::prelude::StreamsInterface::xrange(&fleet.client, fleet.keys.tasks(), "-", "+", None)
-            .await
-            .unwrap();
-    fleet::stream::entry::parse_entries(raw)
+    let raw: Value = fleet
+        .client
+        .xrange(fleet.keys.tasks(), "-", "+", None)
+        .await
+        .unwrap();
+    parse_entries(raw)
         .unwrap()
         .iter()
-        .filter_map(|e| {
-            match fleet::envelope::Envelope::<fleet::envelope::TaskCommand>::from_fields(&e.fields)
-                .unwrap()
-                .msg
-            {
-                fleet::envelope::TaskCommand::Submit(t) => Some(t.task_id),
+        .filter_map(
+            |e| match Envelope::<TaskCommand>::from_fields(&e.fields).unwrap().msg {
+                TaskCommand::Submit(t) => Some(t.task_id),
                 _ => None,
-            }
-        })
+            },
+        )
         .collect()
 }
 

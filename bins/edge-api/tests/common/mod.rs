@@ -148,14 +148,10 @@ impl TestApp {
         .unwrap()
     }
 
-    /// The session's status as JSON (asserting 200).
-    pub async fn status(&self, s: &Session) -> Json {
+    /// `GET path` with `token`, as JSON (asserting 200).
+    pub async fn get_json(&self, path: &str, token: &str) -> Json {
         let resp = self
-            .authed(
-                reqwest::Method::GET,
-                &format!("/api/v1/chat/session/{}/status", s.id),
-                &s.token,
-            )
+            .authed(reqwest::Method::GET, path, token)
             .send()
             .await
             .unwrap();
@@ -163,19 +159,16 @@ impl TestApp {
         resp.json().await.unwrap()
     }
 
+    /// The session's status as JSON (asserting 200).
+    pub async fn status(&self, s: &Session) -> Json {
+        self.get_json(&format!("/api/v1/chat/session/{}/status", s.id), &s.token)
+            .await
+    }
+
     /// `GET /api/v1/chat/{sid}/tasks/{tid}` as JSON (asserting 200).
     pub async fn task_json(&self, s: &Session, tid: &str) -> Json {
-        let resp = self
-            .authed(
-                reqwest::Method::GET,
-                &format!("/api/v1/chat/{}/tasks/{tid}", s.id),
-                &s.token,
-            )
-            .send()
+        self.get_json(&format!("/api/v1/chat/{}/tasks/{tid}", s.id), &s.token)
             .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        resp.json().await.unwrap()
     }
 
     /// Tasks submitted in the session so far, per its status.
