@@ -345,3 +345,45 @@ async fn group_gauges_report_lag_pending_and_the_oldest_pending_age() {
     assert_eq!(line("fleet_stream_pending{"), 1.0);
     assert!(line("fleet_stream_oldest_pending_age_seconds{") >= 0.0);
 }
+
+#[tokio::test]
+async fn a_group_removed_under_a_running_loop_is_created_again() {
+    let (client, keys) = setup().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let handler = Recorder {
+        seen: tx,
+        outcome: Outcome::Ack,
+        gate: None,
+    };
+    let run = tokio::spawn(
+        ConsumerLoop::new(config(&keys, "c1"), client.clone(), handler).run(stop.clone()),
+    );
+    producer::send(&client, &keys.tasks(), None, &cancel("before"))
+        .await
+        .unwrap();
+    assert_eq!(rx.recv().await.unwrap(), ("before".into(), 1));
+
+    // Someone removes the group: the loop's next read answers NOGROUP.
+    let removed: i64 = client.xgroup_destroy(keys.tasks(), GROUP).await.unwrap();
+    assert_eq!(removed, 1);
+    eventually(
+        Duration::from_secs(5),
+        "the group created again",
+        || async {
+            groups::group(&client, &keys.tasks(), GROUP)
+                .await
+                .unwrap()
+                .map(drop)
+        },
+    )
+    .await;
+    producer::send(&client, &keys.tasks(), None, &cancel("after"))
+        .await
+        .unwrap();
+    // The new group starts from the stream's first entry: `before` again, then `after`.
+    assert_eq!(rx.recv().await.unwrap(), ("before".into(), 1));
+    assert_eq!(rx.recv().await.unwrap(), ("after".into(), 1));
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}

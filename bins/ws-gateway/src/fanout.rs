@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet::session_log::FanoutEntry;
-use fleet::stream::entry::{StreamId, parse_entries, parse_read};
+use fleet::stream::entry::{StreamId, parse_entries, xread};
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -70,11 +70,11 @@ pub async fn read_shard(
     tracing::info!(stream = %key, after = %after, "fan-out reader started");
     backoff = BACKOFF_MIN;
     loop {
-        let reply: Result<Value, Error> = tokio::select! {
-            r = reader.xread(Some(READ_COUNT), Some(BLOCK_MS), key.as_str(), after.to_string()) => r,
+        let reply = tokio::select! {
+            r = xread(&reader, Some(READ_COUNT), Some(BLOCK_MS), &key, after) => r,
             () = stop.cancelled() => break,
         };
-        let streams = match reply.map(parse_read) {
+        let streams = match reply {
             Ok(Ok(streams)) => streams,
             Ok(Err(shape)) => {
                 tracing::error!(stream = %key, error = %shape, "unreadable XREAD reply");

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::dlq::{DeadLetter, dead_letter};
-use super::entry::{StreamEntry, StreamId, parse_entries, parse_id, parse_read};
+use super::entry::{self, StreamEntry, StreamId, parse_entries, parse_id};
 use super::groups;
 use crate::envelope::{Envelope, Message};
 
@@ -236,18 +236,16 @@ impl<H: Handler> ConsumerLoop<H> {
                 .min(next_maintenance.saturating_duration_since(Instant::now()))
                 .as_millis()
                 .max(1) as u64;
-            let reply: Result<Value, _> = reader
-                .xreadgroup(
-                    cfg.group.as_str(),
-                    cfg.consumer.as_str(),
-                    Some(available as u64),
-                    Some(block_ms),
-                    false,
-                    cfg.stream.as_str(),
-                    ">",
-                )
-                .await;
-            let entries = match reply.map(parse_read) {
+            let reply = entry::xreadgroup(
+                &reader,
+                &cfg.group,
+                &cfg.consumer,
+                Some(available as u64),
+                Some(block_ms),
+                &cfg.stream,
+            )
+            .await;
+            let entries = match reply {
                 Ok(Ok(streams)) => {
                     backoff = Duration::from_millis(50);
                     streams.into_iter().flat_map(|(_, e)| e).collect::<Vec<_>>()

@@ -4,7 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use bytes::Bytes;
-use fred::prelude::Value;
+use fred::prelude::{Client, ClientLike, Error, ErrorKind, Value};
+use fred::types::{CustomCommand, Resp3Frame};
 
 /// A stream entry id, `<ms>-<seq>`, ordered as Redis orders them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -82,19 +83,73 @@ impl StreamEntry {
 #[error("unexpected reply shape: {0}")]
 pub struct ReplyShape(pub String);
 
-fn value_bytes(v: Value) -> Option<Bytes> {
-    match v {
-        Value::Bytes(b) => Some(b),
-        Value::String(s) => Some(s.into_inner()),
-        Value::Integer(i) => Some(Bytes::from(i.to_string())),
-        Value::Double(d) => Some(Bytes::from(d.to_string())),
+/// What the stream parsers need to know of one reply element, whichever form it came in: a
+/// [`Value`] (fred's typed commands) or a raw [`Resp3Frame`] ([`xread`], [`xreadgroup`], which
+/// skip fred's conversion of every element into a `Value`).
+pub trait Reply: Sized {
+    fn into_shape(self) -> Shape<Self>;
+}
+
+/// One reply element, by shape.
+pub enum Shape<R> {
+    Null,
+    Bytes(Bytes),
+    Array(Vec<R>),
+    /// A RESP3 map, as key/value pairs.
+    Pairs(Vec<(R, R)>),
+    Other(&'static str),
+}
+
+impl Reply for Value {
+    fn into_shape(self) -> Shape<Self> {
+        match self {
+            Value::Null => Shape::Null,
+            Value::Bytes(b) => Shape::Bytes(b),
+            Value::String(s) => Shape::Bytes(s.into_inner()),
+            Value::Integer(i) => Shape::Bytes(Bytes::from(i.to_string())),
+            Value::Double(d) => Shape::Bytes(Bytes::from(d.to_string())),
+            Value::Array(a) => Shape::Array(a),
+            Value::Map(map) => Shape::Pairs(
+                map.inner()
+                    .into_iter()
+                    .map(|(k, v)| (Value::Bytes(k.into_bytes()), v))
+                    .collect(),
+            ),
+            Value::Boolean(_) => Shape::Other("boolean"),
+            Value::Queued => Shape::Other("queued"),
+        }
+    }
+}
+
+impl Reply for Resp3Frame {
+    fn into_shape(self) -> Shape<Self> {
+        match self {
+            Resp3Frame::Null => Shape::Null,
+            Resp3Frame::BlobString { data, .. }
+            | Resp3Frame::SimpleString { data, .. }
+            | Resp3Frame::VerbatimString { data, .. }
+            | Resp3Frame::BigNumber { data, .. } => Shape::Bytes(data),
+            Resp3Frame::Number { data, .. } => Shape::Bytes(Bytes::from(data.to_string())),
+            Resp3Frame::Double { data, .. } => Shape::Bytes(Bytes::from(data.to_string())),
+            Resp3Frame::Array { data, .. } | Resp3Frame::Push { data, .. } => Shape::Array(data),
+            Resp3Frame::Map { data, .. } => Shape::Pairs(data.into_iter().collect()),
+            Resp3Frame::Set { .. } => Shape::Other("set"),
+            Resp3Frame::Boolean { .. } => Shape::Other("boolean"),
+            _ => Shape::Other("error"),
+        }
+    }
+}
+
+fn reply_bytes<R: Reply>(v: R) -> Option<Bytes> {
+    match v.into_shape() {
+        Shape::Bytes(b) => Some(b),
         _ => None,
     }
 }
 
 /// Parses a stream id from a reply value.
-pub fn parse_id(v: Value) -> Result<StreamId, ReplyShape> {
-    let b = value_bytes(v).ok_or_else(|| ReplyShape("id is not a string".into()))?;
+pub fn parse_id<R: Reply>(v: R) -> Result<StreamId, ReplyShape> {
+    let b = reply_bytes(v).ok_or_else(|| ReplyShape("id is not a string".into()))?;
     std::str::from_utf8(&b)
         .ok()
         .and_then(|s| s.parse().ok())
@@ -102,43 +157,37 @@ pub fn parse_id(v: Value) -> Result<StreamId, ReplyShape> {
 }
 
 /// Parses one `[id, [field, value, ...]]` entry. A deleted entry (`[id, nil]`) yields `None`.
-fn parse_entry(v: Value) -> Result<Option<StreamEntry>, ReplyShape> {
-    let Value::Array(mut parts) = v else {
+fn parse_entry<R: Reply>(v: R) -> Result<Option<StreamEntry>, ReplyShape> {
+    let Shape::Array(mut parts) = v.into_shape() else {
         return Ok(None); // nil in place of an entry: deleted meanwhile
     };
     if parts.len() != 2 {
         return Err(ReplyShape(format!("entry with {} parts", parts.len())));
     }
-    let raw_fields = parts.pop().unwrap_or(Value::Null);
-    let id = parse_id(parts.pop().unwrap_or(Value::Null))?;
+    let raw_fields = parts.pop().map(R::into_shape).unwrap_or(Shape::Null);
+    let id = parse_id(parts.pop().ok_or_else(|| ReplyShape("entry id".into()))?)?;
     let flat = match raw_fields {
-        Value::Array(flat) => flat,
-        Value::Map(map) => {
-            let mut flat = Vec::new();
-            for (k, v) in map.inner() {
-                flat.push(Value::Bytes(k.into_bytes()));
-                flat.push(v);
-            }
-            flat
-        }
-        Value::Null => return Ok(None),
-        other => return Err(ReplyShape(format!("fields are {:?}", other.kind()))),
+        Shape::Array(flat) => flat,
+        Shape::Pairs(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        Shape::Null => return Ok(None),
+        Shape::Bytes(_) => return Err(ReplyShape("fields are a string".into())),
+        Shape::Other(kind) => return Err(ReplyShape(format!("fields are {kind}"))),
     };
     let mut fields = Vec::with_capacity(flat.len() / 2);
     let mut it = flat.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        let k = value_bytes(k).ok_or_else(|| ReplyShape("field name".into()))?;
-        let v = value_bytes(v).unwrap_or_default();
+        let k = reply_bytes(k).ok_or_else(|| ReplyShape("field name".into()))?;
+        let v = reply_bytes(v).unwrap_or_default();
         fields.push((k, v));
     }
     Ok(Some(StreamEntry { id, fields }))
 }
 
 /// Parses a list of entries (XRANGE, XCLAIM, one stream of XREAD).
-pub fn parse_entries(v: Value) -> Result<Vec<StreamEntry>, ReplyShape> {
-    match v {
-        Value::Null => Ok(Vec::new()),
-        Value::Array(items) => {
+pub fn parse_entries<R: Reply>(v: R) -> Result<Vec<StreamEntry>, ReplyShape> {
+    match v.into_shape() {
+        Shape::Null => Ok(Vec::new()),
+        Shape::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
             for item in items {
                 if let Some(e) = parse_entry(item)? {
@@ -147,45 +196,121 @@ pub fn parse_entries(v: Value) -> Result<Vec<StreamEntry>, ReplyShape> {
             }
             Ok(out)
         }
-        other => Err(ReplyShape(format!("entries are {:?}", other.kind()))),
+        Shape::Bytes(_) => Err(ReplyShape("entries are a string".into())),
+        Shape::Pairs(_) => Err(ReplyShape("entries are a map".into())),
+        Shape::Other(kind) => Err(ReplyShape(format!("entries are {kind}"))),
     }
 }
 
 /// Parses an XREAD / XREADGROUP reply into `(stream, entries)` pairs. A timeout (nil) is empty.
-pub fn parse_read(v: Value) -> Result<Vec<(String, Vec<StreamEntry>)>, ReplyShape> {
-    let pairs: Vec<(Value, Value)> = match v {
-        Value::Null => return Ok(Vec::new()),
-        Value::Array(streams) => {
+pub fn parse_read<R: Reply>(v: R) -> Result<Vec<(String, Vec<StreamEntry>)>, ReplyShape> {
+    let pairs: Vec<(R, R)> = match v.into_shape() {
+        Shape::Null => return Ok(Vec::new()),
+        Shape::Array(streams) => {
             let mut pairs = Vec::with_capacity(streams.len());
             for s in streams {
-                let Value::Array(mut kv) = s else {
+                let Shape::Array(mut kv) = s.into_shape() else {
                     return Err(ReplyShape("stream is not [name, entries]".into()));
                 };
                 if kv.len() != 2 {
                     return Err(ReplyShape("stream is not [name, entries]".into()));
                 }
-                let entries = kv.pop().unwrap_or(Value::Null);
-                let name = kv.pop().unwrap_or(Value::Null);
+                let (Some(entries), Some(name)) = (kv.pop(), kv.pop()) else {
+                    unreachable!("two elements");
+                };
                 pairs.push((name, entries));
             }
             pairs
         }
-        Value::Map(map) => map
-            .inner()
-            .into_iter()
-            .map(|(k, v)| (Value::Bytes(k.into_bytes()), v))
-            .collect(),
-        other => return Err(ReplyShape(format!("read reply is {:?}", other.kind()))),
+        Shape::Pairs(pairs) => pairs,
+        Shape::Bytes(_) => return Err(ReplyShape("read reply is a string".into())),
+        Shape::Other(kind) => return Err(ReplyShape(format!("read reply is {kind}"))),
     };
     pairs
         .into_iter()
         .map(|(name, entries)| {
-            let name = value_bytes(name)
+            let name = reply_bytes(name)
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .ok_or_else(|| ReplyShape("stream name".into()))?;
             Ok((name, parse_entries(entries)?))
         })
         .collect()
+}
+
+/// The streams and entries of one XREAD or XREADGROUP; `Err(shape)` inside when the reply
+/// could not be read as one.
+pub type ReadReply = Result<Vec<(String, Vec<StreamEntry>)>, ReplyShape>;
+
+/// `XREAD [COUNT count] [BLOCK ms] STREAMS stream after`, its reply parsed straight from the
+/// frame. For a connection of its own: a blocking read holds it.
+pub async fn xread(
+    client: &Client,
+    count: Option<u64>,
+    block_ms: Option<u64>,
+    stream: &str,
+    after: StreamId,
+) -> Result<ReadReply, Error> {
+    let mut args: Vec<Value> = Vec::with_capacity(7);
+    read_options(&mut args, count, block_ms);
+    args.push(Value::from_static_str("STREAMS"));
+    args.push(stream.into());
+    args.push(after.to_string().into());
+    read("XREAD", client, stream, args, block_ms.is_some()).await
+}
+
+/// `XREADGROUP GROUP group consumer [COUNT count] [BLOCK ms] STREAMS stream >`, its reply
+/// parsed straight from the frame. For a connection of its own: a blocking read holds it.
+pub async fn xreadgroup(
+    client: &Client,
+    group: &str,
+    consumer: &str,
+    count: Option<u64>,
+    block_ms: Option<u64>,
+    stream: &str,
+) -> Result<ReadReply, Error> {
+    let mut args: Vec<Value> = Vec::with_capacity(10);
+    args.push(Value::from_static_str("GROUP"));
+    args.push(group.into());
+    args.push(consumer.into());
+    read_options(&mut args, count, block_ms);
+    args.push(Value::from_static_str("STREAMS"));
+    args.push(stream.into());
+    args.push(Value::from_static_str(">"));
+    read("XREADGROUP", client, stream, args, block_ms.is_some()).await
+}
+
+fn read_options(args: &mut Vec<Value>, count: Option<u64>, block_ms: Option<u64>) {
+    if let Some(count) = count {
+        args.push(Value::from_static_str("COUNT"));
+        args.push((count as i64).into());
+    }
+    if let Some(ms) = block_ms {
+        args.push(Value::from_static_str("BLOCK"));
+        args.push((ms as i64).into());
+    }
+}
+
+async fn read(
+    cmd: &'static str,
+    client: &Client,
+    stream: &str,
+    args: Vec<Value>,
+    blocking: bool,
+) -> Result<ReadReply, Error> {
+    // Sent to the node of the stream's slot in cluster mode.
+    let cmd = CustomCommand::new_static(cmd, stream, blocking);
+    let frame = client.custom_raw(cmd, args).await?;
+    // The raw frame carries an error reply as a frame.
+    match frame {
+        Resp3Frame::SimpleError { data, .. } => {
+            Err(Error::new(ErrorKind::Unknown, data.to_string()))
+        }
+        Resp3Frame::BlobError { data, .. } => Err(Error::new(
+            ErrorKind::Unknown,
+            String::from_utf8_lossy(&data).into_owned(),
+        )),
+        frame => Ok(parse_read(frame)),
+    }
 }
 
 #[cfg(test)]
@@ -221,5 +346,58 @@ mod tests {
         assert_eq!(streams[0].1.len(), 1);
         assert_eq!(streams[0].1[0].get_str("kind"), Some("x"));
         assert!(parse_read(Value::Null).unwrap().is_empty());
+    }
+
+    fn blob(x: &str) -> Resp3Frame {
+        Resp3Frame::BlobString {
+            data: Bytes::copy_from_slice(x.as_bytes()),
+            attributes: None,
+        }
+    }
+
+    fn array(data: Vec<Resp3Frame>) -> Resp3Frame {
+        Resp3Frame::Array {
+            data,
+            attributes: None,
+        }
+    }
+
+    #[test]
+    fn raw_frames_parse_as_values_do() {
+        let reply = array(vec![array(vec![
+            blob("fleet:tasks"),
+            array(vec![
+                array(vec![blob("1-1"), array(vec![blob("kind"), blob("x")])]),
+                array(vec![blob("1-2"), Resp3Frame::Null]),
+                array(vec![
+                    blob("1-3"),
+                    array(vec![
+                        blob("n"),
+                        Resp3Frame::Number {
+                            data: 7,
+                            attributes: None,
+                        },
+                    ]),
+                ]),
+            ]),
+        ])]);
+        let streams = parse_read(reply).unwrap();
+        assert_eq!(streams.len(), 1);
+        assert_eq!(streams[0].0, "fleet:tasks");
+        let ids: Vec<String> = streams[0].1.iter().map(|e| e.id.to_string()).collect();
+        assert_eq!(ids, ["1-1", "1-3"]);
+        assert_eq!(streams[0].1[0].get_str("kind"), Some("x"));
+        assert_eq!(streams[0].1[1].get_str("n"), Some("7"));
+        assert!(parse_read(Resp3Frame::Null).unwrap().is_empty());
+        // Not a read reply: a shape error, not a panic.
+        assert!(parse_read(blob("OK")).is_err());
+        assert!(parse_read(array(vec![array(vec![blob("s")])])).is_err());
+        assert!(
+            parse_read(array(vec![array(vec![
+                blob("s"),
+                array(vec![array(vec![blob("nope"), array(vec![])])])
+            ])]))
+            .is_err()
+        );
     }
 }
