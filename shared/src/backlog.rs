@@ -4,7 +4,8 @@
 //! yet handled is above a bound, instead of letting Redis memory grow without end. That is the
 //! `dispatchers` group's lag plus its pending entries on `fleet:tasks`, plus the same of the
 //! `executors` group on each pool's `fleet:exec:<pool>` this process has sent a task to (a submit
-//! sends its executor's request itself, see [`crate::session::ChatLimits::direct_dispatch`]).
+//! sends its executor's request itself, see [`crate::session::ChatLimits::direct_dispatch`]);
+//! before a group exists (no consumer has started yet), every entry of its stream counts.
 //! The backlog is sampled in the background (`XINFO GROUPS`), so the check on the request path
 //! costs one atomic load.
 
@@ -50,23 +51,27 @@ pub struct Sampler {
     pub pools: Pools,
 }
 
-/// Entries of `stream` that `group` has not handled yet (lag plus pending), 0 while the group
-/// does not exist; `None` when Redis did not answer.
-async fn group_backlog(client: &Client, stream: &str, group: &str) -> Option<u64> {
-    match groups::group(client, stream, group).await {
-        Ok(Some(g)) => Some(g.lag.unwrap_or(0) + g.pending),
-        Ok(None) => Some(0),
-        Err(_) => None,
+/// Entries of `stream` that `group` has not handled yet: its lag plus its pending entries, or,
+/// while the group does not exist (no consumer has started yet), every entry of the stream,
+/// since the group starts from the stream's first entry ([`groups::ensure_group`]).
+pub async fn group_backlog(client: &Client, stream: &str, group: &str) -> Result<u64, Error> {
+    match groups::group(client, stream, group).await? {
+        Some(g) => Ok(g.lag.unwrap_or(0) + g.pending),
+        None => client.xlen(stream).await,
     }
 }
 
 /// One sample of every stream watched, or `None` when one could not be read.
 async fn sample(client: &Client, keys: &Keys, pools: &Pools) -> Option<u64> {
-    let dispatch = group_backlog(client, &keys.tasks(), GROUP_DISPATCHERS).await?;
+    let dispatch = group_backlog(client, &keys.tasks(), GROUP_DISPATCHERS)
+        .await
+        .ok()?;
     metrics::gauge!("fleet_dispatch_backlog").set(dispatch as f64);
     let mut n = dispatch;
     for pool in pools.list() {
-        let exec = group_backlog(client, &keys.exec(&pool), GROUP_EXECUTORS).await?;
+        let exec = group_backlog(client, &keys.exec(&pool), GROUP_EXECUTORS)
+            .await
+            .ok()?;
         metrics::gauge!("fleet_exec_backlog", "pool" => pool).set(exec as f64);
         n += exec;
     }

@@ -219,3 +219,53 @@ async fn session_calls_check_their_token() {
     assert_eq!(err.code(), Code::InvalidArgument);
     fleet.stop().await;
 }
+
+#[tokio::test]
+async fn get_metrics_shows_chat_tasks_waiting_for_their_pool() {
+    // No chat executor: what is submitted waits in the agent's pool.
+    let fleet = DelibFleet::start(DelibOptions::default()).await;
+    let mut grpc = fleet.grpc(0).await;
+    let s = grpc
+        .create_session(pb::CreateSessionRequest {
+            agent_id: AGENT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let before = grpc
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        before.exec_backlog.get(fleet::agent::DEFAULT_POOL),
+        Some(&0),
+        "every registered agent's pool is listed: {:?}",
+        before.exec_backlog
+    );
+    for i in 0..3 {
+        grpc.submit_task(pb::SubmitTaskRequest {
+            session_id: s.session_id.clone(),
+            session_token: s.session_token.clone(),
+            message: format!("task {i}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let after = grpc
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        after.exec_backlog.get(fleet::agent::DEFAULT_POOL),
+        Some(&3),
+        "{:?}",
+        after.exec_backlog
+    );
+    // Sent straight to the pool: nothing waits for the dispatchers.
+    assert_eq!(after.dispatch_backlog, 0);
+    fleet.stop().await;
+}

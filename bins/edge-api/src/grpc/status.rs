@@ -1,17 +1,17 @@
 //! `GetStatus` and `GetMetrics`: fleet-wide numbers from Redis (so every replica answers the
 //! same), plus this process's uptime.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
+use fleet::backlog::group_backlog;
 use fleet::council::AgentStatus;
 use fleet::deliberation::engine::{
     LATENCY_SAMPLES, STAT_DELIBERATIONS_TOTAL, STAT_ORCHESTRATIONS_TOTAL,
     STAT_PLANNING_EVENTS_TOTAL,
 };
 use fleet::deliberation::{ROLES, kind};
-use fleet::keys::GROUP_DISPATCHERS;
+use fleet::keys::{GROUP_DISPATCHERS, GROUP_EXECUTORS};
 use fleet::stream::entry::parse_entries;
-use fleet::stream::groups;
 use fleet_proto::orchestrator::v1 as pb;
 use fred::prelude::*;
 use tonic::{Request, Status};
@@ -105,10 +105,20 @@ impl Orchestrator {
         let deliberation = summary(self.latencies(kind::DELIBERATE).await?);
         let orchestration = summary(self.latencies(kind::ORCHESTRATE).await?);
         let councils = self.engine.councils.list().await.map_err(error::council)?;
-        let backlog = groups::group(self.client(), &self.keys().tasks(), GROUP_DISPATCHERS)
-            .await
-            .map_err(error::unavailable)?
-            .map_or(0, |g| g.lag.unwrap_or(0) + g.pending);
+        let backlog = |stream: String, group: &'static str| async move {
+            group_backlog(self.client(), &stream, group)
+                .await
+                .map(|n| n as i64)
+                .map_err(error::unavailable)
+        };
+        let dispatch_backlog = backlog(self.keys().tasks(), GROUP_DISPATCHERS).await?;
+        let agents = self.chat.agents.list().await.map_err(error::unavailable)?;
+        let pools: BTreeSet<&str> = agents.iter().map(|a| a.pool.as_str()).collect();
+        let mut exec_backlog = HashMap::with_capacity(pools.len());
+        for pool in pools {
+            let n = backlog(self.keys().exec(pool), GROUP_EXECUTORS).await?;
+            exec_backlog.insert(pool.to_owned(), n);
+        }
         Ok(pb::GetMetricsResponse {
             deliberation: Some(deliberation),
             orchestration: Some(orchestration),
@@ -125,7 +135,8 @@ impl Orchestrator {
                     wanted: c.wanted() as i32,
                 })
                 .collect(),
-            dispatch_backlog: backlog as i64,
+            dispatch_backlog,
+            exec_backlog,
         })
     }
 }
