@@ -529,6 +529,7 @@ impl Chat {
         // Sent straight to the agent's pool, or through the dispatchers.
         let direct = agent.filter(|_| self.limits.direct_dispatch);
 
+        // The task and its deadline in one round trip; then the task is sent on.
         let created = self
             .tasks
             .create(
@@ -544,17 +545,6 @@ impl Chat {
             .await?;
         match created {
             Created::New { agent_id } => {
-                let pipeline = self.client().pipeline();
-                let _: () = pipeline
-                    .zadd(
-                        self.keys().deadlines(),
-                        None,
-                        None,
-                        false,
-                        false,
-                        (deadline_ms as f64, format!("{sid}/{tid}")),
-                    )
-                    .await?;
                 match &direct {
                     Some(agent) => {
                         let env = Envelope::new(ExecMessage::Request(ExecRequest {
@@ -568,7 +558,7 @@ impl Chat {
                             deadline_ms,
                         }));
                         let stream = self.keys().exec(&agent.pool);
-                        producer::queue(&pipeline, &stream, None, &env).await?;
+                        producer::send(self.client(), &stream, None, &env).await?;
                         self.backpressure.watch_pool(&agent.pool);
                     }
                     None => {
@@ -582,10 +572,9 @@ impl Chat {
                             deadline_ms,
                             source: msg.source.to_owned(),
                         }));
-                        producer::queue(&pipeline, &self.keys().tasks(), None, &env).await?;
+                        producer::send(self.client(), &self.keys().tasks(), None, &env).await?;
                     }
                 }
-                let _: Vec<Value> = pipeline.all().await?;
                 metrics::counter!("fleet_tasks_submitted_total", "source" => msg.source)
                     .increment(1);
                 if let Some(agent) = direct {

@@ -447,7 +447,15 @@ impl TaskStore {
     }
 
     /// Creates task `tid` as `queued`, or as `dispatched` to `pool` when the caller sends its
-    /// execution request itself (see `lua/create.lua`).
+    /// execution request itself (see `lua/create.lua`), and registers its deadline.
+    ///
+    /// The deadline goes in the same round trip as the script, sent ahead of it: a caller that
+    /// stops after this and before it sends the task on leaves a task that the deadline sweeper
+    /// still ends (`timed_out`), never one open for good. `ZADD NX`: a task id that is taken
+    /// keeps its deadline, and a redelivered command that finds its task created re-registers
+    /// a deadline that was lost. When no task is created (a refused or duplicate submit) the
+    /// member stays until the sweeper finds no open task under it; removing it here could remove
+    /// the deadline of a concurrent create of the same task id.
     #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
@@ -465,7 +473,15 @@ impl TaskStore {
             Some(k) => self.keys.idempotency(sid, k),
             None => task_key.clone(),
         };
-        let reply = eval(
+        let deadline = self.client.zadd::<i64, _, _>(
+            self.keys.deadlines(),
+            Some(SetOptions::NX),
+            None,
+            false,
+            false,
+            (deadline_ms as f64, format!("{sid}/{tid}")),
+        );
+        let create = eval(
             &self.client,
             &SCRIPTS.create,
             vec![
@@ -487,8 +503,10 @@ impl TaskStore {
                 self.retention.session_ttl_ms.into(),
                 pool.unwrap_or_default().into(),
             ],
-        )
-        .await?;
+        );
+        // `join!` polls in order: the ZADD is queued on the connection before the script.
+        let (registered, reply) = tokio::join!(deadline, create);
+        let (_, reply) = (registered?, reply?);
         Ok(match first_str(&reply).as_str() {
             "created" => Created::New {
                 agent_id: nth_str(&reply, 1).unwrap_or_default(),

@@ -415,3 +415,68 @@ async fn a_busy_session_renews_its_ttls_once_a_hundredth_of_the_ttl_has_passed()
     let log_ttl: i64 = client.pttl(keys.session_events(&sid)).await.unwrap();
     assert!(log_ttl > ttl - 60_000);
 }
+
+#[tokio::test]
+async fn a_created_task_always_has_its_deadline() {
+    let f = fixture().await;
+    let sid = f
+        .chat
+        .init_session(InitSession {
+            agent_id: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .session_id;
+    let (client, keys) = (f.chat.tasks.client(), f.chat.tasks.keys());
+    let deadline_of = |tid: &str| {
+        let member = format!("{sid}/{tid}");
+        async move {
+            let score: Option<f64> = client.zscore(keys.deadlines(), member).await.unwrap();
+            score
+        }
+    };
+    let submit = |tid: &str| {
+        f.chat.submit(
+            &sid,
+            SubmitMessage {
+                message: "hi".into(),
+                task_id: Some(tid.into()),
+                source: "rest",
+                ..Default::default()
+            },
+        )
+    };
+    // The pool's stream cannot take the executor's request (its key holds a string): the submit
+    // fails after the task is created, as when a front door stops between its two round trips.
+    let pool = keys.exec("default");
+    let _: () = client
+        .set(&pool, "not a stream", None, None, false)
+        .await
+        .unwrap();
+    let refused = submit("t-1").await;
+    assert!(
+        matches!(refused, Err(fleet::session::ChatError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let task = f.chat.tasks.get(&sid, "t-1").await.unwrap().unwrap();
+    assert_eq!(task.state(), Some(TaskState::Dispatched));
+    // So the deadline sweeper still ends it: it is not open for good.
+    assert_eq!(deadline_of("t-1").await, Some(task.deadline_ms as f64));
+
+    // A submit of a taken id answers with that task and leaves its deadline as it was.
+    let _: () = client.del(&pool).await.unwrap();
+    let again = submit("t-1").await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(deadline_of("t-1").await, Some(task.deadline_ms as f64));
+
+    // A deadline lost on the way (its front door or dispatcher stopped before it went in) is
+    // registered again when the submit, or the planning command, is repeated.
+    let _: () = client
+        .zrem(keys.deadlines(), format!("{sid}/t-1"))
+        .await
+        .unwrap();
+    assert!(submit("t-1").await.unwrap().duplicate);
+    let restored = deadline_of("t-1").await.expect("the deadline is back");
+    assert!(restored >= task.deadline_ms as f64, "{restored}");
+}

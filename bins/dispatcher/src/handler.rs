@@ -248,21 +248,7 @@ impl Dispatcher {
             .await?;
         let new = matches!(created, Created::New { .. });
         let resend = match created {
-            Created::New { .. } => {
-                let _: () = self
-                    .tasks
-                    .client()
-                    .zadd(
-                        self.keys.deadlines(),
-                        None,
-                        None,
-                        false,
-                        false,
-                        (deadline_ms as f64, format!("{sid}/{tid}")),
-                    )
-                    .await?;
-                false
-            }
+            Created::New { .. } => false,
             Created::Exists { state } if state == "queued" => false,
             Created::Exists { state } if state == "dispatched" && redelivered => true,
             other => {
