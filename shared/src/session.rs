@@ -28,7 +28,7 @@ use crate::envelope::{
 };
 use crate::keys::Keys;
 use crate::stream::producer;
-use crate::task::{Created, TaskError, TaskStore, TaskView};
+use crate::task::{Created, NewTask, TaskError, TaskStore, TaskView};
 use crate::time::now_ms;
 
 /// The secret `--dev` uses when `FLEET_SECRET` is unset. Never for production: anyone who
@@ -532,16 +532,16 @@ impl Chat {
         // The task and its deadline in one round trip; then the task is sent on.
         let created = self
             .tasks
-            .create(
-                sid,
-                &tid,
-                &msg.message,
-                &msg.metadata,
+            .create(NewTask {
+                session_id: sid,
+                task_id: &tid,
+                message: &msg.message,
+                metadata: &msg.metadata,
                 deadline_ms,
-                msg.source,
-                msg.idempotency_key.as_deref(),
-                direct.as_ref().map(|a| a.pool.as_str()),
-            )
+                source: msg.source,
+                idempotency_key: msg.idempotency_key.as_deref(),
+                pool: direct.as_ref().map(|a| a.pool.as_str()),
+            })
             .await?;
         match created {
             Created::New { agent_id } => {

@@ -161,6 +161,22 @@ fn nth_str(v: &Value, n: usize) -> Option<String> {
     }
 }
 
+/// A task for [`TaskStore::create`] to create.
+#[derive(Clone, Copy, Debug)]
+pub struct NewTask<'a> {
+    pub session_id: &'a str,
+    pub task_id: &'a str,
+    pub message: &'a str,
+    pub metadata: &'a Json,
+    pub deadline_ms: i64,
+    /// Where the task came from: `ws`, `rest`, `grpc` or `planning`.
+    pub source: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    /// The pool the caller sends the execution request to itself: the task is created
+    /// `dispatched` to it instead of `queued`.
+    pub pool: Option<&'a str>,
+}
+
 /// What `create` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Created {
@@ -456,22 +472,12 @@ impl TaskStore {
     /// a deadline that was lost. When no task is created (a refused or duplicate submit) the
     /// member stays until the sweeper finds no open task under it; removing it here could remove
     /// the deadline of a concurrent create of the same task id.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn create(
-        &self,
-        sid: &str,
-        tid: &str,
-        message: &str,
-        metadata: &Json,
-        deadline_ms: i64,
-        source: &str,
-        idempotency_key: Option<&str>,
-        pool: Option<&str>,
-    ) -> Result<Created, TaskError> {
+    pub async fn create(&self, t: NewTask<'_>) -> Result<Created, TaskError> {
+        let (sid, tid) = (t.session_id, t.task_id);
         let task_key = self.keys.task(sid, tid);
-        let idem_key = match idempotency_key {
-            Some(k) => self.keys.idempotency(sid, k),
-            None => task_key.clone(),
+        let (idem_key, keyed) = match t.idempotency_key {
+            Some(k) => (self.keys.idempotency(sid, k), "1"),
+            None => (task_key.clone(), "0"),
         };
         let deadline = self.client.zadd::<i64, _, _>(
             self.keys.deadlines(),
@@ -479,7 +485,7 @@ impl TaskStore {
             None,
             false,
             false,
-            (deadline_ms as f64, format!("{sid}/{tid}")),
+            (t.deadline_ms as f64, format!("{sid}/{tid}")),
         );
         let create = eval(
             &self.client,
@@ -494,14 +500,14 @@ impl TaskStore {
                 now_ms().into(),
                 sid.into(),
                 tid.into(),
-                message.into(),
-                metadata.to_string().into(),
-                deadline_ms.into(),
-                source.into(),
-                if idempotency_key.is_some() { "1" } else { "0" }.into(),
+                t.message.into(),
+                t.metadata.to_string().into(),
+                t.deadline_ms.into(),
+                t.source.into(),
+                keyed.into(),
                 self.retention.session_ttl_ms.into(),
                 self.retention.session_ttl_ms.into(),
-                pool.unwrap_or_default().into(),
+                t.pool.unwrap_or_default().into(),
             ],
         );
         // `join!` polls in order: the ZADD is queued on the connection before the script.

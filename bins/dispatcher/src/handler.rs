@@ -13,7 +13,7 @@ use fleet::keys::Keys;
 use fleet::planning::{self, AgentRequestPayload, PlanningRules, Subtask};
 use fleet::session_log::SessionLog;
 use fleet::stream::{Delivery, Handler, Outcome, producer};
-use fleet::task::{Applied, Created, Dispatched, OpStatus, TaskOp, TaskStore};
+use fleet::task::{Applied, Created, Dispatched, NewTask, OpStatus, TaskOp, TaskStore};
 use fleet::time::now_ms;
 use fred::prelude::*;
 use serde_json::{Value as Json, json};
@@ -235,16 +235,16 @@ impl Dispatcher {
         let deadline_ms = now_ms() + (s.timeout_secs * 1000) as i64;
         let created = self
             .tasks
-            .create(
-                sid,
-                tid,
-                &s.description,
-                &planning::task_metadata(s, &e.event_id),
+            .create(NewTask {
+                session_id: sid,
+                task_id: tid,
+                message: &s.description,
+                metadata: &planning::task_metadata(s, &e.event_id),
                 deadline_ms,
-                "planning",
-                None,
-                None,
-            )
+                source: "planning",
+                idempotency_key: None,
+                pool: None,
+            })
             .await?;
         let new = matches!(created, Created::New { .. });
         let resend = match created {
