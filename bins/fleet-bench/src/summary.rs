@@ -39,6 +39,9 @@ pub struct Target {
     pub ratio: Option<f64>,
     pub goal: String,
     pub met: bool,
+    /// Why the run could not test the goal on this machine, when that is so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_runnable: Option<String>,
 }
 
 /// The reports of a run, by label (the last of each label). The peer gets its best
@@ -151,6 +154,7 @@ pub fn targets(runs: &BTreeMap<String, Report>) -> Vec<Target> {
         ratio: ratio(fleet, other),
         goal: goal.into(),
         met,
+        not_runnable: None,
     };
     if let (Some(f), Some(b)) = (tput("fleet-queue-max"), tput("bullmq-max")) {
         out.push(cmp(
@@ -190,6 +194,7 @@ pub fn targets(runs: &BTreeMap<String, Report>) -> Vec<Target> {
             ratio: None,
             goal: "< 5 ms".into(),
             met: f < 5.0,
+            not_runnable: None,
         });
     }
     for (label, r) in runs.iter().filter(|(_, r)| r.mode == "ws-idle") {
@@ -202,21 +207,39 @@ pub fn targets(runs: &BTreeMap<String, Report>) -> Vec<Target> {
             ratio: None,
             goal: "< 16384".into(),
             met: bpc > 0.0 && bpc < 16384.0,
+            not_runnable: None,
         });
     }
-    if let Some(max_held) = runs
-        .values()
-        .filter(|r| r.mode == "ws-idle")
+    let idle: Vec<&Report> = runs.values().filter(|r| r.mode == "ws-idle").collect();
+    if let Some(max_held) = idle
+        .iter()
         .filter_map(|r| r.extra["held_to_the_end"].as_f64())
         .reduce(f64::max)
     {
+        const GOAL: f64 = 50_000.0;
+        // Each connection is a file descriptor in the gateway and in the load tool: below the
+        // goal's worth of open files, the machine, not the gateway, decides what fits.
+        let fd_limit = idle
+            .iter()
+            .flat_map(|r| {
+                [
+                    &r.extra["gateway_nofile_limit"],
+                    &r.extra["bench_nofile_limit"],
+                ]
+            })
+            .filter_map(|v| v.as_f64())
+            .reduce(f64::min);
+        let met = max_held >= GOAL;
         out.push(Target {
             name: "idle connections held by one gateway".into(),
             fleet: max_held,
             other: None,
             ratio: None,
             goal: ">= 50000".into(),
-            met: max_held >= 50_000.0,
+            met,
+            not_runnable: fd_limit
+                .filter(|&l| !met && l < GOAL)
+                .map(|l| format!("open-files limit {l} here; each connection takes a file")),
         });
     }
     out
@@ -249,6 +272,7 @@ pub fn reference_targets(runs: &BTreeMap<String, Report>, peer_jobs_per_s: f64) 
                 ratio: ratio(f, peer_jobs_per_s),
                 goal: format!(">= {factor}x"),
                 met: f >= factor * peer_jobs_per_s,
+                not_runnable: None,
             });
         }
     }
@@ -353,7 +377,11 @@ pub fn table(
                 other,
                 ratio,
                 t.goal,
-                if t.met { "MET" } else { "NOT MET" }
+                match (t.met, &t.not_runnable) {
+                    (true, _) => "MET".to_owned(),
+                    (false, None) => "NOT MET".to_owned(),
+                    (false, Some(why)) => format!("NOT RUNNABLE HERE ({why})"),
+                }
             ));
         }
     }
@@ -468,5 +496,51 @@ mod tests {
         let table = table(&runs, &t, &r);
         assert!(table.contains("redis XADD -P 16"));
         assert!(table.contains("NOT MET"));
+    }
+
+    fn idle(label: &str, held: f64, nofile: f64) -> Report {
+        let mut r = Report::new("ws-idle", label, "fleet");
+        r.extra = json!({"held_to_the_end": held, "bytes_per_connection": 7000.0,
+            "gateway_nofile_limit": nofile, "bench_nofile_limit": nofile});
+        r
+    }
+
+    fn connections_target(reports: &[Report]) -> Target {
+        let lines = reports.iter().map(Report::json_line).collect::<Vec<_>>();
+        let t = targets(&collect(&lines.join("\n")));
+        t.into_iter()
+            .find(|t| t.name == "idle connections held by one gateway")
+            .expect("the connections target")
+    }
+
+    #[test]
+    fn fifty_thousand_connections_that_the_open_files_limit_forbids_are_not_runnable_here() {
+        let t = connections_target(&[
+            idle("ws-idle-10000", 10_000.0, 20_000.0),
+            idle("ws-idle-max", 19_500.0, 20_000.0),
+        ]);
+        assert!(!t.met);
+        assert_eq!(t.fleet, 19_500.0);
+        let why = t
+            .not_runnable
+            .clone()
+            .expect("the machine's limit is named");
+        assert!(why.contains("20000"), "{why}");
+        let shown = table(&BTreeMap::new(), &[t], &BTreeMap::new());
+        assert!(shown.contains("NOT RUNNABLE HERE"), "{shown}");
+
+        // With files enough, falling short is the gateway's own miss.
+        let t = connections_target(&[idle("ws-idle-max", 30_000.0, 1_048_576.0)]);
+        assert!(!t.met);
+        assert_eq!(t.not_runnable, None);
+        let shown = table(&BTreeMap::new(), &[t], &BTreeMap::new());
+        assert!(
+            shown.contains("NOT MET") && !shown.contains("RUNNABLE"),
+            "{shown}"
+        );
+
+        let t = connections_target(&[idle("ws-idle-max", 50_000.0, 1_048_576.0)]);
+        assert!(t.met);
+        assert_eq!(t.not_runnable, None);
     }
 }
