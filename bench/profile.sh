@@ -120,10 +120,24 @@ if [ "$what" = perf ]; then
     -o "$out/perf.data" -- sleep "$((duration - 2))" 2>&1 | tail -1
   wait "$load" || true
   grep -E "throughput|final " "$out/e2e.txt" || true
+  # perf merges the samples of a function that several processes run (libc's memmove, the
+  # kernel's scheduler) into one entry when it sorts by symbol alone, and --pid then keeps that
+  # entry whole in one process's list: so sort by thread and symbol, and add up the threads of
+  # each process here. Percentages are of the process's own samples.
+  total=$(perf report -i "$out/perf.data" --no-children --sort pid -g none --stdio -n \
+    2>/dev/null | awk '!/^#/ && NF { n += $2 } END { print n + 0 }')
   for kv in "${fleet_pids[@]}" "redis-server=$redis_pid"; do
-    echo "== ${kv%%=*}: top functions (self)"
-    perf report -i "$out/perf.data" --no-children --pid "${kv#*=}" --sort sym -g none --stdio \
-      2>/dev/null | grep -v '^#' | grep -v '^$' | sed -n '1,25p' | tee "$out/top-${kv%%=*}.txt" || true
+    name=${kv%%=*}
+    perf report -i "$out/perf.data" --no-children --pid "${kv#*=}" --sort pid,sym -g none \
+      --stdio -n 2>/dev/null | grep -v '^#' | grep -v '^$' |
+      awk '{ n = $2; $1 = ""; $2 = ""; $3 = ""; sub(/^ +/, ""); count[$0] += n; all += n }
+        END { for (f in count) printf "%7.2f%% %7d  %s\n", 100 * count[f] / all, count[f], f }' |
+      sort -k2,2nr >"$out/top-$name.all" || true
+    samples=$(awk '{ n += $2 } END { print n + 0 }' "$out/top-$name.all")
+    share=$(awk -v s="$samples" -v t="$total" 'BEGIN { printf "%.1f", t ? 100 * s / t : 0 }')
+    echo "== $name: top functions (self), $samples samples, $share % of all"
+    sed -n '1,25p' "$out/top-$name.all" | tee "$out/top-$name.txt"
+    rm -f "$out/top-$name.all"
   done
   echo "profile in $out (perf report -i $out/perf.data)"
   exit 0
