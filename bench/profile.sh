@@ -125,7 +125,7 @@ if [ "$what" = perf ]; then
   # entry whole in one process's list: so sort by thread and symbol, and add up the threads of
   # each process here. Percentages are of the process's own samples.
   total=$(perf report -i "$out/perf.data" --no-children --sort pid -g none --stdio -n \
-    2>/dev/null | awk '!/^#/ && NF { n += $2 } END { print n + 0 }')
+    2>/dev/null | awk '!/^#/ && NF { n += $2 } END { print n + 0 }') || total=0
   for kv in "${fleet_pids[@]}" "redis-server=$redis_pid"; do
     name=${kv%%=*}
     perf report -i "$out/perf.data" --no-children --pid "${kv#*=}" --sort pid,sym -g none \
