@@ -427,11 +427,13 @@ impl WsClient {
             .expect("send chat_message");
     }
 
-    /// The next server message (panics after `within`).
+    /// The next server message (panics after `within`). Control frames (the gateway's pings)
+    /// do not count as messages and do not extend the wait.
     pub async fn next(&mut self, within: Duration) -> ServerMessage {
         use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + within;
         loop {
-            let frame = tokio::time::timeout(within, self.socket.next())
+            let frame = tokio::time::timeout_at(deadline, self.socket.next())
                 .await
                 .unwrap_or_else(|_| panic!("no message within {within:?}; got {:?}", self.received))
                 .expect("socket open")

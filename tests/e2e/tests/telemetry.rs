@@ -179,14 +179,55 @@ fn caller_context() -> (String, String, String) {
 
 /// Every binary of the fleet as a process, each with an admin address this test knows.
 struct Processes {
-    procs: Vec<(String, FleetProcess, u16)>,
+    procs: Vec<Proc>,
+    env: Vec<(&'static str, String)>,
     api: String,
     ws: String,
 }
 
+/// One binary of [`Processes`], with what it takes to start it again.
+struct Proc {
+    name: String,
+    process: FleetProcess,
+    /// Its arguments; `--admin-addr` is the last pair unless it is edge-api, whose admin routes
+    /// are on its HTTP port.
+    args: Vec<String>,
+    admin: u16,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: Vec<String>, admin: u16, env: &[(&str, String)]) -> Proc {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc {
+            name: name.to_owned(),
+            process: FleetProcess::spawn(name, &argv, env),
+            args,
+            admin,
+        }
+    }
+
+    /// Whether its admin port is served by this process: `/health/detailed` names the
+    /// instance, and the instance name holds its pid.
+    async fn answers_itself(&self) -> bool {
+        let Some(pid) = self.process.pid() else {
+            return false;
+        };
+        let url = format!("http://127.0.0.1:{}/health/detailed", self.admin);
+        let Ok(r) = reqwest::get(&url).await else {
+            return false;
+        };
+        let Ok(body) = r.json::<Json>().await else {
+            return false;
+        };
+        body["instance"]
+            .as_str()
+            .is_some_and(|i| i.starts_with(&self.name) && i.contains(&format!("-{pid}-")))
+    }
+}
+
 impl Processes {
     fn start(fleet: &Fleet, nats: &NatsServer, otlp: Option<SocketAddr>) -> Processes {
-        let mut env: Vec<(&str, String)> = Vec::new();
+        let mut env: Vec<(&'static str, String)> = Vec::new();
         if let Some(addr) = otlp {
             env.extend([
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
@@ -239,47 +280,69 @@ impl Processes {
             if name != "edge-api" {
                 args.extend(["--admin-addr".into(), format!("127.0.0.1:{admin}")]);
             }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            procs.push((
-                name.to_owned(),
-                FleetProcess::spawn(name, &args, &env),
-                admin,
-            ));
+            procs.push(Proc::spawn(name, args, admin, &env));
         }
         Processes {
             procs,
+            env,
             api: format!("http://127.0.0.1:{api_port}"),
             ws: format!("ws://127.0.0.1:{ws_port}"),
         }
     }
 
-    /// Waits until every process answers `/health/ready`.
+    /// Waits until every process answers `/health/ready` on its admin port, itself. A port
+    /// handed out free can be taken by another process before the binary binds it: the binary
+    /// then exits, and is started again on another admin port (edge-api's and ws-gateway's HTTP
+    /// ports are fixed, since each is named in another's arguments).
     async fn ready(&mut self) {
-        for (name, proc, admin) in &mut self.procs {
-            let url = format!("http://127.0.0.1:{admin}/health/ready");
-            let within = Duration::from_secs(30);
+        let within = Duration::from_secs(30);
+        let env = self.env.clone();
+        for p in &mut self.procs {
+            let mut restarts = 0;
             let ok = tokio::time::timeout(within, async {
                 loop {
+                    if !p.process.running() {
+                        let log = p.process.log();
+                        if !log.contains("Address already in use")
+                            || p.name == "edge-api"
+                            || restarts == 3
+                        {
+                            return Err(log);
+                        }
+                        restarts += 1;
+                        let admin = free_port();
+                        let mut args = std::mem::take(&mut p.args);
+                        let last = args.len() - 1;
+                        args[last] = format!("127.0.0.1:{admin}");
+                        *p = Proc::spawn(&p.name.clone(), args, admin, &env);
+                        continue;
+                    }
+                    let url = format!("http://127.0.0.1:{}/health/ready", p.admin);
                     if let Ok(r) = reqwest::get(&url).await
                         && r.status().is_success()
+                        && p.answers_itself().await
                     {
-                        return;
+                        return Ok(());
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             })
             .await;
-            assert!(
-                ok.is_ok(),
-                "{name} not ready within {within:?}:\n{}",
-                proc.log()
-            );
+            match ok {
+                Ok(Ok(())) => {}
+                Ok(Err(log)) => panic!("{} exited before it was ready:\n{log}", p.name),
+                Err(_) => panic!(
+                    "{} not ready within {within:?}:\n{}",
+                    p.name,
+                    p.process.log()
+                ),
+            }
         }
     }
 
     async fn metrics(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        for (name, _, admin) in &self.procs {
+        for Proc { name, admin, .. } in &self.procs {
             let body = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
                 .await
                 .unwrap_or_else(|e| panic!("{name} /metrics: {e}"));
@@ -290,12 +353,12 @@ impl Processes {
     }
 
     async fn stop(mut self) {
-        for (name, proc, _) in &mut self.procs {
-            let status = proc.terminate(Duration::from_secs(20)).await;
+        for Proc { name, process, .. } in &mut self.procs {
+            let status = process.terminate(Duration::from_secs(20)).await;
             assert!(
                 status.is_some_and(|s| s.success()),
                 "{name} did not exit cleanly ({status:?}):\n{}",
-                proc.log()
+                process.log()
             );
         }
     }
