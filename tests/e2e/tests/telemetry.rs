@@ -206,9 +206,9 @@ impl Proc {
         }
     }
 
-    /// Whether its admin port is served by this process: `/health/detailed` names the
-    /// instance, and the instance name holds its pid.
-    async fn answers_itself(&self) -> bool {
+    /// Whether this process, and not another on its admin port, is ready: `/health/detailed`
+    /// answers 200 when `/health/ready` does, and names the instance, whose name holds its pid.
+    async fn ready_itself(&self) -> bool {
         let Some(pid) = self.process.pid() else {
             return false;
         };
@@ -216,6 +216,9 @@ impl Proc {
         let Ok(r) = reqwest::get(&url).await else {
             return false;
         };
+        if !r.status().is_success() {
+            return false;
+        }
         let Ok(body) = r.json::<Json>().await else {
             return false;
         };
@@ -290,14 +293,14 @@ impl Processes {
         }
     }
 
-    /// Waits until every process answers `/health/ready` on its admin port, itself. A port
+    /// Waits until every process is ready, answering on its admin port itself. A port
     /// handed out free can be taken by another process before the binary binds it: the binary
     /// then exits, and is started again on another admin port (edge-api's and ws-gateway's HTTP
     /// ports are fixed, since each is named in another's arguments).
     async fn ready(&mut self) {
         let within = Duration::from_secs(30);
-        let env = self.env.clone();
-        for p in &mut self.procs {
+        let Processes { procs, env, .. } = self;
+        for p in procs {
             let mut restarts = 0;
             let ok = tokio::time::timeout(within, async {
                 loop {
@@ -314,14 +317,10 @@ impl Processes {
                         let mut args = std::mem::take(&mut p.args);
                         let last = args.len() - 1;
                         args[last] = format!("127.0.0.1:{admin}");
-                        *p = Proc::spawn(&p.name.clone(), args, admin, &env);
+                        *p = Proc::spawn(&p.name.clone(), args, admin, env);
                         continue;
                     }
-                    let url = format!("http://127.0.0.1:{}/health/ready", p.admin);
-                    if let Ok(r) = reqwest::get(&url).await
-                        && r.status().is_success()
-                        && p.answers_itself().await
-                    {
+                    if p.ready_itself().await {
                         return Ok(());
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
