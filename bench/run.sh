@@ -8,6 +8,7 @@
 #   bench/run.sh --only e2e           only some parts: limit,queue,bullmq,e2e,route,tracing,ws (comma separated)
 #
 # Other flags: --warmup S, --payload-bytes N, --ws-connections "10000 50000", --out DIR,
+# --ws-connect-rate N (new idle WebSockets per second, default 0: as fast as they open),
 # --skip-build, --scale-rate N, --worker-threads N (runtime threads of each fleet process,
 # default 1: what a pod limited to one CPU gets, see docs/deploy.md). It:
 #   1. installs what is missing (redis-server and redis-tools with apt-get, BullMQ with npm ci, or npm install);
@@ -33,6 +34,7 @@ duration=10
 warmup=2
 payload=64
 ws_connections="10000 50000"
+ws_connect_rate=0
 scaling=false
 scale_rate=200
 skip_build=false
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
     --warmup) warmup=$2; shift 2 ;;
     --payload-bytes) payload=$2; shift 2 ;;
     --ws-connections) ws_connections=$2; shift 2 ;;
+    --ws-connect-rate) ws_connect_rate=$2; shift 2 ;;
     --scaling) scaling=true; shift ;;
     --scale-rate) scale_rate=$2; shift 2 ;;
     --skip-build) skip_build=true; shift ;;
@@ -123,6 +126,7 @@ nofile=$(ulimit -n)
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
   echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
   echo "kernel: $(uname -r)"
+  echo "transparent huge pages: $(sed -n 's/.*\[\(.*\)\].*/\1/p' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo unknown)"
   echo "redis: $("$redis_server" --version | awk '{print $3}')"
   echo "node: $(node --version 2>/dev/null || echo none)"
   echo "open files limit: $nofile"
@@ -365,7 +369,7 @@ if want ws; then
     if [ "$nofile" != unlimited ] && [ $((k + 200)) -gt "$nofile" ]; then
       fit=$((nofile - 500))
       echo "note: the open-files limit is $nofile here (the hard limit cannot be raised);" \
-        "$k connections do not fit in one process: measuring $fit instead" | tee -a "$out/machine.txt"
+        "$k connections do not fit in one process: measuring $fit instead (bench/vm.sh runs them in a virtual machine)" | tee -a "$out/machine.txt"
       k=$fit
       label="ws-idle-max"
     fi
@@ -375,7 +379,8 @@ if want ws; then
     gw_pid=""
     for kv in "${fleet_pids[@]}"; do [ "${kv%%=*}" = ws-gateway ] && gw_pid=${kv#*=}; done
     try "$bench" ws-idle --api "http://127.0.0.1:$edge_port" --ws "ws://127.0.0.1:$gw_port" \
-      --gateway-pid "$gw_pid" --connections "$k" --sessions 100 --hold 5 --per-ip 5000 --label "$label" --json-out "$results"
+      --gateway-pid "$gw_pid" --connections "$k" --sessions 100 --hold 5 --per-ip 5000 --connect-rate "$ws_connect_rate" \
+      --label "$label" --json-out "$results"
   done
 fi
 

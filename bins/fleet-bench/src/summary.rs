@@ -241,7 +241,12 @@ pub fn targets(runs: &BTreeMap<String, Report>) -> Vec<Target> {
             met,
             not_runnable: fd_limit
                 .filter(|&l| !met && l < GOAL + SPARE_FILES)
-                .map(|l| format!("open-files limit {l} here; each connection takes a file")),
+                .map(|l| {
+                    format!(
+                        "open-files limit {l} here; each connection takes a file \
+                         (bench/vm.sh runs it in a virtual machine)"
+                    )
+                }),
         });
     }
     out
@@ -528,6 +533,10 @@ mod tests {
             .clone()
             .expect("the machine's limit is named");
         assert!(why.contains("20000"), "{why}");
+        assert!(
+            why.contains("bench/vm.sh"),
+            "the way around it is named: {why}"
+        );
         let shown = table(&BTreeMap::new(), &[t], &BTreeMap::new());
         assert!(shown.contains("NOT RUNNABLE HERE"), "{shown}");
 

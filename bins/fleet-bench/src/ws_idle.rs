@@ -42,6 +42,11 @@ pub struct WsIdleArgs {
     /// Connections opened at once.
     #[arg(long, default_value_t = 256)]
     pub connect_parallel: usize,
+    /// New connections per second, at most (0: as fast as --connect-parallel allows). Each
+    /// admission costs the gateway Redis round trips; a machine that cannot keep up with the
+    /// tool's pace measures a reconnect storm, not capacity.
+    #[arg(long, default_value_t = 0.0)]
+    pub connect_rate: f64,
     /// Connections per local source address before moving to the next 127.0.0.x.
     #[arg(long, default_value_t = 25_000)]
     pub per_ip: usize,
@@ -145,7 +150,17 @@ pub async fn run(args: WsIdleArgs) -> anyhow::Result<Report> {
         .map(|i| {
             let (sid, token) = &sessions[i % sessions.len()];
             let url = crate::e2e::ws_url(&args.fleet.ws, sid, token);
-            open_one(addr, source_addr(i, args.per_ip), url)
+            let source = source_addr(i, args.per_ip);
+            let start = (args.connect_rate > 0.0).then(|| {
+                tokio::time::Instant::from_std(opened_at)
+                    + Duration::from_secs_f64(i as f64 / args.connect_rate)
+            });
+            async move {
+                if let Some(start) = start {
+                    tokio::time::sleep_until(start).await;
+                }
+                open_one(addr, source, url).await
+            }
         })
         .buffer_unordered(args.connect_parallel.max(1));
     let mut connected: u64 = 0;
@@ -209,6 +224,7 @@ pub async fn run(args: WsIdleArgs) -> anyhow::Result<Report> {
         "sessions": sessions.len(),
         "hold_s": args.hold_s,
         "per_ip": args.per_ip,
+        "connect_rate": args.connect_rate,
         "ws": args.fleet.ws,
     });
     r.extra = json!({
