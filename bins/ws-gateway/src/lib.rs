@@ -203,6 +203,7 @@ impl App {
             },
             closing: CancellationToken::new(),
             connections: TaskTracker::new(),
+            session_calls: tokio::sync::Semaphore::new(routes::SESSION_CALLS_AT_ONCE),
         });
 
         let listener = TcpListener::bind(cfg.http_addr)

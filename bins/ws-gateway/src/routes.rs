@@ -17,6 +17,7 @@ use axum::routing::get;
 use fleet::session::Chat;
 use fleet::session_log::SessionLog;
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::cors::{Any, CorsLayer};
@@ -48,7 +49,17 @@ pub struct Gateway {
     pub closing: CancellationToken,
     /// Tracks WebSocket connections, so that shutdown can wait for their close handshakes.
     pub connections: TaskTracker,
+    /// Bounds the connections waiting on Redis at once ([`SESSION_CALLS_AT_ONCE`]).
+    pub session_calls: Semaphore,
 }
+
+/// Connections (WebSocket or SSE) that may wait on Redis at once for their admission (the
+/// session's status, the replay's start, presence) or, at their end, for presence. When clients
+/// arrive or leave faster than Redis answers, as in a reconnect storm after a gateway restart,
+/// the rest wait here without a deadline instead of queueing requests on the shared Redis
+/// connection until its command timeout fails them: an admission that failed so closes its
+/// socket with 1011, only for the client to reconnect.
+pub const SESSION_CALLS_AT_ONCE: usize = 256;
 
 /// The router of the client-facing port.
 pub fn router(gateway: Arc<Gateway>) -> Router {

@@ -62,6 +62,9 @@ pub async fn stream(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(query.last_event_id);
+    let Ok(_turn) = gw.session_calls.acquire().await else {
+        return Refusal::Unavailable.into_response();
+    };
     let resume =
         match access::admit(&gw.chat, &sid, token.as_deref(), last_event_id.as_deref()).await {
             Ok(r) => r,

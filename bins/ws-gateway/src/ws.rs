@@ -144,6 +144,13 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
         )
         .await;
     }
+    // Held until the connection is admitted: status, replay start and presence.
+    let admission = tokio::select! {
+        turn = gw.session_calls.acquire() => turn,
+        () = gw.closing.cancelled() => {
+            return finish(socket, End::Close(close::GOING_AWAY, "going away")).await;
+        }
+    };
     let admitted = Box::pin(access::admit(
         &gw.chat,
         &req.sid,
@@ -183,6 +190,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     };
     drop(req);
     Box::pin(presence::record(&gw.chat, delivery.session_id(), 1)).await;
+    drop(admission);
     metrics::gauge!("fleet_ws_connections").increment(1.0);
     tracing::debug!("websocket admitted");
 
@@ -303,7 +311,9 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     }
     finish(socket, end).await;
     metrics::gauge!("fleet_ws_connections").decrement(1.0);
+    let turn = gw.session_calls.acquire().await;
     Box::pin(presence::record(&gw.chat, &sid, -1)).await;
+    drop(turn);
     tracing::debug!("websocket ended");
 }
 
