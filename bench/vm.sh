@@ -50,9 +50,9 @@ done
 # --- what the host needs: qemu, a static busybox, cpio, and the guest's kernel ---------------
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
-[ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q 'statically linked' || missing+=(busybox-static)
+# The initramfs has no libraries: its busybox must be the static one (ldd fails on it).
+{ [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || missing+=(busybox-static)
 command -v cpio >/dev/null || missing+=(cpio)
-command -v file >/dev/null || missing+=(file)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   sudo=""
