@@ -173,6 +173,13 @@ impl App {
     /// Checks the config, connects Redis, binds the client-facing and admin listeners.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         let secret = cfg.signing_secret()?;
+        match raise_open_files_limit() {
+            Ok((before, after)) if before != after => {
+                tracing::info!(before, after, "open-files limit raised to the hard limit");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        }
         let client = fleet::redis::connect(&cfg.common.redis_url).await?;
         let keys = cfg.common.keys();
 
@@ -318,6 +325,27 @@ impl App {
             _ => Ok(()),
         }
     }
+}
+
+/// Raises this process's open-files soft limit to its hard limit, and returns both soft limits
+/// (before, after; `u64::MAX` for unlimited). Each connection is an open file, and the soft limit
+/// a shell, systemd or a container runtime hands a process is often 1024; the hard limit is the
+/// operator's real bound (`ulimit -Hn`, compose `ulimits`, the runtime's `LimitNOFILE`).
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let before = now.current.unwrap_or(u64::MAX);
+    if now.current == now.maximum {
+        return Ok((before, before));
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: now.maximum,
+            maximum: now.maximum,
+        },
+    )?;
+    Ok((before, now.maximum.unwrap_or(u64::MAX)))
 }
 
 #[cfg(test)]
