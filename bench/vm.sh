@@ -65,11 +65,14 @@ cache="${XDG_CACHE_HOME:-$HOME/.cache}/fleet-bench-vm"
 if ! [ -d "$cache/kernel/boot" ]; then
   echo "fetching Debian's kernel (apt-get download linux-image-amd64) into $cache"
   rm -rf "$cache" && mkdir -p "$cache/debs"
-  (cd "$cache/debs" &&
-    apt-get download linux-image-amd64 2>/dev/null &&
-    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}') &&
-    apt-get download "$pkg" 2>/dev/null)
-  for d in "$cache"/debs/linux-image-[0-9]*.deb; do dpkg-deb -x "$d" "$cache/kernel"; done
+  # The metapackage names the versioned package that holds the kernel and its modules.
+  pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+  if [ -z "$pkg" ] || ! (cd "$cache/debs" && apt-get download "$pkg" >/dev/null 2>&1); then
+    rm -rf "$cache"
+    echo "cannot download Debian's kernel (apt-get download ${pkg:-linux-image-amd64}); run apt-get update?" >&2
+    exit 1
+  fi
+  dpkg-deb -x "$cache"/debs/"$pkg"_*.deb "$cache/kernel.tmp" && mv "$cache/kernel.tmp" "$cache/kernel"
   rm -rf "$cache/debs"
 fi
 kernel=$(find "$cache/kernel/boot" -name 'vmlinuz-*' | head -1)
