@@ -1,5 +1,14 @@
 # Helpers shared by bench/run.sh and bench/profile.sh (sourced, not run).
 
+# Installs Debian packages "$@" with apt-get (through sudo when not root), saying which.
+apt_install() {
+  echo "installing $*"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 # The first TCP port from $1 up that nothing listens on.
 free_port() {
   local p=$1

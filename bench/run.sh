@@ -84,13 +84,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/
 missing=()
 have redis-server || missing+=(redis-server)
 have redis-benchmark || missing+=(redis-tools)
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing ${missing[*]}"
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 redis_server=$(command -v redis-server || echo /usr/sbin/redis-server)
 if want bullmq; then
   command -v node >/dev/null || { echo "node is needed for the BullMQ peer (or pass --only without bullmq)" >&2; exit 1; }

@@ -21,6 +21,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 memory=8G
 accel=tcg
@@ -53,13 +55,7 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 # The initramfs has no libraries: its busybox must be the static one (ldd fails on it).
 { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || missing+=(busybox-static)
 command -v cpio >/dev/null || missing+=(cpio)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing ${missing[*]}"
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/fleet-bench-vm"
 if ! [ -d "$cache/kernel/boot" ]; then

@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use fleet_test_support::{FleetProcess, free_port};
 
 /// Idle WebSockets opened after the warm-up.
 const CLIENTS: usize = 2000;
@@ -28,28 +27,8 @@ fn rss_bytes(pid: u32) -> u64 {
 #[ignore = "measurement: needs the built binary and many descriptors"]
 async fn idle_websockets_stay_under_16_kib_each() {
     let fleet = Fleet::new().await;
-    let http = free_port();
-    let admin = free_port();
-    let mut gw = FleetProcess::spawn(
-        "ws-gateway",
-        &[],
-        &[
-            ("REDIS_URL", fleet.redis_url.clone()),
-            ("FLEET_PREFIX", fleet.prefix.clone()),
-            ("FLEET_SECRET", SECRET.to_owned()),
-            ("FLEET_HTTP_ADDR", format!("127.0.0.1:{http}")),
-            ("FLEET_ADMIN_ADDR", format!("127.0.0.1:{admin}")),
-            ("RUST_LOG", "warn".to_owned()),
-        ],
-    );
+    let (mut gw, http) = fleet.gateway_process("warn").await;
     let pid = gw.pid().expect("running");
-    fleet_test_support::eventually(WAIT, "the gateway listens", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", http))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
     let base = format!("ws://127.0.0.1:{http}/ws/chat");
     let mut sessions = Vec::new();
     for _ in 0..50 {

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use fleet_test_support::{FleetProcess, free_port};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 /// The soft `Max open files` of process `pid`, from `/proc/<pid>/limits`.
@@ -38,19 +37,7 @@ async fn the_gateway_raises_its_open_files_soft_limit_to_the_hard_one() {
         },
     )
     .expect("lowering this process's soft limit");
-    let http = free_port();
-    let gw = FleetProcess::spawn(
-        "ws-gateway",
-        &[],
-        &[
-            ("REDIS_URL", fleet.redis_url.clone()),
-            ("FLEET_PREFIX", fleet.prefix.clone()),
-            ("FLEET_SECRET", SECRET.to_owned()),
-            ("FLEET_HTTP_ADDR", format!("127.0.0.1:{http}")),
-            ("FLEET_ADMIN_ADDR", format!("127.0.0.1:{}", free_port())),
-            ("RUST_LOG", "info".to_owned()),
-        ],
-    );
+    let (gw, _) = fleet.gateway_process("info").await;
     setrlimit(
         Resource::Nofile,
         Rlimit {
@@ -60,13 +47,6 @@ async fn the_gateway_raises_its_open_files_soft_limit_to_the_hard_one() {
     )
     .expect("restoring this process's soft limit");
     let pid = gw.pid().expect("running");
-    fleet_test_support::eventually(WAIT, "the gateway listens", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", http))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
 
     assert_eq!(
         soft_open_files(pid),
