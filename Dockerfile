@@ -31,6 +31,7 @@ ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS builder
 # Every binary the images carry; the build fails if one of them is not built.
 ARG FLEET_BINS="edge-api dispatcher callback-worker ws-gateway exec-worker nats-bridge fleetctl"
+# Cargo's profile: `release` (the default), or `dev` for a quick build (cargo puts it in target/debug).
 ARG CARGO_PROFILE=release
 WORKDIR /src
 COPY . .
@@ -42,8 +43,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     set -eu; \
     set --; for b in $FLEET_BINS; do set -- "$@" --bin "$b"; done; \
     cargo build --locked --profile "$CARGO_PROFILE" "$@"; \
+    case "$CARGO_PROFILE" in dev|test) dir=debug ;; bench) dir=release ;; *) dir=$CARGO_PROFILE ;; esac; \
     mkdir -p /out; \
-    for b in $FLEET_BINS; do cp "target/$CARGO_PROFILE/$b" /out/; done; \
+    for b in $FLEET_BINS; do cp "target/$dir/$b" /out/; done; \
     rustc --edition 2021 -C opt-level=s -C strip=symbols -o /out/fleet-healthcheck deploy/docker/healthcheck.rs
 
 # ---------------------------------------------------------------------------------------------
