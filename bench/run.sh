@@ -15,7 +15,8 @@
 #   2. builds the release binaries (cargo build --release --workspace --bins);
 #   3. starts its own redis-server on a free port, persistence off (no RDB, no AOF) for every run;
 #   4. measures the limit (redis-benchmark XADD, unpipelined and -P 16), Fleet's queue hop
-#      (fleet-bench queue), the peer (BullMQ, no-op worker), then starts the fleet (dispatcher,
+#      (fleet-bench queue), the peer (BullMQ, no-op worker; and the same work as the whole path,
+#      bench.js --round-trip: progress and result heard back by the client), then starts the fleet (dispatcher,
 #      callback-worker, exec-worker --mode echo --echo-delay-ms 0, edge-api --dev, ws-gateway
 #      --dev) and measures the whole path (fleet-bench e2e: max, 1k/s, 5k/s; fanout), the same
 #      through the dispatchers (FLEET_DIRECT_DISPATCH=false: max, 1k/s), the cost of tracing
@@ -166,6 +167,19 @@ if want bullmq; then
   try node bench/bullmq/bench.js --redis-url "$REDIS_URL" --duration "$duration" --warmup "$warmup" \
     --payload-bytes "$payload" --rate 1000 --worker-concurrency 50 \
     --label bullmq-1k --json-out "$results" --redis-pid "$redis_pid"
+  # The peer doing the whole path's work: the worker sends one progress update and the result,
+  # and the client hears both on BullMQ's event stream (QueueEvents). Not a target; compared
+  # like for like with fleet-e2e-max and fleet-e2e-1k in the summary's ratios.
+  for wc in 50 256; do
+    log "BullMQ round trip (progress and result heard back), max (worker concurrency $wc)"
+    try node bench/bullmq/bench.js --redis-url "$REDIS_URL" --duration "$duration" --warmup "$warmup" \
+      --payload-bytes "$payload" --concurrency 256 --worker-concurrency "$wc" --round-trip \
+      --label "bullmq-rt-max-w$wc" --json-out "$results" --redis-pid "$redis_pid"
+  done
+  log "BullMQ round trip, 1000/s"
+  try node bench/bullmq/bench.js --redis-url "$REDIS_URL" --duration "$duration" --warmup "$warmup" \
+    --payload-bytes "$payload" --rate 1000 --worker-concurrency 50 --round-trip \
+    --label bullmq-rt-1k --json-out "$results" --redis-pid "$redis_pid"
 fi
 
 # --- 4d. the fleet --------------------------------------------------------------------------

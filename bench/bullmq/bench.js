@@ -6,10 +6,18 @@
 //                 [--duration 10] [--warmup 2] [--payload-bytes 64] [--worker-concurrency 256]
 //                 [--label bullmq-max] [--json-out results.jsonl] [--single-thread]
 //                 [--redis-pid PID]   (to report Redis's CPU and run-queue wait)
+//                 [--round-trip]      (the client hears the job's progress and result back)
 //
 // A job is added with `queue.add` and processed by a `Worker` whose processor does nothing but
 // note when it ran. Latency = processor invoked - intended add time (open loop: the schedule's
 // time, so a stalled server is charged for the stall; closed loop: when the add was started).
+//
+// --round-trip measures what Fleet's whole path does, built on BullMQ: the processor reports one
+// progress update (`job.updateProgress`, Fleet's chunk) and returns the payload (Fleet's result),
+// and the producer's side hears both on BullMQ's event stream (`QueueEvents`, how a BullMQ client
+// learns of a job's progress and completion). A job is done when its `completed` event reaches
+// the client: latency first_chunk = progress event heard, final = completed event heard, each
+// from the intended add time; the closed loop keeps `--concurrency` jobs not yet heard complete.
 // The producer runs on a worker thread and the BullMQ Worker on the main thread, so the peer
 // gets both cores like fleet-bench's tokio runtime (`--single-thread` runs both on one).
 //
@@ -35,6 +43,7 @@ function parseArgs(argv) {
     jsonOut: '',
     singleThread: false,
     redisPid: 0,
+    roundTrip: false,
   };
   for (let i = 2; i < argv.length; i++) {
     const k = argv[i];
@@ -52,10 +61,11 @@ function parseArgs(argv) {
       case '--json-out': a.jsonOut = v(); break;
       case '--single-thread': a.singleThread = true; break;
       case '--redis-pid': a.redisPid = Number(v()); break;
+      case '--round-trip': a.roundTrip = true; break;
       default: throw new Error(`unknown argument ${k}`);
     }
   }
-  if (!a.label) a.label = a.rate > 0 ? `bullmq-${a.rate}` : 'bullmq-max';
+  if (!a.label) a.label = `bullmq${a.roundTrip ? '-rt' : ''}-${a.rate > 0 ? a.rate : 'max'}`;
   return a;
 }
 
@@ -74,15 +84,55 @@ const DONE = 1;        // jobs processed
 const OFFERED = 2;     // jobs intended inside the window
 const ADD_ERRORS = 3;
 const PRODUCER_DONE = 4;
+const WINDOW_FINALS = 5; // --round-trip: completions heard of jobs intended inside the window
+const HEARD = 6;         // --round-trip: completions heard inside the window
+
+// BullMQ trims its event stream to this many entries (default 10,000). A job writes about five
+// (waiting, active, progress, completed, ...), so the default holds two thousand jobs: a client
+// that falls that far behind loses completions. Raised for --round-trip, as a user would.
+const EVENTS_MAX_LEN = 200000;
 
 // ---------------------------------------------------------------------------------------------
 // Producer: adds jobs on schedule (open loop) or keeps `concurrency` unprocessed (closed loop).
 // ---------------------------------------------------------------------------------------------
 async function openQueue(args, queueName) {
   const { Queue } = require('bullmq');
-  const queue = new Queue(queueName, { connection: connection(args.redisUrl) });
+  const opts = { connection: connection(args.redisUrl) };
+  if (args.roundTrip) opts.streams = { events: { maxLen: EVENTS_MAX_LEN } };
+  const queue = new Queue(queueName, opts);
   await queue.waitUntilReady();
   return queue;
+}
+
+// --round-trip: the client's side of the event stream, read from its start (the queue is new),
+// so no event written before the first read is missed.
+async function openEvents(args, queueName) {
+  const { QueueEvents } = require('bullmq');
+  const events = new QueueEvents(queueName, { connection: connection(args.redisUrl), lastEventId: '0-0' });
+  await events.waitUntilReady();
+  return events;
+}
+
+// --round-trip: latencies of the jobs intended inside the window, as their events are heard.
+function listen(events, { windowStart, windowEnd }, counters) {
+  const heard = { final: [], first: [] };
+  const inWindow = (t) => t >= windowStart && t < windowEnd;
+  events.on('progress', ({ data }) => {
+    const at = nowMs();
+    if (data && inWindow(data.t)) heard.first.push(at - data.t);
+  });
+  events.on('completed', ({ returnvalue }) => {
+    const at = nowMs();
+    if (returnvalue && inWindow(returnvalue.t)) {
+      heard.final.push(at - returnvalue.t);
+      Atomics.add(counters, WINDOW_FINALS, 1);
+    }
+    if (inWindow(at)) Atomics.add(counters, HEARD, 1);
+    Atomics.add(counters, DONE, 1);
+    Atomics.notify(counters, DONE);
+  });
+  events.on('error', (e) => console.error('queue events error:', e.message));
+  return heard;
 }
 
 async function produce(queue, { args, start, windowStart, windowEnd, counters }) {
@@ -178,14 +228,23 @@ function sleep(ms) {
 
 if (!isMainThread) {
   // Connect first, say so, then wait for the timetable (so a slow start is not a backlog).
-  openQueue(workerData.args, workerData.queueName)
-    .then((queue) => {
-      parentPort.once('message', (times) => {
-        produce(queue, { ...workerData, ...times, counters: new Int32Array(workerData.sab) })
+  // Messages from the main thread: the timetable, then (--round-trip) 'finish' once the window's
+  // jobs are heard complete or the drain gave up.
+  const { args, queueName } = workerData;
+  let finish;
+  const finished = new Promise((r) => (finish = r));
+  Promise.all([openQueue(args, queueName), args.roundTrip ? openEvents(args, queueName) : null])
+    .then(([queue, events]) => {
+      parentPort.on('message', (m) => {
+        if (m === 'finish') return finish();
+        const counters = new Int32Array(workerData.sab);
+        const heard = events ? listen(events, m, counters) : null;
+        produce(queue, { ...workerData, ...m, counters })
           .then(async () => {
-            await sleep(200);
+            await (events ? finished : sleep(200));
             await queue.close();
-            parentPort.postMessage('done');
+            if (events) await events.close();
+            parentPort.postMessage({ done: true, heard });
           })
           .catch((e) => parentPort.postMessage(`error: ${e.stack || e}`));
       });
@@ -305,10 +364,11 @@ function table(r) {
   L.push(`== ${r.label} (${r.system} / ${r.mode}) ==`);
   L.push(`  window                 ${r.window_s.toFixed(1)} s`);
   L.push(`  throughput             ${Math.round(r.throughput_per_s)} jobs/s (${r.completed} completed, ${r.offered} offered, ${r.errors} errors, ${r.incomplete} incomplete)`);
-  const p = r.latency_ms.final;
   const c = (x, w = 9) => String(x).padStart(w);
   L.push(`  ${'latency (ms)'.padEnd(22)} ${c('count')} ${c('p50')} ${c('p90')} ${c('p99')} ${c('p99.9')} ${c('max')} ${c('mean')}`);
-  L.push(`  ${'final'.padEnd(22)} ${c(p.count)} ${c(p.p50.toFixed(3))} ${c(p.p90.toFixed(3))} ${c(p.p99.toFixed(3))} ${c(p.p999.toFixed(3))} ${c(p.max.toFixed(3))} ${c(p.mean.toFixed(3))}`);
+  for (const [name, p] of Object.entries(r.latency_ms)) {
+    L.push(`  ${name.padEnd(22)} ${c(p.count)} ${c(p.p50.toFixed(3))} ${c(p.p90.toFixed(3))} ${c(p.p99.toFixed(3))} ${c(p.p999.toFixed(3))} ${c(p.max.toFixed(3))} ${c(p.mean.toFixed(3))}`);
+  }
   if (r.redis) {
     L.push(`  redis cpu              ${r.redis.cpu_s.toFixed(2)} s (${Math.round(r.redis.cpu_util * 100)}% of a core), ${r.redis.cpu_us_per_task.toFixed(1)} us/job`);
     L.push(`  redis commands         ${r.redis.commands} (${r.redis.commands_per_task.toFixed(2)}/job)`);
@@ -342,18 +402,22 @@ async function main() {
   let windowStart = Infinity;
   let windowEnd = Infinity;
 
-  const worker = new Worker(
-    queueName,
-    async (job) => {
-      const at = nowMs();
-      const t = job.data.t;
-      if (t >= windowStart && t < windowEnd) samples.push(at - t);
-      if (at >= windowStart && at < windowEnd) completed++;
-      Atomics.add(counters, DONE, 1);
-      Atomics.notify(counters, DONE);
-    },
-    { connection: connection(args.redisUrl), concurrency: args.workerConcurrency },
-  );
+  const noop = async (job) => {
+    const at = nowMs();
+    const t = job.data.t;
+    if (t >= windowStart && t < windowEnd) samples.push(at - t);
+    if (at >= windowStart && at < windowEnd) completed++;
+    Atomics.add(counters, DONE, 1);
+    Atomics.notify(counters, DONE);
+  };
+  // --round-trip: one progress update (the chunk), then the payload back (the result).
+  const echo = async (job) => {
+    await job.updateProgress(job.data);
+    return job.data;
+  };
+  const workerOpts = { connection: connection(args.redisUrl), concurrency: args.workerConcurrency };
+  if (args.roundTrip) workerOpts.streams = { events: { maxLen: EVENTS_MAX_LEN } };
+  const worker = new Worker(queueName, args.roundTrip ? echo : noop, workerOpts);
   worker.on('error', (e) => console.error('worker error:', e.message));
   await worker.waitUntilReady();
 
@@ -364,21 +428,29 @@ async function main() {
     return { start, windowStart, windowEnd };
   };
   let producerDone;
+  let th = null;
+  let heard = null;
+  let events = null;
   if (args.singleThread) {
     const q = await openQueue(args, queueName);
-    producerDone = produce(q, { args, ...timetable(), counters }).then(async () => {
+    events = args.roundTrip ? await openEvents(args, queueName) : null;
+    const times = timetable();
+    heard = events ? listen(events, times, counters) : null;
+    producerDone = produce(q, { args, ...times, counters }).then(async () => {
       await sleep(200);
       await q.close();
     });
   } else {
-    const th = new Thread(__filename, { workerData: { args, queueName, sab } });
+    th = new Thread(__filename, { workerData: { args, queueName, sab } });
     let ready;
     const isReady = new Promise((r) => (ready = r));
     producerDone = new Promise((resolve, reject) => {
       th.on('message', (m) => {
         if (m === 'ready') ready();
-        else if (m === 'done') resolve();
-        else reject(new Error(m));
+        else if (m && m.done) {
+          heard = m.heard;
+          resolve();
+        } else reject(new Error(m));
       });
       th.on('error', reject);
     });
@@ -404,14 +476,20 @@ async function main() {
   const red1 = args.redisPid ? procTimes(args.redisPid) : null;
   const psi1 = pressureUs();
   const t1 = nowMs();
-  const doneInWindow = completed;
+  const doneInWindow = args.roundTrip ? Atomics.load(counters, HEARD) : completed;
 
-  // Drain: every job of the window processed.
+  // Drain: every job of the window processed (--round-trip: heard complete by the client).
+  const finals = () => (args.roundTrip ? Atomics.load(counters, WINDOW_FINALS) : samples.length);
   const giveUp = nowMs() + args.drain * 1000;
-  while (nowMs() < giveUp && samples.length < Atomics.load(counters, OFFERED)) await sleep(20);
+  while (nowMs() < giveUp && finals() < Atomics.load(counters, OFFERED)) await sleep(20);
+  if (th && args.roundTrip) th.postMessage('finish');
   await producerDone;
+  if (events) await events.close();
   const offered = Atomics.load(counters, OFFERED);
-  const incomplete = Math.max(0, offered - samples.length);
+  const incomplete = Math.max(0, offered - finals());
+  const latency = heard
+    ? { final: percentiles(heard.final), first_chunk: percentiles(heard.first) }
+    : { final: percentiles(samples) };
   const mem = procStatus(process.pid);
 
   await worker.close(true);
@@ -429,7 +507,7 @@ async function main() {
   const cpu = Math.max(0, c1 - c0);
   const report = {
     kind: 'fleet-bench-report',
-    mode: 'bullmq',
+    mode: args.roundTrip ? 'bullmq-round-trip' : 'bullmq',
     label: args.label,
     system: 'bullmq',
     config: {
@@ -445,6 +523,8 @@ async function main() {
       ioredis: require('ioredis/package.json').version,
       node: process.version,
       job_options: 'removeOnComplete, removeOnFail',
+      round_trip: args.roundTrip,
+      events_max_len: args.roundTrip ? EVENTS_MAX_LEN : null,
     },
     window_s: secs,
     offered,
@@ -452,11 +532,11 @@ async function main() {
     throughput_per_s: Math.round(doneInWindow / secs),
     errors: Atomics.load(counters, ADD_ERRORS),
     incomplete,
-    latency_ms: { final: percentiles(samples) },
+    latency_ms: latency,
     redis: redisCost(r0, r1, secs, doneInWindow),
     processes: [
       {
-        name: 'node (bullmq producer + worker)',
+        name: args.roundTrip ? 'node (bullmq client + worker)' : 'node (bullmq producer + worker)',
         pid: process.pid,
         rss_kb: mem.rss,
         hwm_kb: mem.hwm,
