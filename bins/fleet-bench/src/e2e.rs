@@ -315,7 +315,6 @@ async fn submit_ws(
     stop: CancellationToken,
 ) {
     while let Some(job) = jobs.recv().await {
-        register(&sub.session, &job, sub.listeners, true);
         let frame = json!({
             "message_type": "chat_message",
             "data": {"message": &*sub.message, "task_id": job.task_id},
@@ -333,7 +332,6 @@ async fn submit_ws(
 struct Submitter {
     session: Arc<Session>,
     message: Arc<str>,
-    listeners: usize,
     meter: Arc<Meter>,
 }
 
@@ -349,7 +347,6 @@ async fn submit_rest(
     let Submitter {
         session,
         message,
-        listeners,
         meter,
     } = sub;
     let url = format!(
@@ -358,7 +355,6 @@ async fn submit_rest(
         session.id
     );
     while let Some(job) = jobs.recv().await {
-        register(&session, &job, listeners, false);
         let req = http
             .post(&url)
             .bearer_auth(&session.token)
@@ -389,6 +385,9 @@ async fn submit_rest(
     }
 }
 
+/// Marks `job` pending in its session. Done when the task is scheduled, before its submitter
+/// sees it: the drain then waits for every task the driver started, even one still queued to
+/// its submitter when the window closes.
 fn register(session: &Session, job: &Job, listeners: usize, ws: bool) {
     let mut st = session.state.lock().expect("session lock");
     st.pending.insert(
@@ -524,7 +523,6 @@ pub async fn run(args: E2eArgs, mode: &str) -> anyhow::Result<Report> {
                     let sub = Submitter {
                         session,
                         message: message.clone(),
-                        listeners,
                         meter: meter.clone(),
                     };
                     writers.spawn(submit_ws(tx, jrx, sub, stop.clone()));
@@ -539,7 +537,6 @@ pub async fn run(args: E2eArgs, mode: &str) -> anyhow::Result<Report> {
                         Submitter {
                             session,
                             message: message.clone(),
-                            listeners,
                             meter: meter.clone(),
                         },
                         latencies.clone(),
@@ -573,9 +570,15 @@ pub async fn run(args: E2eArgs, mode: &str) -> anyhow::Result<Report> {
     );
     tokio::time::sleep_until(run_start.into()).await;
     let n_sessions = queues.len();
+    let via_ws = matches!(args.via, Via::Ws);
     let started = driver::drive(load, run_start, &meter, |i, intended| {
-        let task_id = uuid::Uuid::new_v4().to_string();
-        let _ = queues[(i as usize) % n_sessions].send(Job { task_id, intended });
+        let s = (i as usize) % n_sessions;
+        let job = Job {
+            task_id: uuid::Uuid::new_v4().to_string(),
+            intended,
+        };
+        register(&sessions[s], &job, listeners, via_ws);
+        let _ = queues[s].send(job);
     })
     .await;
     drop(queues);
