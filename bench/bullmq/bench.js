@@ -95,11 +95,16 @@ const EVENTS_MAX_LEN = 200000;
 // ---------------------------------------------------------------------------------------------
 // Producer: adds jobs on schedule (open loop) or keeps `concurrency` unprocessed (closed loop).
 // ---------------------------------------------------------------------------------------------
-async function openQueue(args, queueName) {
-  const { Queue } = require('bullmq');
+// What the run's Queue and Worker share: the Redis, and (--round-trip) the event stream's length.
+function queueOpts(args) {
   const opts = { connection: connection(args.redisUrl) };
   if (args.roundTrip) opts.streams = { events: { maxLen: EVENTS_MAX_LEN } };
-  const queue = new Queue(queueName, opts);
+  return opts;
+}
+
+async function openQueue(args, queueName) {
+  const { Queue } = require('bullmq');
+  const queue = new Queue(queueName, queueOpts(args));
   await queue.waitUntilReady();
   return queue;
 }
@@ -415,9 +420,10 @@ async function main() {
     await job.updateProgress(job.data);
     return job.data;
   };
-  const workerOpts = { connection: connection(args.redisUrl), concurrency: args.workerConcurrency };
-  if (args.roundTrip) workerOpts.streams = { events: { maxLen: EVENTS_MAX_LEN } };
-  const worker = new Worker(queueName, args.roundTrip ? echo : noop, workerOpts);
+  const worker = new Worker(queueName, args.roundTrip ? echo : noop, {
+    ...queueOpts(args),
+    concurrency: args.workerConcurrency,
+  });
   worker.on('error', (e) => console.error('worker error:', e.message));
   await worker.waitUntilReady();
 
