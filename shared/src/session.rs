@@ -4,7 +4,8 @@
 //! A session is the hash `fleet:{s:<sid>}` (fields `session_id`, `type`, `agent_id`,
 //! `agent_name`, `tenant_id`, `user_id`, `metadata`, `state` open|closed, `created_ms`,
 //! `last_activity_ms`, `expires_ms`, `tasks_total`, `tasks_<final state>`, `active_task`,
-//! `last_eid`, `ws_connections`, `ws_seen_ms`, `open:<tid>` per open task, `ttl_refreshed_ms`).
+//! `last_eid`, `ws:<gateway>` per ws-gateway that held a WebSocket of it, `open:<tid>` per open
+//! task, `ttl_refreshed_ms`).
 //! It expires after the retention TTL without activity, together with its tasks and its event
 //! log (the scripts renew the TTLs once a hundredth of it has passed: `lua/prelude.lua`).
 
@@ -277,20 +278,56 @@ pub struct SessionTotals {
     pub timed_out: i64,
 }
 
-/// Counts WebSocket connections on a session hash that still exists.
-/// KEYS: session; ARGV: delta, now_ms.
-static PRESENCE: std::sync::LazyLock<fred::types::scripts::Script> = std::sync::LazyLock::new(
-    || {
+/// Writes one gateway's report of its WebSockets on a session hash that still exists, unless
+/// the field holds a newer report of that gateway (a retried call may arrive after a later one).
+/// KEYS: session; ARGV: field (`ws:<gateway>`), connections, version, now_ms.
+/// The field's value: `<connections> <now_ms> <version>`.
+static PRESENCE: std::sync::LazyLock<fred::types::scripts::Script> =
+    std::sync::LazyLock::new(|| {
         fred::types::scripts::Script::from_lua(
             "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
-         if tonumber(ARGV[1]) ~= 0 then redis.call('HINCRBY', KEYS[1], 'ws_connections', ARGV[1]) end \
-         redis.call('HSET', KEYS[1], 'ws_seen_ms', ARGV[2]) return 1",
+             local cur = redis.call('HGET', KEYS[1], ARGV[1]) \
+             if cur then \
+               local v = tonumber(string.match(cur, ' (%d+)$')) \
+               if v and v > tonumber(ARGV[3]) then return 0 end \
+             end \
+             redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[4] .. ' ' .. ARGV[3]) \
+             return 1",
         )
-    },
-);
+    });
 
-/// A WebSocket counts as connected while its gateway refreshed `ws_seen_ms` this recently.
+/// A gateway's report counts while it is this recent: a gateway refreshes its reports every 15
+/// s, so the WebSockets of one that died stop counting this long after its last refresh.
 pub const WS_PRESENCE_WINDOW_MS: i64 = 45_000;
+
+/// The session hash field of one gateway's WebSocket report.
+pub fn ws_presence_field(gateway: &str) -> String {
+    format!("ws:{gateway}")
+}
+
+/// One gateway's WebSockets of one session, as its registry of connections saw them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WsPresence {
+    pub session_id: String,
+    /// The connections the gateway holds for the session (0 when it holds none any more).
+    pub connections: u64,
+    /// Orders the gateway's reports of the session: a report older than the stored one is
+    /// ignored.
+    pub version: u64,
+}
+
+/// The WebSockets of a session hash's fresh gateway reports (`ws:<gateway>` fields).
+fn websocket_connections(h: &HashMap<String, String>, now: i64) -> i64 {
+    h.iter()
+        .filter(|(k, _)| k.starts_with("ws:"))
+        .filter_map(|(_, v)| {
+            let mut parts = v.split(' ');
+            let connections = parts.next()?.parse::<i64>().ok()?;
+            let seen = parts.next()?.parse::<i64>().ok()?;
+            (now - seen < WS_PRESENCE_WINDOW_MS).then_some(connections.max(0))
+        })
+        .sum()
+}
 
 /// Whether new work should be refused, from the backlog of the dispatchers and of the pools
 /// this process sends to (see [`crate::backlog`]).
@@ -440,7 +477,7 @@ impl Chat {
         let h = self.session_hash(sid).await?;
         let int = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
         let opt = |k: &str| h.get(k).filter(|v| !v.is_empty()).cloned();
-        let ws_connections = int("ws_connections").max(0);
+        let ws_connections = websocket_connections(&h, now_ms());
         Ok(SessionStatus {
             session_id: sid.to_owned(),
             session_type: opt("type").unwrap_or_else(|| "chat".into()),
@@ -459,8 +496,7 @@ impl Chat {
             active_task: opt("active_task"),
             created_ms: int("created_ms"),
             last_activity_ms: int("last_activity_ms"),
-            websocket_connected: ws_connections > 0
-                && now_ms() - int("ws_seen_ms") < WS_PRESENCE_WINDOW_MS,
+            websocket_connected: ws_connections > 0,
             websocket_connections: ws_connections,
             last_event_id: opt("last_eid"),
             metadata: h
@@ -654,35 +690,30 @@ impl Chat {
         Ok(status)
     }
 
-    /// Records a WebSocket (dis)connection on the session (`delta` +1 / -1). A session that
-    /// expired meanwhile is left alone (not recreated without its TTL).
-    pub async fn websocket_presence(&self, sid: &str, delta: i64) -> Result<(), ChatError> {
-        let _: Value = PRESENCE
-            .evalsha_with_reload(
-                self.client(),
-                vec![self.keys().session(sid)],
-                vec![delta, now_ms()],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Refreshes the presence of connected WebSockets on these sessions.
-    pub async fn websocket_heartbeat(&self, sids: &[String]) -> Result<(), ChatError> {
-        if sids.is_empty() {
-            return Ok(());
-        }
+    /// Writes gateway `gateway`'s reports of its WebSockets, each on its session's hash. A
+    /// session that expired meanwhile is left alone (not recreated without its TTL).
+    pub async fn websocket_presence(
+        &self,
+        gateway: &str,
+        reports: &[WsPresence],
+    ) -> Result<(), ChatError> {
+        let field = ws_presence_field(gateway);
         let now = now_ms();
-        for chunk in sids.chunks(256) {
-            let beats = chunk.iter().map(|sid| {
+        for chunk in reports.chunks(256) {
+            let writes = chunk.iter().map(|r| {
                 PRESENCE.evalsha_with_reload::<Value, _, _>(
                     self.client(),
-                    vec![self.keys().session(sid)],
-                    vec![0, now],
+                    vec![self.keys().session(&r.session_id)],
+                    vec![
+                        field.clone(),
+                        r.connections.to_string(),
+                        r.version.to_string(),
+                        now.to_string(),
+                    ],
                 )
             });
-            for beat in futures::future::join_all(beats).await {
-                beat?;
+            for write in futures::future::join_all(writes).await {
+                write?;
             }
         }
         Ok(())

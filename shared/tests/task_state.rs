@@ -5,7 +5,9 @@
 use fleet::Keys;
 use fleet::agent::{AgentConfig, AgentStore};
 use fleet::events::ServerMessage;
-use fleet::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
+use fleet::session::{
+    Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner, WS_PRESENCE_WINDOW_MS, WsPresence,
+};
 use fleet::session_log::{FanoutConfig, SessionLog};
 use fleet::task::{OpStatus, Retention, TaskOp, TaskState, TaskStore};
 use fred::prelude::*;
@@ -15,6 +17,8 @@ use serde_json::Value as Json;
 struct Fixture {
     chat: Chat,
     log: SessionLog,
+    client: Client,
+    keys: Keys,
 }
 
 async fn fixture() -> Fixture {
@@ -42,8 +46,13 @@ async fn fixture() -> Fixture {
         limits: ChatLimits::default(),
         backpressure: Default::default(),
     };
-    let log = SessionLog::new(client, keys, FanoutConfig::default());
-    Fixture { chat, log }
+    let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
+    Fixture {
+        chat,
+        log,
+        client,
+        keys,
+    }
 }
 
 /// A session with one submitted task.
@@ -279,23 +288,107 @@ async fn unordered_callbacks_apply_on_arrival_while_the_task_is_open() {
     );
 }
 
+fn ws(sid: &str, connections: u64, version: u64) -> WsPresence {
+    WsPresence {
+        session_id: sid.to_owned(),
+        connections,
+        version,
+    }
+}
+
 #[tokio::test]
 async fn presence_never_recreates_an_expired_session() {
     let f = fixture().await;
     let (sid, _) = session_with_task(&f).await;
-    f.chat.websocket_presence(&sid, 1).await.unwrap();
+    f.chat
+        .websocket_presence("gw1", &[ws(&sid, 1, 1)])
+        .await
+        .unwrap();
     assert!(f.chat.status(&sid).await.unwrap().websocket_connected);
 
     let gone = "0190aaaa-0000-7000-8000-000000000000";
-    f.chat.websocket_presence(gone, 1).await.unwrap();
     f.chat
-        .websocket_heartbeat(&[gone.to_owned()])
+        .websocket_presence("gw1", &[ws(gone, 1, 2)])
         .await
         .unwrap();
     assert!(matches!(
         f.chat.status(gone).await,
         Err(fleet::session::ChatError::NotFound { .. })
     ));
+}
+
+#[tokio::test]
+async fn presence_sums_the_gateways_and_keeps_each_ones_newest_report() {
+    let f = fixture().await;
+    let (sid, _) = session_with_task(&f).await;
+    let connections = |f: &Fixture| {
+        let sid = sid.clone();
+        let chat = f.chat.clone();
+        async move { chat.status(&sid).await.unwrap().websocket_connections }
+    };
+
+    f.chat
+        .websocket_presence("gw1", &[ws(&sid, 2, 1)])
+        .await
+        .unwrap();
+    f.chat
+        .websocket_presence("gw2", &[ws(&sid, 1, 1)])
+        .await
+        .unwrap();
+    assert_eq!(connections(&f).await, 3);
+
+    // A report that arrives after a newer one of the same gateway changes nothing.
+    f.chat
+        .websocket_presence("gw1", &[ws(&sid, 0, 5)])
+        .await
+        .unwrap();
+    f.chat
+        .websocket_presence("gw1", &[ws(&sid, 4, 4)])
+        .await
+        .unwrap();
+    assert_eq!(connections(&f).await, 1);
+
+    // The last of gw2's sockets ends: no WebSocket is left.
+    f.chat
+        .websocket_presence("gw2", &[ws(&sid, 0, 2)])
+        .await
+        .unwrap();
+    let st = f.chat.status(&sid).await.unwrap();
+    assert_eq!(
+        (st.websocket_connected, st.websocket_connections),
+        (false, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_dead_gateways_websockets_stop_counting_after_the_presence_window() {
+    let f = fixture().await;
+    let (sid, _) = session_with_task(&f).await;
+    let now = fleet::time::now_ms();
+    // What a gateway that died holding two sockets of the session left behind, last refreshed
+    // just over the window ago, and one refreshed a moment ago.
+    let _: () = f
+        .client
+        .hset(
+            f.keys.session(&sid),
+            [
+                (
+                    fleet::session::ws_presence_field("dead"),
+                    format!("2 {} 9", now - WS_PRESENCE_WINDOW_MS - 1_000),
+                ),
+                (
+                    fleet::session::ws_presence_field("alive"),
+                    format!("1 {} 3", now - 1_000),
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+    let st = f.chat.status(&sid).await.unwrap();
+    assert_eq!(
+        (st.websocket_connected, st.websocket_connections),
+        (true, 1)
+    );
 }
 
 #[tokio::test]

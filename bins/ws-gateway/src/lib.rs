@@ -10,7 +10,7 @@
 //! | [`connection`] | the per-client delivery state machine: replay, live events, gap fills |
 //! | [`registry`] | the live clients of this gateway by session, fed without ever blocking |
 //! | [`fanout`] | one reader per `<prefix>:fanout:<shard>` stream, feeding the registry |
-//! | [`presence`] | `ws_connections` / `ws_seen_ms` on the session hash |
+//! | [`presence`] | this gateway's count of each session's WebSockets, `ws:<gateway>` on its hash |
 //!
 //! Invariants: the session log is the truth and the fan-out only the fast path, so a client
 //! never misses an event the log holds; a gateway keeps no state another gateway would need (a
@@ -201,10 +201,13 @@ impl App {
             backpressure,
         };
         let log = SessionLog::new(client.clone(), keys, cfg.common.fanout());
+        let registry = Arc::new(Registry::default());
+        let presence = Arc::new(presence::Presence::new(chat.clone(), registry.clone()));
         let gateway = Arc::new(Gateway {
             chat,
             log,
-            registry: Arc::new(Registry::default()),
+            registry,
+            presence,
             limits: WsLimits {
                 max_frame_bytes: cfg.max_frame_bytes as usize,
             },
@@ -225,7 +228,12 @@ impl App {
         )
         .await
         .with_context(|| format!("cannot listen on FLEET_ADMIN_ADDR {}", cfg.admin_addr))?;
-        tracing::info!(%http_addr, %admin_addr, "ws-gateway bound");
+        tracing::info!(
+            %http_addr,
+            %admin_addr,
+            presence_field = %fleet::session::ws_presence_field(gateway.presence.gateway()),
+            "ws-gateway bound"
+        );
         Ok(App {
             listener,
             http_addr,
@@ -276,11 +284,7 @@ impl App {
                 background.clone(),
             ));
         }
-        workers.spawn(presence::heartbeat(
-            gateway.chat.clone(),
-            gateway.registry.clone(),
-            background.clone(),
-        ));
+        workers.spawn(gateway.presence.clone().heartbeat(background.clone()));
         workers.close();
 
         let closing = gateway.closing.clone();

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fleet::Keys;
+use fleet::session::WsPresence;
 use fleet::session_log::FanoutEntry;
 use fleet::stream::entry::StreamId;
 use tokio::sync::{Notify, mpsc};
@@ -86,6 +87,8 @@ type Shard = Mutex<HashMap<Arc<str>, Vec<Arc<Slot>>>>;
 pub struct Registry {
     shards: Box<[Shard]>,
     next_id: AtomicU64,
+    /// Numbers the presence snapshots ([`Registry::websocket_presence`]).
+    snapshots: AtomicU64,
 }
 
 impl Default for Registry {
@@ -93,6 +96,7 @@ impl Default for Registry {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             next_id: AtomicU64::new(1),
+            snapshots: AtomicU64::new(1),
         }
     }
 }
@@ -170,6 +174,24 @@ impl Registry {
             }
         }
         queued
+    }
+
+    /// How many WebSockets of session `sid` are registered here now, numbered so that of two
+    /// snapshots of one session the later has the larger version (it is taken under the lock
+    /// that registering and unregistering take).
+    pub fn websocket_presence(&self, sid: &str) -> WsPresence {
+        let shard = self.shard(sid).lock().expect("registry lock");
+        let connections = shard.get(sid).map_or(0, |slots| {
+            slots
+                .iter()
+                .filter(|s| s.transport == Transport::WebSocket)
+                .count()
+        });
+        WsPresence {
+            session_id: sid.to_owned(),
+            connections: connections as u64,
+            version: self.snapshots.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// Sessions with at least one WebSocket on this gateway.

@@ -49,6 +49,8 @@ pub struct Gateway {
     pub closing: CancellationToken,
     /// Tracks WebSocket connections, so that shutdown can wait for their close handshakes.
     pub connections: TaskTracker,
+    /// This gateway's WebSocket presence on the session hashes.
+    pub presence: Arc<crate::presence::Presence>,
     /// Bounds the connections waiting on Redis at once ([`SESSION_CALLS_AT_ONCE`]).
     pub session_calls: Semaphore,
 }

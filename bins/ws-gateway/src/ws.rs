@@ -41,7 +41,6 @@ use tracing::Instrument;
 
 use crate::access::{self, AccessQuery, close};
 use crate::connection::{Delivery, Outgoing};
-use crate::presence;
 use crate::registry::Transport;
 use crate::routes::Gateway;
 
@@ -189,7 +188,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
         }
     };
     drop(req);
-    Box::pin(presence::record(&gw.chat, delivery.session_id(), 1)).await;
+    Box::pin(gw.presence.report(delivery.session_id())).await;
     drop(admission);
     metrics::gauge!("fleet_ws_connections").increment(1.0);
     tracing::debug!("websocket admitted");
@@ -312,7 +311,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     finish(socket, end).await;
     metrics::gauge!("fleet_ws_connections").decrement(1.0);
     let turn = gw.session_calls.acquire().await;
-    Box::pin(presence::record(&gw.chat, &sid, -1)).await;
+    Box::pin(gw.presence.report(&sid)).await;
     drop(turn);
     tracing::debug!("websocket ended");
 }

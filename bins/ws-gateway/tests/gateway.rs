@@ -589,6 +589,48 @@ async fn presence_follows_the_websocket() {
 }
 
 #[tokio::test]
+async fn a_failed_presence_report_is_put_right_by_the_next_refresh() {
+    use std::sync::Arc;
+    use ws_gateway::presence::Presence;
+    use ws_gateway::registry::{Registry, Transport};
+
+    let fleet = Fleet::new().await;
+    let s = fleet.session().await;
+    let registry = Arc::new(Registry::default());
+    let presence = Presence::new(fleet.chat.clone(), registry.clone());
+    let connections = || async {
+        let st = fleet.chat.status(&s.sid).await.unwrap();
+        (st.websocket_connected, st.websocket_connections)
+    };
+
+    let socket = registry.subscribe(&s.sid, Transport::WebSocket);
+    presence.report(&s.sid).await;
+    assert_eq!(connections().await, (true, 1));
+
+    // The socket ends while its session's key cannot take the report (a WRONGTYPE error from
+    // Redis), so the session still shows the socket afterwards.
+    let key = fleet.keys.session(&s.sid);
+    let hash: std::collections::HashMap<String, String> = fleet.client.hgetall(&key).await.unwrap();
+    let _: () = fleet.client.del(&key).await.unwrap();
+    let _: () = fleet
+        .client
+        .set(&key, "x", None, None, false)
+        .await
+        .unwrap();
+    drop(socket);
+    presence.report(&s.sid).await;
+    assert_eq!(presence.unsent_sessions(), 1);
+    let _: () = fleet.client.del(&key).await.unwrap();
+    let _: () = fleet.client.hset(&key, hash).await.unwrap();
+    assert_eq!(connections().await, (true, 1));
+
+    // The next refresh reports the session again, from what the registry holds now.
+    presence.refresh().await;
+    assert_eq!(presence.unsent_sessions(), 0);
+    assert_eq!(connections().await, (false, 0));
+}
+
+#[tokio::test]
 async fn shutdown_closes_sockets_with_1001_ends_sse_and_returns_ok() {
     let fleet = Fleet::new().await;
     let gw = fleet.gateway().await;
