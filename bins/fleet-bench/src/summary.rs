@@ -380,9 +380,10 @@ pub fn table(
     }
     for (label, r) in runs.iter().filter(|(_, r)| r.mode == "ws-idle") {
         s.push_str(&format!(
-            "{label}: {} connections held, {} bytes RSS each (gateway RSS {} -> {} KiB, open-files limit {})\n",
+            "{label}: {} connections held, {} bytes RSS each (gateway RSS {} -> {} KiB, {} KiB after they closed; open-files limit {})\n",
             r.extra["held_to_the_end"], r.extra["bytes_per_connection"],
-            r.extra["gateway_rss_before_kb"], r.extra["gateway_rss_held_kb"], r.extra["gateway_nofile_limit"]
+            r.extra["gateway_rss_before_kb"], r.extra["gateway_rss_held_kb"],
+            r.extra["gateway_rss_after_close_kb"], r.extra["gateway_nofile_limit"]
         ));
     }
     if !ratios.is_empty() {
