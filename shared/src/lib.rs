@@ -18,6 +18,7 @@
 //! | [`telemetry`] | logs, traces and trace-context propagation |
 //! | [`config`] | flags and environment variables shared by every binary |
 //! | [`redis`] | connecting to Redis |
+//! | [`memory`] | returning freed memory to the OS when a process goes quiet |
 //! | [`net`] | listening sockets of the front doors |
 //! | [`shutdown`] | SIGINT / SIGTERM handling and draining |
 //!
@@ -29,6 +30,7 @@
 /// Every fleet binary links this crate, so this one line chooses their allocator. mimalloc:
 /// the hot paths allocate many small, short-lived buffers (stream fields, envelopes, replies),
 /// and glibc's malloc took about a fifth of the workers' CPU in profiles (docs/performance.md).
+/// [`memory::purge_when_idle`] makes it give freed memory back to the OS when a process goes quiet.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -41,6 +43,7 @@ pub mod deliberation;
 pub mod envelope;
 pub mod events;
 pub mod keys;
+pub mod memory;
 pub mod net;
 pub mod planning;
 pub mod redis;

@@ -4,6 +4,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let cfg = callback_worker::Config::parse();
     let telemetry = fleet::telemetry::init("callback-worker", cfg.common.log_format)?;
+    fleet::memory::purge_when_idle();
     let shutdown = fleet::shutdown::on_signal();
     let result = match callback_worker::App::build(cfg).await {
         Ok(app) => app.run(shutdown).await,

@@ -6,6 +6,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let cfg = edge_api::Config::parse();
     let telemetry = fleet::telemetry::init("edge-api", cfg.common.log_format)?;
+    fleet::memory::purge_when_idle();
     let shutdown = fleet::shutdown::on_signal();
     let result = match edge_api::App::build(cfg).await {
         Ok(app) => app.run(shutdown).await,

@@ -4,6 +4,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let cfg = nats_bridge::Config::parse();
     let telemetry = fleet::telemetry::init("nats-bridge", cfg.common.log_format)?;
+    fleet::memory::purge_when_idle();
     let shutdown = fleet::shutdown::on_signal();
     let result = match nats_bridge::App::build(cfg).await {
         Ok(app) => app.run(shutdown).await,
