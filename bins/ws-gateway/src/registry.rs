@@ -24,7 +24,14 @@ use tokio::sync::{Notify, mpsc};
 pub const SHARDS: u32 = 64;
 
 /// Live events a client may have queued before it is marked lagging.
-pub const CHANNEL_CAPACITY: usize = 128;
+///
+/// A lagging client catches up from the session log, which costs Redis an XRANGE per page: on a
+/// loaded machine, a bound of 128 events made clients that fell a second behind at once turn a
+/// short stall into a backlog that kept growing (docs/performance.md). 1,024 is about five
+/// seconds of a session's events at 100 tasks a second. Idle clients do not pay for it: the
+/// channel allocates its slots 32 at a time as events queue. A client that stops reading holds
+/// at most this many events, each shared with the session's other clients.
+pub const CHANNEL_CAPACITY: usize = 1024;
 
 /// One fan-out entry of a session this gateway serves.
 #[derive(Debug, PartialEq, Eq)]
