@@ -179,7 +179,10 @@ impl AgentStore {
         if let Some(agent) = self.session_agents.lock().expect("session agents").get(sid) {
             return Ok(Some(agent.clone()));
         }
-        let agent: Option<String> = self.client.hget(self.keys.session(sid), "agent_id").await?;
+        // Boxed: a miss is rare, and its Redis call would otherwise make every caller's future
+        // (the submit path's) kilobytes larger, copied whole on each submit.
+        let agent: Option<String> =
+            Box::pin(self.client.hget(self.keys.session(sid), "agent_id")).await?;
         if let Some(a) = &agent {
             let mut known = self.session_agents.lock().expect("session agents");
             if known.len() >= SESSION_AGENTS_KEPT {
@@ -232,7 +235,8 @@ impl AgentStore {
         {
             return Ok(agent.clone());
         }
-        let agent = self.get(id).await?;
+        // Boxed, as in `of_session`: only a miss pays for the Redis call's future.
+        let agent = Box::pin(self.get(id)).await?;
         self.cache
             .lock()
             .expect("agent cache")

@@ -565,20 +565,21 @@ impl Chat {
         // Sent straight to the agent's pool, or through the dispatchers.
         let direct = agent.filter(|_| self.limits.direct_dispatch);
 
-        // The task and its deadline in one round trip; then the task is sent on.
-        let created = self
-            .tasks
-            .create(NewTask {
-                session_id: sid,
-                task_id: &tid,
-                message: &msg.message,
-                metadata: &msg.metadata,
-                deadline_ms,
-                source: msg.source,
-                idempotency_key: msg.idempotency_key.as_deref(),
-                pool: direct.as_ref().map(|a| a.pool.as_str()),
-            })
-            .await?;
+        // The task and its deadline in one round trip; then the task is sent on. The Redis calls'
+        // futures are boxed: unboxed, this future was 11.7 KB (the rare duplicate's read alone
+        // 4.5 KB), and the WebSocket gateway copies it whole into each submit's box
+        // (docs/performance.md).
+        let created = Box::pin(self.tasks.create(NewTask {
+            session_id: sid,
+            task_id: &tid,
+            message: &msg.message,
+            metadata: &msg.metadata,
+            deadline_ms,
+            source: msg.source,
+            idempotency_key: msg.idempotency_key.as_deref(),
+            pool: direct.as_ref().map(|a| a.pool.as_str()),
+        }))
+        .await?;
         match created {
             Created::New { agent_id } => {
                 match &direct {
@@ -594,7 +595,7 @@ impl Chat {
                             deadline_ms,
                         }));
                         let stream = self.keys().exec(&agent.pool);
-                        producer::send(self.client(), &stream, None, &env).await?;
+                        Box::pin(producer::send(self.client(), &stream, None, &env)).await?;
                         self.backpressure.watch_pool(&agent.pool);
                     }
                     None => {
@@ -608,7 +609,13 @@ impl Chat {
                             deadline_ms,
                             source: msg.source.to_owned(),
                         }));
-                        producer::send(self.client(), &self.keys().tasks(), None, &env).await?;
+                        Box::pin(producer::send(
+                            self.client(),
+                            &self.keys().tasks(),
+                            None,
+                            &env,
+                        ))
+                        .await?;
                     }
                 }
                 metrics::counter!("fleet_tasks_submitted_total", "source" => msg.source)
@@ -624,9 +631,7 @@ impl Chat {
                 })
             }
             Created::Duplicate { task_id } => {
-                let status = self
-                    .tasks
-                    .get(sid, &task_id)
+                let status = Box::pin(self.tasks.get(sid, &task_id))
                     .await?
                     .map(|t| t.state)
                     .unwrap_or_else(|| "queued".into());
