@@ -53,6 +53,21 @@ pub const DELIBERATION_DEADLINE_PREFIX: &str = "d:";
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "fleet";
 
+/// `parts` joined, in one allocation of the right size.
+pub fn concat(parts: &[&str]) -> String {
+    concat_after("", parts)
+}
+
+/// `first` followed by `parts`, in one allocation of the right size.
+fn concat_after(first: &str, parts: &[&str]) -> String {
+    let mut out = String::with_capacity(first.len() + parts.iter().map(|p| p.len()).sum::<usize>());
+    out.push_str(first);
+    for part in parts {
+        out.push_str(part);
+    }
+    out
+}
+
 /// Builds key names under one prefix. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Keys {
@@ -76,144 +91,151 @@ impl Keys {
         &self.prefix
     }
 
+    /// The prefix followed by `parts`. Keys are built on every task's path, several per task
+    /// and process; one sized allocation and plain copies cost a fraction of `format!`.
+    fn key(&self, parts: &[&str]) -> String {
+        concat_after(&self.prefix, parts)
+    }
+
     /// Commands into the fleet: consumed by the dispatchers.
     pub fn tasks(&self) -> String {
-        format!("{}:tasks", self.prefix)
+        self.key(&[":tasks"])
     }
 
     /// Execution requests for the executors of `pool`.
     pub fn exec(&self, pool: &str) -> String {
-        format!("{}:exec:{pool}", self.prefix)
+        self.key(&[":exec:", pool])
     }
 
     /// Control entries (cancel) that every executor of `pool` reads without a group.
     pub fn exec_control(&self, pool: &str) -> String {
-        format!("{}:exec:{pool}:control", self.prefix)
+        self.key(&[":exec:", pool, ":control"])
     }
 
     /// Deliberation requests for the council agents of `role`.
     pub fn agents(&self, role: &str) -> String {
-        format!("{}:agents:{role}", self.prefix)
+        self.key(&[":agents:", role])
     }
 
     /// Agent requests for one registered council member of `role`.
     pub fn agent_member(&self, role: &str, agent_id: &str) -> String {
-        format!("{}:agents:{role}:member:{agent_id}", self.prefix)
+        self.key(&[":agents:", role, ":member:", agent_id])
     }
 
     /// Control entries (`agent.cancel`) that every agent of `role` reads without a group.
     pub fn agents_control(&self, role: &str) -> String {
-        format!("{}:agents:{role}:control", self.prefix)
+        self.key(&[":agents:", role, ":control"])
     }
 
     /// Deliberation state hash.
     pub fn deliberation(&self, id: &str) -> String {
-        format!("{}:{{d:{id}}}", self.prefix)
+        self.key(&[":{d:", id, "}"])
     }
 
     /// A deliberation's proposals: `<round>:<member>` -> proposal JSON.
     pub fn deliberation_proposals(&self, id: &str) -> String {
-        format!("{}:{{d:{id}}}:proposals", self.prefix)
+        self.key(&[":{d:", id, "}:proposals"])
     }
 
     /// A deliberation's progress updates.
     pub fn deliberation_events(&self, id: &str) -> String {
-        format!("{}:{{d:{id}}}:events", self.prefix)
+        self.key(&[":{d:", id, "}:events"])
     }
 
     /// The member of `<p>:deadlines` that stands for deliberation `id`.
     pub fn deliberation_deadline_member(id: &str) -> String {
-        format!("{DELIBERATION_DEADLINE_PREFIX}{id}")
+        concat(&[DELIBERATION_DEADLINE_PREFIX, id])
     }
 
     /// Agent ids registered for `role`.
     pub fn council(&self, role: &str) -> String {
-        format!("{}:council:{role}", self.prefix)
+        self.key(&[":council:", role])
     }
 
     /// A registered agent.
     pub fn council_agent(&self, agent_id: &str) -> String {
-        format!("{}:council-agent:{agent_id}", self.prefix)
+        self.key(&[":council-agent:", agent_id])
     }
 
     /// A council defined with `CreateCouncil`.
     pub fn council_def(&self, role: &str) -> String {
-        format!("{}:council-def:{role}", self.prefix)
+        self.key(&[":council-def:", role])
     }
 
     /// Roles with a defined council.
     pub fn councils(&self) -> String {
-        format!("{}:councils", self.prefix)
+        self.key(&[":councils"])
     }
 
     /// Fleet-wide counters.
     pub fn stats(&self) -> String {
-        format!("{}:stats", self.prefix)
+        self.key(&[":stats"])
     }
 
     /// Recent durations (ms) of finished deliberations of `kind` (`deliberate`, `orchestrate`).
     pub fn stats_latency(&self, kind: &str) -> String {
-        format!("{}:stats:latency:{kind}", self.prefix)
+        self.key(&[":stats:latency:", kind])
     }
 
     /// Executor -> orchestrator callbacks.
     pub fn callbacks(&self) -> String {
-        format!("{}:callbacks", self.prefix)
+        self.key(&[":callbacks"])
     }
 
     /// Session state hash.
     pub fn session(&self, sid: &str) -> String {
-        format!("{}:{{s:{sid}}}", self.prefix)
+        self.key(&[":{s:", sid, "}"])
     }
 
     /// The session's client-facing event log.
     pub fn session_events(&self, sid: &str) -> String {
-        format!("{}:{{s:{sid}}}:events", self.prefix)
+        self.key(&[":{s:", sid, "}:events"])
     }
 
     /// Task state hash.
     pub fn task(&self, sid: &str, tid: &str) -> String {
-        format!("{}:{{s:{sid}}}:task:{tid}", self.prefix)
+        self.key(&[":{s:", sid, "}:task:", tid])
     }
 
     /// `Idempotency-Key` -> task id, per session.
     pub fn idempotency(&self, sid: &str, key: &str) -> String {
-        format!("{}:{{s:{sid}}}:idem:{key}", self.prefix)
+        self.key(&[":{s:", sid, "}:idem:", key])
     }
 
     /// Live fan-out shard read by every ws-gateway.
     pub fn fanout(&self, shard: u32) -> String {
-        format!("{}:fanout:{shard}", self.prefix)
+        let mut buf = crate::text::DigitBuf::default();
+        self.key(&[":fanout:", crate::text::decimal(u64::from(shard), &mut buf)])
     }
 
     /// Open tasks scored by their deadline in ms; member `<sid>/<tid>`.
     pub fn deadlines(&self) -> String {
-        format!("{}:deadlines", self.prefix)
+        self.key(&[":deadlines"])
     }
 
     /// Entries nats-bridge publishes to NATS.
     pub fn outbound(&self) -> String {
-        format!("{}:outbound", self.prefix)
+        self.key(&[":outbound"])
     }
 
     /// Dead letters.
     pub fn dlq(&self) -> String {
-        format!("{}:dlq", self.prefix)
+        self.key(&[":dlq"])
     }
 
     /// Deliberation decisions.
     pub fn decisions(&self) -> String {
-        format!("{}:decisions", self.prefix)
+        self.key(&[":decisions"])
     }
 
     /// Agent configuration hash.
     pub fn agent(&self, id: &str) -> String {
-        format!("{}:agent:{id}", self.prefix)
+        self.key(&[":agent:", id])
     }
 
     /// Set of all configured agent ids.
     pub fn agent_ids(&self) -> String {
-        format!("{}:agent-ids", self.prefix)
+        self.key(&[":agent-ids"])
     }
 
     /// The fan-out shard of a session: a stable hash of its id modulo `shards`.
@@ -241,6 +263,24 @@ mod tests {
         assert!(k.task("abc", "x").contains(tag));
         assert!(k.idempotency("abc", "k").contains(tag));
         assert_eq!(k.task("abc", "x"), "t1:{s:abc}:task:x");
+        assert_eq!(k.session("abc"), "t1:{s:abc}");
+        assert_eq!(k.session_events("abc"), "t1:{s:abc}:events");
+        assert_eq!(k.idempotency("abc", "k"), "t1:{s:abc}:idem:k");
+    }
+
+    #[test]
+    fn stream_keys_are_named_under_the_prefix() {
+        let k = Keys::new("t1");
+        assert_eq!(k.tasks(), "t1:tasks");
+        assert_eq!(k.exec("gpu"), "t1:exec:gpu");
+        assert_eq!(k.exec_control("gpu"), "t1:exec:gpu:control");
+        assert_eq!(k.callbacks(), "t1:callbacks");
+        assert_eq!(k.deadlines(), "t1:deadlines");
+        assert_eq!(k.fanout(0), "t1:fanout:0");
+        assert_eq!(k.fanout(7), "t1:fanout:7");
+        assert_eq!(k.fanout(4_294_967_295), "t1:fanout:4294967295");
+        assert_eq!(k.agent_member("DEV", "a1"), "t1:agents:DEV:member:a1");
+        assert_eq!(concat(&["s", "/", "t"]), "s/t");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use fred::prelude::{Client, ClientLike, Error, ErrorKind, Value};
 use fred::types::{CustomCommand, Resp3Frame};
 
+use crate::text::{DigitBuf, decimal};
+
 /// A stream entry id, `<ms>-<seq>`, ordered as Redis orders them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId {
@@ -31,7 +33,16 @@ impl StreamId {
 
 impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
+        // One write of text made without the formatting machinery: ids are written for every
+        // event a client gets and every stream read.
+        let (mut ms, mut seq) = (DigitBuf::default(), DigitBuf::default());
+        let (ms, seq) = (decimal(self.ms, &mut ms), decimal(self.seq, &mut seq));
+        let mut text = [0u8; 41];
+        text[..ms.len()].copy_from_slice(ms.as_bytes());
+        text[ms.len()] = b'-';
+        let len = ms.len() + 1 + seq.len();
+        text[ms.len() + 1..len].copy_from_slice(seq.as_bytes());
+        f.write_str(std::str::from_utf8(&text[..len]).expect("ASCII id"))
     }
 }
 
@@ -319,6 +330,16 @@ mod tests {
 
     fn s(x: &str) -> Value {
         Value::String(x.into())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ids_are_written_as_redis_writes_them_and_read_back(ms: u64, seq: u64) {
+            let id = StreamId { ms, seq };
+            let text = id.to_string();
+            proptest::prop_assert_eq!(&text, &format!("{ms}-{seq}"));
+            proptest::prop_assert_eq!(text.parse::<StreamId>().ok(), Some(id));
+        }
     }
 
     #[test]
