@@ -53,21 +53,6 @@ pub const DELIBERATION_DEADLINE_PREFIX: &str = "d:";
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "fleet";
 
-/// `parts` joined, in one allocation of the right size.
-pub fn concat(parts: &[&str]) -> String {
-    concat_after("", parts)
-}
-
-/// `first` followed by `parts`, in one allocation of the right size.
-fn concat_after(first: &str, parts: &[&str]) -> String {
-    let mut out = String::with_capacity(first.len() + parts.iter().map(|p| p.len()).sum::<usize>());
-    out.push_str(first);
-    for part in parts {
-        out.push_str(part);
-    }
-    out
-}
-
 /// Builds key names under one prefix. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Keys {
@@ -94,7 +79,7 @@ impl Keys {
     /// The prefix followed by `parts`. Keys are built on every task's path, several per task
     /// and process; one sized allocation and plain copies cost a fraction of `format!`.
     fn key(&self, parts: &[&str]) -> String {
-        concat_after(&self.prefix, parts)
+        crate::text::concat_after(&self.prefix, parts)
     }
 
     /// Commands into the fleet: consumed by the dispatchers.
@@ -144,7 +129,7 @@ impl Keys {
 
     /// The member of `<p>:deadlines` that stands for deliberation `id`.
     pub fn deliberation_deadline_member(id: &str) -> String {
-        concat(&[DELIBERATION_DEADLINE_PREFIX, id])
+        crate::text::concat(&[DELIBERATION_DEADLINE_PREFIX, id])
     }
 
     /// Agent ids registered for `role`.
@@ -280,7 +265,6 @@ mod tests {
         assert_eq!(k.fanout(7), "t1:fanout:7");
         assert_eq!(k.fanout(4_294_967_295), "t1:fanout:4294967295");
         assert_eq!(k.agent_member("DEV", "a1"), "t1:agents:DEV:member:a1");
-        assert_eq!(concat(&["s", "/", "t"]), "s/t");
     }
 
     #[test]

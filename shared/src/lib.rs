@@ -21,7 +21,7 @@
 //! | [`memory`] | returning freed memory to the OS when a process goes quiet |
 //! | [`net`] | listening sockets of the front doors |
 //! | [`shutdown`] | SIGINT / SIGTERM handling and draining |
-//! | [`text`] | numbers written as text without `format!` on the hot paths |
+//! | [`text`] | key names, ids and timestamps built without `format!` on the hot paths |
 //!
 //! Invariants: binaries talk to each other only through Redis Streams; every effect of an entry
 //! is written before the entry is acked and is idempotent; task state moves only through the

@@ -224,7 +224,7 @@ impl SessionLog {
             let members: Vec<String> = applied
                 .ended
                 .iter()
-                .map(|t| crate::keys::concat(&[sid, "/", &t.task_id]))
+                .map(|t| crate::text::concat(&[sid, "/", &t.task_id]))
                 .collect();
             self.client
                 .zrem::<(), _, _>(self.keys.deadlines(), members)

@@ -485,7 +485,7 @@ impl TaskStore {
             None,
             false,
             false,
-            (t.deadline_ms as f64, crate::keys::concat(&[sid, "/", tid])),
+            (t.deadline_ms as f64, crate::text::concat(&[sid, "/", tid])),
         );
         let create = eval(
             &self.client,
