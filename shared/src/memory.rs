@@ -2,11 +2,12 @@
 //! to the OS when a process goes quiet.
 //!
 //! mimalloc returns freed pages to the OS ("purges" them) lazily: a page freed now is purged about
-//! 100 ms later, but only when the allocator is next busy (a thread frees a whole page, or makes many allocations). A process that goes
-//! idle after a burst never gets there: a ws-gateway whose 10,000 WebSockets had closed held on to
-//! 90 MB it no longer used, 70 MB above where it started (docs/performance.md, "Idle WebSockets").
-//! [`purge_when_idle`] starts one thread that runs that overdue purge once a second. It purges only
-//! what mimalloc has already scheduled, so a busy process purges no more often than before.
+//! 100 ms later, but only when the allocator is next busy (a thread frees a whole page, or makes
+//! many allocations). A process that goes idle after a burst never gets there: a ws-gateway whose
+//! 10,000 WebSockets had closed held on to 90 MB it no longer used, 70 MB above where it started
+//! (docs/performance.md, "Idle WebSockets"). [`purge_when_idle`] starts one thread that runs that
+//! overdue purge once a second. It purges only what mimalloc has already scheduled, so a busy
+//! process purges no more often than before.
 
 use std::sync::Once;
 use std::time::Duration;
