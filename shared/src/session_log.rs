@@ -14,6 +14,10 @@
 //! (empty: none), `d` the event JSON (absent in a nudge), then `tp` when traced
 //! ([`FanoutEntry::parse_all`]).
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
 use bytes::Bytes;
 use fred::prelude::*;
 
@@ -123,6 +127,130 @@ impl Default for FanoutConfig {
         Self {
             shards: 4,
             maxlen: 100_000,
+        }
+    }
+}
+
+/// The order in which one process's writers of a session's events hand their fan-out entries to
+/// Redis: the order in which they sent their `apply` calls. On one connection Redis runs
+/// commands in the order they were sent, so that is the order of the session's events, and each
+/// fan-out entry's `prev` is the last event of the entry before it.
+///
+/// Without it, two batches of one session handled at once fan out in either order (of two tasks
+/// woken one after the other, the scheduler often runs the later first), and a gateway that sees
+/// an entry whose `prev` it has not delivered yet reads the log to fill the gap: correct, but a
+/// read and a delay per reordering. A writer waits only for the earlier writers of its session
+/// to *send* their entries, not for Redis to answer them, so a session's calls stay pipelined.
+/// Writers in different processes can still interleave; gateways fill those gaps as before.
+/// Sessions whose ids hash to the same stripe share a line.
+///
+/// ```text
+/// let (turn, applied) = order.send(sid, pin!(tasks.apply(sid, &ops))).await;
+/// let applied = applied?;
+/// order.publish(turn, pin!(log.publish_applied(sid, &applied, false))).await?;
+/// ```
+#[derive(Clone)]
+pub struct PublishOrder {
+    stripes: Arc<[Stripe]>,
+}
+
+#[derive(Default)]
+struct Stripe {
+    /// The next ticket, and the tickets taken and not yet released, oldest first.
+    line: std::sync::Mutex<(u64, std::collections::VecDeque<u64>)>,
+    released: tokio::sync::Notify,
+}
+
+/// A writer's place in its session's line, from sending its `apply` until sending its fan-out
+/// entry ([`PublishOrder::publish`]); dropping it (an error, a cancellation) gives the place up.
+#[must_use = "a turn orders the fan-out entry that follows its apply"]
+pub struct Turn<'a> {
+    stripe: &'a Stripe,
+    ticket: u64,
+}
+
+impl PublishOrder {
+    /// Stripes: far more than the sessions a process has in hand at once.
+    pub const STRIPES: u32 = 1024;
+
+    pub fn new() -> Self {
+        Self {
+            stripes: (0..Self::STRIPES).map(|_| Stripe::default()).collect(),
+        }
+    }
+
+    /// Takes a place in session `sid`'s line and, in the same step, sends `apply` (a Redis call
+    /// is written to its connection when its future is first polled); then awaits its reply.
+    /// The futures are pinned by the caller: the task futures are large, and moving them into
+    /// this one would copy them.
+    pub async fn send<F: Future>(
+        &self,
+        sid: &str,
+        mut apply: Pin<&mut F>,
+    ) -> (Turn<'_>, F::Output) {
+        let stripe = &self.stripes[Keys::fanout_shard(sid, Self::STRIPES) as usize];
+        let (turn, first) = std::future::poll_fn(|cx| {
+            let mut line = stripe.line.lock().unwrap_or_else(|e| e.into_inner());
+            let ticket = line.0;
+            line.0 += 1;
+            line.1.push_back(ticket);
+            // Polled with the line held, so places and sends are in the same order.
+            let first = apply.as_mut().poll(cx);
+            Poll::Ready((Turn { stripe, ticket }, first))
+        })
+        .await;
+        let out = match first {
+            Poll::Ready(out) => out,
+            Poll::Pending => apply.await,
+        };
+        (turn, out)
+    }
+
+    /// Waits until every earlier writer in `turn`'s line has sent its fan-out entry, sends
+    /// `publish`, lets the next writer go, then awaits the reply.
+    pub async fn publish<F: Future>(&self, turn: Turn<'_>, mut publish: Pin<&mut F>) -> F::Output {
+        turn.wait().await;
+        let first = std::future::poll_fn(|cx| Poll::Ready(publish.as_mut().poll(cx))).await;
+        drop(turn);
+        match first {
+            Poll::Ready(out) => out,
+            Poll::Pending => publish.await,
+        }
+    }
+}
+
+impl Default for PublishOrder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Turn<'_> {
+    async fn wait(&self) {
+        loop {
+            let notified = self.stripe.released.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let first = {
+                let line = self.stripe.line.lock().unwrap_or_else(|e| e.into_inner());
+                line.1.front() == Some(&self.ticket)
+            };
+            if first {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut line = self.stripe.line.lock().unwrap_or_else(|e| e.into_inner());
+        let first = line.1.front() == Some(&self.ticket);
+        line.1.retain(|&t| t != self.ticket);
+        drop(line);
+        if first {
+            self.stripe.released.notify_waiters();
         }
     }
 }
@@ -274,6 +402,8 @@ impl SessionLog {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::pin;
+
     use super::*;
 
     fn entry(fields: &[(&'static str, &'static str)]) -> StreamEntry {
@@ -298,6 +428,61 @@ mod tests {
             prev: p.map(|p| p.parse().unwrap()),
             json: d.map(Into::into),
         }
+    }
+
+    /// A future that is ready at once and records that it was polled.
+    async fn sent(log: &std::sync::Mutex<Vec<&'static str>>, what: &'static str) {
+        log.lock().unwrap().push(what);
+    }
+
+    #[tokio::test]
+    async fn a_writer_sends_its_fan_out_after_the_earlier_writers_of_its_session() {
+        let order = PublishOrder::new();
+        let log = std::sync::Mutex::new(Vec::new());
+        let (first, ()) = order.send("s1", pin!(sent(&log, "apply 1"))).await;
+        let (second, ()) = order.send("s1", pin!(sent(&log, "apply 2"))).await;
+        let apply_other = pin!(sent(&log, "apply of another session"));
+        let (other, ()) = order.send("s2-elsewhere", apply_other).await;
+        assert_ne!(
+            Keys::fanout_shard("s1", PublishOrder::STRIPES),
+            Keys::fanout_shard("s2-elsewhere", PublishOrder::STRIPES)
+        );
+
+        // The second apply's fan-out waits for the first's; another session's does not.
+        let publish_second = pin!(sent(&log, "publish 2"));
+        let mut second_publish = pin!(order.publish(second, publish_second));
+        assert!(futures::poll!(second_publish.as_mut()).is_pending());
+        let publish_other = pin!(sent(&log, "publish of another session"));
+        order.publish(other, publish_other).await;
+        assert!(futures::poll!(second_publish.as_mut()).is_pending());
+        order.publish(first, pin!(sent(&log, "publish 1"))).await;
+        second_publish.await;
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "apply 1",
+                "apply 2",
+                "apply of another session",
+                "publish of another session",
+                "publish 1",
+                "publish 2"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_gives_up_its_turn_lets_the_next_one_go() {
+        let order = PublishOrder::new();
+        let (failed, ()) = order.send("s", pin!(async {})).await;
+        let (next, ()) = order.send("s", pin!(async {})).await;
+        let published = pin!(async { "published" });
+        let mut publish = pin!(order.publish(next, published));
+        assert!(futures::poll!(publish.as_mut()).is_pending());
+        drop(failed); // its apply failed: it publishes nothing
+        assert_eq!(publish.await, "published");
+        // The line is empty again: a new writer goes at once.
+        let (turn, ()) = order.send("s", pin!(async {})).await;
+        assert_eq!(order.publish(turn, pin!(async { 7 })).await, 7);
     }
 
     #[test]

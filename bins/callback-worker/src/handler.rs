@@ -2,11 +2,13 @@
 //! deliberation callbacks (`proposal`, `selection`) go to the deliberation store instead, in
 //! stream order per deliberation.
 
+use std::pin::pin;
+
 use fleet::deliberation::Engine;
 use fleet::deliberation::engine::Handled;
 use fleet::envelope::Callback;
 use fleet::events::{ServerMessage, message_type};
-use fleet::session_log::SessionLog;
+use fleet::session_log::{PublishOrder, SessionLog};
 use fleet::stream::{Delivery, Handler, Outcome};
 use fleet::task::{OpStatus, TaskOp, TaskStore};
 use fleet::time::now_ms;
@@ -19,6 +21,8 @@ use crate::planning::PlanningNotifier;
 pub struct CallbackHandler {
     pub tasks: TaskStore,
     pub log: SessionLog,
+    /// The order of each session's fan-out entries, shared with the sweeper.
+    pub order: PublishOrder,
     /// Deliberation steps.
     pub engine: Engine,
     /// Planning notifications, when configured.
@@ -234,8 +238,17 @@ impl CallbackHandler {
             .filter_map(|cb| op_for(cb).map(|op| (fleet::envelope::Message::kind(cb), op)))
             .unzip();
         let result = async {
-            let applied = self.tasks.apply(sid, &ops).await?;
-            self.log.publish_applied(sid, &applied, redelivered).await?;
+            // Each future pinned where it is made, in a scope of its own: they are large, and
+            // moving them, or keeping the first beside the second, would copy them.
+            let (turn, applied) = {
+                let apply = pin!(self.tasks.apply(sid, &ops));
+                self.order.send(sid, apply).await
+            };
+            let applied = applied?;
+            {
+                let publish = pin!(self.log.publish_applied(sid, &applied, redelivered));
+                self.order.publish(turn, publish).await?;
+            }
             Ok::<_, anyhow::Error>(applied)
         }
         .instrument(span)

@@ -25,7 +25,7 @@ use fleet::config::{CommonArgs, ConsumerArgs};
 use fleet::council::Councils;
 use fleet::deliberation::{DeliberationStore, Engine, EngineConfig};
 use fleet::keys::GROUP_CALLBACK_WORKERS;
-use fleet::session_log::SessionLog;
+use fleet::session_log::{PublishOrder, SessionLog};
 use fleet::stream::{ConsumerLoop, consumer::unique_consumer_name};
 use fleet::task::TaskStore;
 use fred::prelude::ClientLike;
@@ -130,6 +130,7 @@ impl App {
             )?),
             None => None,
         };
+        let order = PublishOrder::new();
         let consumer = self.cfg.consumer.consumer(
             &keys,
             keys.callbacks(),
@@ -142,6 +143,7 @@ impl App {
             CallbackHandler {
                 tasks: tasks.clone(),
                 log: log.clone(),
+                order: order.clone(),
                 engine: engine.clone(),
                 planning: planning.clone(),
             },
@@ -149,6 +151,7 @@ impl App {
         let sweeper = Sweeper {
             tasks,
             log,
+            order,
             engine,
             planning,
             every: Duration::from_millis(self.cfg.sweep_interval_ms.max(10)),

@@ -10,12 +10,13 @@
 //! ([`fleet::deliberation::Engine::expire`], which also removes it from the set).
 
 use std::collections::BTreeMap;
+use std::pin::pin;
 use std::time::Duration;
 
 use fleet::deliberation::Engine;
 use fleet::events::ServerMessage;
 use fleet::keys::DELIBERATION_DEADLINE_PREFIX;
-use fleet::session_log::SessionLog;
+use fleet::session_log::{PublishOrder, SessionLog};
 use fleet::task::{TaskOp, TaskStore};
 use fleet::time::now_ms;
 use fred::prelude::*;
@@ -28,6 +29,8 @@ const PER_SCAN: i64 = 500;
 pub struct Sweeper {
     pub tasks: TaskStore,
     pub log: SessionLog,
+    /// The order of each session's fan-out entries, shared with the callback handler.
+    pub order: PublishOrder,
     pub engine: Engine,
     pub planning: Option<crate::planning::PlanningNotifier>,
     pub every: Duration,
@@ -103,8 +106,15 @@ impl Sweeper {
                     TaskOp::end("timeout", tid, "timed_out", message, ev.to_json())
                 })
                 .collect();
-            let applied = self.tasks.apply(sid, &ops).await?;
-            self.log.publish_applied(sid, &applied, false).await?;
+            let (turn, applied) = {
+                let apply = pin!(self.tasks.apply(sid, &ops));
+                self.order.send(sid, apply).await
+            };
+            let applied = applied?;
+            {
+                let publish = pin!(self.log.publish_applied(sid, &applied, false));
+                self.order.publish(turn, publish).await?;
+            }
             if let Some(p) = &self.planning {
                 p.tasks_ended(&self.tasks, sid, &applied.ended);
             }

@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use fleet::session::{InitSession, SubmitMessage};
+use fleet::session_log::FanoutEntry;
+use fleet::stream::entry::parse_read;
 use fleet_e2e::{AGENT, Fleet, Options};
+use fred::prelude::*;
 
 async fn open_session(fleet: &Fleet) -> String {
     fleet
@@ -286,5 +289,88 @@ async fn the_command_executor_streams_stdout_and_reports_failures() {
 
     stop.cancel();
     shell.await.unwrap().unwrap();
+    fleet.stop().await;
+}
+
+/// The callback-worker handles batches concurrently, and one session's callbacks may sit in
+/// several of them; still, the session's fan-out entries reach the stream in the order their
+/// events were logged, so a gateway can hand each one out without reading the log to fill a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_fan_out_follows_its_log_order_under_load() {
+    const TASKS: usize = 3000;
+    let fleet = Fleet::start(Options {
+        front_doors: false,
+        ..Default::default()
+    })
+    .await;
+    let sid = open_session(&fleet).await;
+    let tids = futures::future::join_all(
+        (0..TASKS).map(|i| submit(&fleet, &sid, if i % 2 == 0 { "even" } else { "odd" })),
+    )
+    .await;
+    assert_eq!(tids.len(), TASKS);
+    // Follow the session's fan-out shard until it has carried every task's result.
+    let reader = fleet.client.clone_new();
+    reader.init().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (mut fanned, mut after) = (Vec::<FanoutEntry>::new(), "0".to_owned());
+    let results = |f: &[FanoutEntry]| {
+        f.iter()
+            .filter(|e| {
+                e.json
+                    .as_ref()
+                    .is_some_and(|j| j.contains("\"chat_response\""))
+            })
+            .count()
+    };
+    while results(&fanned) < TASKS {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{} of {TASKS} results fanned out within 60 s",
+            results(&fanned)
+        );
+        let reply: fred::types::Value = reader
+            .xread(
+                Some(1_000),
+                Some(left.as_millis().min(1_000) as u64),
+                fleet.log.fanout_key(&sid),
+                after.as_str(),
+            )
+            .await
+            .unwrap();
+        for entry in parse_read(reply).unwrap().into_iter().flat_map(|(_, e)| e) {
+            after = entry.id.to_string();
+            fanned.extend(
+                FanoutEntry::parse_all(&entry)
+                    .into_iter()
+                    .filter(|e| e.session_id == sid),
+            );
+        }
+    }
+    let logged = fleet
+        .log
+        .replay_after(&sid, None, None, 10 * TASKS as u64)
+        .await
+        .unwrap();
+    assert_eq!(logged.len(), 2 * TASKS, "a chunk and a result per task");
+    let out_of_order: Vec<String> = fanned
+        .windows(2)
+        .filter(|w| w[1].prev != Some(w[0].event_id))
+        .map(|w| format!("{} after {}", w[1].event_id, w[0].event_id))
+        .collect();
+    assert!(
+        out_of_order.is_empty(),
+        "{} of {} fan-out events do not follow the one before them: {:?}",
+        out_of_order.len(),
+        fanned.len(),
+        &out_of_order[..out_of_order.len().min(5)]
+    );
+    let fanned_ids: Vec<_> = fanned.iter().map(|e| e.event_id).collect();
+    let logged_ids: Vec<_> = logged.iter().map(|e| e.event_id).collect();
+    assert_eq!(
+        fanned_ids, logged_ids,
+        "every logged event is fanned out once"
+    );
     fleet.stop().await;
 }
