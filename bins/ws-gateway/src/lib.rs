@@ -117,6 +117,14 @@ pub struct Config {
           action = clap::ArgAction::Set, value_name = "BOOL",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub direct_dispatch: bool,
+
+    /// Connections that may wait on Redis at once for their admission (session status, replay
+    /// start, presence) or their goodbye (presence); the others queue for a turn, counted in
+    /// `fleet_ws_admissions_waiting`. Bounds the Redis requests of a reconnect storm.
+    #[arg(long, env = "FLEET_WS_ADMISSIONS_AT_ONCE",
+          default_value_t = routes::Admissions::DEFAULT_AT_ONCE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
+    pub admissions_at_once: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -132,6 +140,7 @@ impl std::fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("task_timeout_secs", &self.task_timeout_secs)
             .field("direct_dispatch", &self.direct_dispatch)
+            .field("admissions_at_once", &self.admissions_at_once)
             .finish()
     }
 }
@@ -213,7 +222,7 @@ impl App {
             },
             closing: CancellationToken::new(),
             connections: TaskTracker::new(),
-            session_calls: tokio::sync::Semaphore::new(routes::SESSION_CALLS_AT_ONCE),
+            admissions: routes::Admissions::new(cfg.admissions_at_once),
         });
 
         let listener = TcpListener::bind(cfg.http_addr)

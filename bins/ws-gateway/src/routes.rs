@@ -17,7 +17,7 @@ use axum::routing::get;
 use fleet::session::Chat;
 use fleet::session_log::SessionLog;
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::cors::{Any, CorsLayer};
@@ -51,17 +51,48 @@ pub struct Gateway {
     pub connections: TaskTracker,
     /// This gateway's WebSocket presence on the session hashes.
     pub presence: Arc<crate::presence::Presence>,
-    /// Bounds the connections waiting on Redis at once ([`SESSION_CALLS_AT_ONCE`]).
-    pub session_calls: Semaphore,
+    /// Bounds the connections waiting on Redis at once for their admission or presence.
+    pub admissions: Admissions,
 }
 
 /// Connections (WebSocket or SSE) that may wait on Redis at once for their admission (the
-/// session's status, the replay's start, presence) or, at their end, for presence. When clients
-/// arrive or leave faster than Redis answers, as in a reconnect storm after a gateway restart,
-/// the rest wait here without a deadline instead of queueing requests on the shared Redis
-/// connection until its command timeout fails them: an admission that failed so closes its
-/// socket with 1011, only for the client to reconnect.
-pub const SESSION_CALLS_AT_ONCE: usize = 256;
+/// session's status, the replay's start, presence) or, at their end, for presence
+/// (`--admissions-at-once`). When clients arrive or leave faster than Redis answers, as in a
+/// reconnect storm after a gateway restart, the rest wait here without a deadline instead of
+/// queueing requests on the shared Redis connection until its command timeout fails them: an
+/// admission that failed so closes its socket with 1011, only for the client to reconnect.
+/// `fleet_ws_admissions_waiting` counts the connections waiting for a turn.
+pub struct Admissions {
+    turns: Semaphore,
+}
+
+impl Admissions {
+    /// The default of `--admissions-at-once`.
+    pub const DEFAULT_AT_ONCE: usize = 256;
+
+    pub fn new(at_once: usize) -> Self {
+        Self {
+            turns: Semaphore::new(at_once.max(1)),
+        }
+    }
+
+    /// Waits for a turn to call Redis, held as long as the permit is; `None` once closed.
+    pub async fn turn(&self) -> Option<SemaphorePermit<'_>> {
+        if let Ok(turn) = self.turns.try_acquire() {
+            return Some(turn);
+        }
+        /// Counts a connection as waiting for as long as it lives (a wait can be cancelled).
+        struct Waiting;
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                metrics::gauge!("fleet_ws_admissions_waiting").decrement(1.0);
+            }
+        }
+        metrics::gauge!("fleet_ws_admissions_waiting").increment(1.0);
+        let _waiting = Waiting;
+        self.turns.acquire().await.ok()
+    }
+}
 
 /// The router of the client-facing port.
 pub fn router(gateway: Arc<Gateway>) -> Router {

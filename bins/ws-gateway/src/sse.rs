@@ -62,7 +62,7 @@ pub async fn stream(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(query.last_event_id);
-    let Ok(_turn) = gw.session_calls.acquire().await else {
+    let Some(_turn) = gw.admissions.turn().await else {
         return Refusal::Unavailable.into_response();
     };
     let resume =

@@ -145,7 +145,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     }
     // Held until the connection is admitted: status, replay start and presence.
     let admission = tokio::select! {
-        turn = gw.session_calls.acquire() => turn,
+        turn = gw.admissions.turn() => turn,
         () = gw.closing.cancelled() => {
             return finish(socket, End::Close(close::GOING_AWAY, "going away")).await;
         }
@@ -310,7 +310,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     }
     finish(socket, end).await;
     metrics::gauge!("fleet_ws_connections").decrement(1.0);
-    let turn = gw.session_calls.acquire().await;
+    let turn = gw.admissions.turn().await;
     Box::pin(gw.presence.report(&sid)).await;
     drop(turn);
     tracing::debug!("websocket ended");

@@ -204,6 +204,66 @@ async fn a_client_that_keeps_sending_still_gets_its_events() {
     gw.stop().await.expect("clean stop");
 }
 
+/// The value of gauge `name` in Prometheus text (0 when absent).
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn connections_beyond_the_admission_bound_wait_their_turn_and_are_then_served() {
+    // A Redis of its own: the test pauses its writes, which holds each admission (its presence
+    // report is a write) on Redis.
+    let redis = fleet_test_support::RedisServer::start();
+    let fleet = Fleet::on(redis.url()).await;
+    let gw = fleet.gateway_with(&["--admissions-at-once", "1"]).await;
+    let sessions = [
+        fleet.session().await,
+        fleet.session().await,
+        fleet.session().await,
+    ];
+    let _: Value = fleet
+        .client
+        .custom(cmd!("CLIENT"), vec!["PAUSE", "30000", "WRITE"])
+        .await
+        .expect("client pause");
+
+    // The upgrade completes at once; admission follows, one connection at a time.
+    let mut sockets = Vec::new();
+    for s in &sessions {
+        sockets.push(ws_connect(&ws_url(&gw, s, None)).await);
+    }
+    let metrics = fleet_test_support::eventually(WAIT, "two connections waiting", || async {
+        let m = gw.metrics().await;
+        (gauge(&m, "fleet_ws_admissions_waiting") == 2.0).then_some(m)
+    })
+    .await;
+    assert_eq!(gauge(&metrics, "fleet_ws_connections"), 0.0, "{metrics}");
+
+    let _: Value = fleet
+        .client
+        .custom(cmd!("CLIENT"), vec!["UNPAUSE"])
+        .await
+        .expect("client unpause");
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let frame = json!({"message_type": "chat_message", "data": {"message": "hi", "task_id": format!("t{i}")}});
+        send_text(ws, &frame.to_string()).await;
+        let queued = recv_json(ws).await;
+        assert_eq!(queued["message_type"], "task_queued", "{queued}");
+        assert_eq!(queued["task_id"], format!("t{i}"));
+    }
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        gauge(&metrics, "fleet_ws_admissions_waiting"),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(gauge(&metrics, "fleet_ws_connections"), 3.0, "{metrics}");
+    gw.stop().await.expect("clean stop");
+}
+
 #[tokio::test]
 async fn a_socket_is_served_while_its_chat_message_waits_on_redis() {
     // A Redis of its own: the test pauses its writes.
