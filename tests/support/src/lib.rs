@@ -1,10 +1,11 @@
 //! Test support: real servers on free ports, one key prefix per test, binaries as processes.
 //!
 //! * [`redis`] starts one `redis-server` per test process (nextest runs each test in a process
-//!   of its own) on a free port, without persistence, and returns its URL. [`RedisServer::start`]
-//!   starts a private one (e.g. to restart it).
-//! * [`NatsServer::start`] starts `nats-server -js` on a free port with its own store directory;
-//!   [`NatsServer::restart`] stops and starts it on the same port and store.
+//!   of its own) on a free port (checking that the server answering there is the one it
+//!   started), without persistence, and returns its URL. [`RedisServer::start`] starts a
+//!   private one (e.g. to restart it).
+//! * [`NatsServer::start`] starts `nats-server -js` on a port the server chooses, with its own
+//!   store directory; [`NatsServer::restart`] stops and starts it on the same port and store.
 //! * [`prefix`] gives each test its own key prefix, so tests never see each other's keys.
 //! * [`FleetProcess`] runs one of Fleet's binaries (built by `cargo build --workspace --bins`)
 //!   with its environment, and can stop it with SIGTERM or SIGKILL.
@@ -55,6 +56,56 @@ fn wait_for_port(port: u16, within: Duration, what: &str, child: &mut Child) {
     panic!("{what} did not listen on {port} within {within:?}");
 }
 
+/// The process id of the Redis server answering on `port` (`INFO server`); `Some(0)` when what
+/// answers is not one, `None` when nothing answers yet.
+fn redis_pid_on(port: u16) -> Option<u32> {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    conn.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+        .ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A bulk string: `$<len>\r\n<text>\r\n`; read until the pid's line is in.
+    while !reply.windows(11).any(|w| w == b"process_id:") || !reply.ends_with(b"\r\n") {
+        let n = conn.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if reply[0] != b'$' {
+            return Some(0);
+        }
+    }
+    String::from_utf8_lossy(&reply)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:")?.trim().parse().ok())
+}
+
+/// The client port a `nats-server` started with `-p -1` logs to `log` once it listens.
+fn nats_port_from_log(log: &Path, within: Duration, child: &mut Child) -> u16 {
+    const LISTENING: &str = "Listening for client connections on ";
+    let deadline = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(port) = text.lines().find_map(|l| {
+            let addr = &l[l.find(LISTENING)? + LISTENING.len()..];
+            addr.rsplit(':').next()?.trim().parse().ok()
+        }) {
+            return port;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("nats-server exited before listening: {status}; its log:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nats-server did not listen within {within:?}; its log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Kills `pid` when this test process exits, however it exits.
 fn reap_with_parent(pid: u32) {
     let me = std::process::id();
@@ -90,13 +141,26 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts a private `redis-server` on a free port.
+    /// Starts a private `redis-server` on a free port. A port is free when probed, but another
+    /// process may take it before the server binds it: the server then exits, or the port
+    /// answers with someone else's server; either way this tries the next free port.
     pub fn start() -> RedisServer {
-        Self::start_on(free_port())
+        let mut why = String::new();
+        for _ in 0..5 {
+            match Self::try_start_on(free_port()) {
+                Ok(server) => return server,
+                Err(e) => why = e,
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports; the last: {why}");
     }
 
     fn start_on(port: u16) -> RedisServer {
-        let mut child = Command::new(require("redis-server"))
+        Self::try_start_on(port).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_on(port: u16) -> Result<RedisServer, String> {
+        let child = Command::new(require("redis-server"))
             .args([
                 "--port",
                 &port.to_string(),
@@ -119,8 +183,25 @@ impl RedisServer {
             .spawn()
             .expect("start redis-server");
         reap_with_parent(child.id());
-        wait_for_port(port, Duration::from_secs(10), "redis-server", &mut child);
-        RedisServer { child, port }
+        let mut server = RedisServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!(
+                    "redis-server exited before listening on {port}: {status}"
+                ));
+            }
+            match redis_pid_on(port) {
+                Some(pid) if pid == server.child.id() => return Ok(server),
+                // Another process holds the port; ours exits on its failed bind (drop kills it).
+                Some(0) => return Err(format!("port {port} is taken by something else")),
+                Some(pid) => return Err(format!("port {port} is taken by redis-server {pid}")),
+                None if Instant::now() >= deadline => {
+                    return Err(format!("redis-server did not listen on {port} within 10 s"));
+                }
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -169,9 +250,11 @@ impl NatsServer {
         let store =
             std::env::temp_dir().join(format!("fleet-nats-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&store).expect("create nats store dir");
+        // Port 0 here: the first start lets the server choose (`-p -1`) and reads the port
+        // from its log, so no other process can take it between a probe and the bind.
         let mut s = NatsServer {
             child: None,
-            port: free_port(),
+            port: 0,
             store,
         };
         s.spawn();
@@ -179,22 +262,27 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
+        let log = self.store.join("nats-server.log");
+        let _ = std::fs::remove_file(&log);
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
         let mut child = Command::new(require("nats-server"))
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
             .arg(&self.store)
+            .arg("-l")
+            .arg(&log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
         reap_with_parent(child.id());
+        if self.port == 0 {
+            self.port = nats_port_from_log(&log, Duration::from_secs(10), &mut child);
+        }
         wait_for_port(
             self.port,
             Duration::from_secs(10),
@@ -385,5 +473,49 @@ where
             "timed out after {within:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_another_redis_server_holds_is_refused_not_shared() {
+        let theirs = RedisServer::start();
+        assert_eq!(redis_pid_on(theirs.port()), Some(theirs.pid()));
+        let why = RedisServer::try_start_on(theirs.port())
+            .err()
+            .expect("a second server on a taken port");
+        assert!(
+            why.contains("taken by redis-server") || why.contains("exited before listening"),
+            "{why}"
+        );
+        // The one holding the port still answers as itself.
+        assert_eq!(redis_pid_on(theirs.port()), Some(theirs.pid()));
+    }
+
+    #[test]
+    fn a_nats_server_listens_on_the_port_it_chose_and_again_after_a_restart() {
+        let mut nats = NatsServer::start();
+        let port = nats.port();
+        assert_ne!(port, 0);
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+        nats.restart();
+        assert_eq!(nats.port(), port);
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+    }
+
+    #[test]
+    fn a_port_something_else_holds_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let why = RedisServer::try_start_on(port)
+            .err()
+            .expect("no server on a taken port");
+        assert!(
+            why.contains("exited before listening") || why.contains("something else"),
+            "{why}"
+        );
     }
 }
