@@ -40,6 +40,12 @@ pub struct CommonArgs {
     /// Seconds to finish work in hand after SIGTERM before exiting anyway.
     #[arg(long, env = "FLEET_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+
+    /// Milliseconds a Redis command may wait for its reply before it fails (and its work is
+    /// retried or reported). Blocking reads get their block time on top.
+    #[arg(long, env = "FLEET_REDIS_TIMEOUT_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub redis_timeout_ms: u64,
 }
 
 impl CommonArgs {
@@ -63,6 +69,15 @@ impl CommonArgs {
 
     pub fn grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// Connects to `redis_url` with these settings' command timeout.
+    pub async fn connect(&self) -> Result<fred::prelude::Client, crate::redis::ConnectError> {
+        crate::redis::connect_with(
+            &self.redis_url,
+            Duration::from_millis(self.redis_timeout_ms),
+        )
+        .await
     }
 }
 

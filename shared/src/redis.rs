@@ -1,5 +1,7 @@
 //! Connecting to Redis: one multiplexed client per process for ordinary commands, and a
-//! separate connection (`Client::clone_new`) for each blocking reader.
+//! separate connection ([`blocking_reader`]) for each blocking reader. A command fails when its
+//! reply takes longer than the command timeout (`FLEET_REDIS_TIMEOUT_MS`, default 15 s); a
+//! blocking reader's commands get their block on top.
 
 use std::time::Duration;
 
@@ -23,10 +25,24 @@ pub enum ConnectError {
     },
 }
 
+/// How long a command may wait for its reply unless told otherwise (`FLEET_REDIS_TIMEOUT_MS`).
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Builds a client for `url` (`redis://`, `rediss://`, or `redis-cluster://` for cluster mode)
 /// that reconnects forever with backoff, and connects it.
 pub async fn connect(url: &str) -> Result<Client, ConnectError> {
+    connect_with(url, DEFAULT_COMMAND_TIMEOUT).await
+}
+
+/// [`connect`], with commands failing after `command_timeout` without a reply. A blocking
+/// read's wait counts too: give a reader that blocks longer than a second its own allowance
+/// ([`blocking_reader`]).
+pub async fn connect_with(url: &str, command_timeout: Duration) -> Result<Client, ConnectError> {
     let client = client(url)?;
+    client.update_perf_config(PerformanceConfig {
+        default_command_timeout: command_timeout,
+        ..client.perf_config()
+    });
     client
         .init()
         .await
@@ -42,6 +58,18 @@ pub async fn connect(url: &str) -> Result<Client, ConnectError> {
             source,
         })?;
     Ok(client)
+}
+
+/// A connection of its own for a reader whose calls block up to `block`: its commands may take
+/// that much longer than `client`'s before they time out. Not yet connected (`init` it).
+pub fn blocking_reader(client: &Client, block: Duration) -> Client {
+    let reader = client.clone_new();
+    let perf = client.perf_config();
+    reader.update_perf_config(PerformanceConfig {
+        default_command_timeout: perf.default_command_timeout + block,
+        ..perf
+    });
+    reader
 }
 
 /// Builds a client for `url` without connecting it.
@@ -67,7 +95,7 @@ pub fn client(url: &str) -> Result<Client, ConnectError> {
         ..Default::default()
     };
     let perf = PerformanceConfig {
-        default_command_timeout: Duration::from_secs(15),
+        default_command_timeout: DEFAULT_COMMAND_TIMEOUT,
         ..Default::default()
     };
     let policy = ReconnectPolicy::new_exponential(0, 50, 2_000, 2);

@@ -86,7 +86,7 @@ impl App {
     /// Connects to Redis and binds the admin port.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         admin::prometheus();
-        let client = fleet::redis::connect(&cfg.common.redis_url).await?;
+        let client = cfg.common.connect().await?;
         let admin = TcpListener::bind(cfg.admin_addr).await?;
         Ok(App { cfg, client, admin })
     }

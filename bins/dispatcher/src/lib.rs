@@ -112,7 +112,7 @@ impl App {
             )?),
             None => None,
         };
-        let client = fleet::redis::connect(&cfg.common.redis_url).await?;
+        let client = cfg.common.connect().await?;
         if let Some(path) = &cfg.agents_file {
             let n = AgentStore::new(client.clone(), cfg.common.keys())
                 .load_file(path)

@@ -238,7 +238,7 @@ impl App {
             tracing::warn!("FLEET_API_KEYS is empty: /api/v1/agents is open to anyone");
         }
 
-        let client = fleet::redis::connect(&cfg.common.redis_url).await?;
+        let client = cfg.common.connect().await?;
         let keys = cfg.common.keys();
         let agents = AgentStore::new(client.clone(), keys.clone());
         if let Some(path) = &cfg.agents_file {

@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Cancels remembered for tasks not (yet) held here are forgotten after this long.
 const REMEMBER: Duration = Duration::from_secs(600);
+/// Milliseconds one read of a control stream blocks waiting for entries.
+const BLOCK_MS: u64 = 1000;
 
 #[derive(Default)]
 struct Inner {
@@ -110,12 +112,12 @@ pub async fn follow<M: Message>(
     shutdown: &CancellationToken,
     mut apply: impl FnMut(M),
 ) -> anyhow::Result<()> {
-    let reader = client.clone_new();
+    let reader = fleet::redis::blocking_reader(client, Duration::from_millis(BLOCK_MS));
     reader.init().await?;
     let mut last = "$".to_owned();
     while !shutdown.is_cancelled() {
         let reply: Result<Value, _> = reader
-            .xread(Some(256), Some(1000), stream, last.as_str())
+            .xread(Some(256), Some(BLOCK_MS), stream, last.as_str())
             .await;
         let streams = match reply.map(parse_read) {
             Ok(Ok(s)) => s,

@@ -195,7 +195,7 @@ impl App {
             cfg.agent_roles()?;
         }
         admin::prometheus();
-        let client = fleet::redis::connect(&cfg.common.redis_url).await?;
+        let client = cfg.common.connect().await?;
         let admin = TcpListener::bind(cfg.admin_addr).await?;
         Ok(App { cfg, client, admin })
     }

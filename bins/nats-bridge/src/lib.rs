@@ -97,7 +97,7 @@ impl App {
     /// reports itself degraded, while NATS is unreachable) and binds the admin port.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         admin::prometheus();
-        let client = fleet::redis::connect(&cfg.common.redis_url).await?;
+        let client = cfg.common.connect().await?;
         WRITE_ONCE.load(&client).await?;
         let keys = cfg.common.keys();
         let health = Health::new(

@@ -50,7 +50,7 @@ pub async fn read_shard(
     registry: Arc<Registry>,
     stop: CancellationToken,
 ) {
-    let reader = client.clone_new();
+    let reader = fleet::redis::blocking_reader(&client, Duration::from_millis(BLOCK_MS));
     let mut backoff = BACKOFF_MIN;
     loop {
         let connected = tokio::select! {

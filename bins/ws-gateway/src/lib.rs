@@ -189,7 +189,7 @@ impl App {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
         }
-        let client = fleet::redis::connect(&cfg.common.redis_url).await?;
+        let client = cfg.common.connect().await?;
         let keys = cfg.common.keys();
 
         // Install the Prometheus recorder before the first metric is recorded.

@@ -197,7 +197,7 @@ impl<H: Handler> ConsumerLoop<H> {
                 group: cfg.group.clone(),
                 source,
             })?;
-        let reader = self.client.clone_new();
+        let reader = crate::redis::blocking_reader(&self.client, cfg.block);
         reader.init().await.map_err(ConsumerError::Connect)?;
         tracing::info!(stream = %cfg.stream, group = %cfg.group, consumer = %cfg.consumer, "consumer started");
 

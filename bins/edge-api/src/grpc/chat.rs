@@ -5,7 +5,6 @@
 //! `session_closed`.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use fleet::events::with_event_id;
 use fleet::session::{InitSession, SubmitMessage};
@@ -16,12 +15,10 @@ use serde_json::Value as Json;
 use tonic::{Request, Status};
 use tracing::Span;
 
-use super::{BoxStream, Orchestrator, convert, error};
+use super::{BoxStream, Orchestrator, READ_BLOCK, convert, error};
 
 /// Events read per replay page and per live read.
 const PAGE: u64 = 500;
-/// Longest single blocking read of a stream.
-const READ_BLOCK: Duration = Duration::from_secs(1);
 
 /// The bearer token of a call: the `session_token` field, else `authorization: Bearer <token>`.
 fn token<T>(req: &Request<T>, field: &str) -> Result<String, Status> {

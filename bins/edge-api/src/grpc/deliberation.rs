@@ -20,13 +20,11 @@ use tonic::{Request, Status};
 use tracing::Span;
 use uuid::Uuid;
 
-use super::{BoxStream, Orchestrator, client_deadline, convert, error};
+use super::{BoxStream, Orchestrator, READ_BLOCK, client_deadline, convert, error};
 
 /// How long a call without a deadline waits past the deliberation's own deadline (the sweeper
 /// ends it shortly after; this only bounds a wait on a deliberation nobody ends).
 const WAIT_PAST_DEADLINE: Duration = Duration::from_secs(60);
-/// Longest single blocking read of a waiting call.
-const READ_BLOCK: Duration = Duration::from_secs(1);
 /// Default council size of an orchestration.
 const DEFAULT_ORCHESTRATION_AGENTS: u32 = 3;
 /// Default number of candidates an architect chooses among.

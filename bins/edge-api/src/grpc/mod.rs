@@ -47,6 +47,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+/// Longest single blocking read of a stream by a call (its blocking reader's allowance).
+pub(crate) const READ_BLOCK: Duration = Duration::from_secs(1);
+
 /// Limits of the gRPC service.
 #[derive(Clone, Debug)]
 pub struct GrpcLimits {
@@ -99,7 +102,7 @@ impl Orchestrator {
                 self.limits.max_waiters
             ))
         })?;
-        let client = self.client().clone_new();
+        let client = fleet::redis::blocking_reader(self.client(), READ_BLOCK);
         client.init().await.map_err(error::unavailable)?;
         Ok(BlockingReader {
             client,
