@@ -10,7 +10,7 @@ use fleet::envelope::Callback;
 use fleet::events::{ServerMessage, message_type};
 use fleet::session_log::{PublishOrder, SessionLog};
 use fleet::stream::{Delivery, Handler, Outcome};
-use fleet::task::{OpStatus, TaskOp, TaskStore};
+use fleet::task::{Applied, OpStatus, TaskOp, TaskStore};
 use fleet::time::now_ms;
 use serde_json::json;
 use tracing::Instrument;
@@ -91,6 +91,30 @@ pub fn op_for(cb: &Callback) -> Option<TaskOp> {
             op
         }
     })
+}
+
+/// Applies `ops` to session `sid` and fans out their events (a nudge when `nudge` and nothing
+/// new was logged), in the session's line of `order`.
+pub(crate) async fn apply_in_order(
+    tasks: &TaskStore,
+    log: &SessionLog,
+    order: &PublishOrder,
+    sid: &str,
+    ops: &[TaskOp],
+    nudge: bool,
+) -> anyhow::Result<Applied> {
+    // Each future pinned where it is made, in a scope of its own: they are large, and moving
+    // them, or keeping the first beside the second, would copy them.
+    let (turn, applied) = {
+        let apply = pin!(tasks.apply(sid, ops));
+        order.send(sid, apply).await
+    };
+    let applied = applied?;
+    {
+        let publish = pin!(log.publish_applied(sid, &applied, nudge));
+        order.publish(turn, publish).await?;
+    }
+    Ok(applied)
 }
 
 impl Handler for CallbackHandler {
@@ -237,22 +261,9 @@ impl CallbackHandler {
             .flat_map(|d| d.envelope.msg.unbatched())
             .filter_map(|cb| op_for(cb).map(|op| (fleet::envelope::Message::kind(cb), op)))
             .unzip();
-        let result = async {
-            // Each future pinned where it is made, in a scope of its own: they are large, and
-            // moving them, or keeping the first beside the second, would copy them.
-            let (turn, applied) = {
-                let apply = pin!(self.tasks.apply(sid, &ops));
-                self.order.send(sid, apply).await
-            };
-            let applied = applied?;
-            {
-                let publish = pin!(self.log.publish_applied(sid, &applied, redelivered));
-                self.order.publish(turn, publish).await?;
-            }
-            Ok::<_, anyhow::Error>(applied)
-        }
-        .instrument(span)
-        .await;
+        let result = apply_in_order(&self.tasks, &self.log, &self.order, sid, &ops, redelivered)
+            .instrument(span)
+            .await;
         match result {
             Ok(applied) => {
                 for (&kind, status) in kinds.iter().zip(&applied.statuses) {

@@ -10,7 +10,6 @@
 //! ([`fleet::deliberation::Engine::expire`], which also removes it from the set).
 
 use std::collections::BTreeMap;
-use std::pin::pin;
 use std::time::Duration;
 
 use fleet::deliberation::Engine;
@@ -106,15 +105,15 @@ impl Sweeper {
                     TaskOp::end("timeout", tid, "timed_out", message, ev.to_json())
                 })
                 .collect();
-            let (turn, applied) = {
-                let apply = pin!(self.tasks.apply(sid, &ops));
-                self.order.send(sid, apply).await
-            };
-            let applied = applied?;
-            {
-                let publish = pin!(self.log.publish_applied(sid, &applied, false));
-                self.order.publish(turn, publish).await?;
-            }
+            let applied = crate::handler::apply_in_order(
+                &self.tasks,
+                &self.log,
+                &self.order,
+                sid,
+                &ops,
+                false,
+            )
+            .await?;
             if let Some(p) = &self.planning {
                 p.tasks_ended(&self.tasks, sid, &applied.ended);
             }
