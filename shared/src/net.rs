@@ -1,7 +1,18 @@
-//! Listening sockets of the HTTP and WebSocket front doors.
+//! Listening sockets: binding them, and those of the HTTP and WebSocket front doors.
 
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
 use axum::serve::{ListenerExt, TapIo};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Binds `addr`, the value of `setting` (e.g. `FLEET_ADMIN_ADDR`); port 0 picks a free port.
+/// The error names the setting and the address, so a port already taken says which one.
+pub async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {setting} {addr}"))
+}
 
 /// `listener` with `TCP_NODELAY` on every accepted connection. Replies and streamed events are
 /// small writes, often several in a row (a chunk and then the response): with Nagle's

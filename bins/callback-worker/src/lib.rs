@@ -87,7 +87,8 @@ impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         admin::prometheus();
         let client = cfg.common.connect().await?;
-        let admin = TcpListener::bind(cfg.admin_addr).await?;
+        let admin = fleet::net::bind(cfg.admin_addr, "FLEET_ADMIN_ADDR").await?;
+        tracing::info!(admin = %admin.local_addr()?, "listening");
         Ok(App { cfg, client, admin })
     }
 

@@ -119,7 +119,8 @@ impl App {
                 .await?;
             tracing::info!(agents = n, file = %path.display(), "loaded agents");
         }
-        let admin = TcpListener::bind(cfg.admin_addr).await?;
+        let admin = fleet::net::bind(cfg.admin_addr, "FLEET_ADMIN_ADDR").await?;
+        tracing::info!(admin = %admin.local_addr()?, "listening");
         Ok(App {
             cfg,
             client,

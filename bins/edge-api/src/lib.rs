@@ -295,13 +295,9 @@ impl App {
         );
         let state = AppState::new(chat, api_keys, urls, health, cfg.max_body_bytes);
 
-        let listener = TcpListener::bind(cfg.http_addr)
-            .await
-            .with_context(|| format!("cannot listen on FLEET_HTTP_ADDR {}", cfg.http_addr))?;
+        let listener = fleet::net::bind(cfg.http_addr, "FLEET_HTTP_ADDR").await?;
         let addr = listener.local_addr()?;
-        let grpc_listener = TcpListener::bind(cfg.grpc_addr())
-            .await
-            .with_context(|| format!("cannot listen on FLEET_GRPC_ADDR {}", cfg.grpc_addr()))?;
+        let grpc_listener = fleet::net::bind(cfg.grpc_addr(), "FLEET_GRPC_ADDR").await?;
         let grpc_addr = grpc_listener.local_addr()?;
         Ok(App {
             listener,
@@ -337,7 +333,7 @@ impl App {
             shutdown.clone(),
         ));
         let router = routes::router(self.state.clone());
-        tracing::info!(addr = %self.addr, grpc = %self.grpc_addr, "edge-api listening");
+        tracing::info!(http = %self.addr, grpc = %self.grpc_addr, "listening");
         let signal = shutdown.clone().cancelled_owned();
         let mut server = tokio::spawn(
             axum::serve(

@@ -196,7 +196,8 @@ impl App {
         }
         admin::prometheus();
         let client = cfg.common.connect().await?;
-        let admin = TcpListener::bind(cfg.admin_addr).await?;
+        let admin = fleet::net::bind(cfg.admin_addr, "FLEET_ADMIN_ADDR").await?;
+        tracing::info!(admin = %admin.local_addr()?, "listening");
         Ok(App { cfg, client, admin })
     }
 

@@ -111,7 +111,8 @@ impl App {
             health.components.clone(),
         )
         .await?;
-        let admin = TcpListener::bind(cfg.admin_addr).await?;
+        let admin = fleet::net::bind(cfg.admin_addr, "FLEET_ADMIN_ADDR").await?;
+        tracing::info!(admin = %admin.local_addr()?, "listening");
         Ok(App {
             cfg,
             client,

@@ -4,11 +4,12 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Env, headers, transition};
-use fleet_test_support::{eventually, free_port};
+use fleet_test_support::eventually;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
@@ -43,8 +44,8 @@ fn publish_events(env: &Arc<Env>, n: usize) -> JoinHandle<()> {
 }
 
 /// The value of metric `name` with label `outcome="<outcome>"` on an admin server (0 if absent).
-async fn metric(port: u16, name: &str, outcome: &str) -> f64 {
-    let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+async fn metric(admin: SocketAddr, name: &str, outcome: &str) -> f64 {
+    let Ok(r) = reqwest::get(format!("http://{admin}/metrics")).await else {
         return 0.0;
     };
     let text = r.text().await.unwrap_or_default();
@@ -92,16 +93,14 @@ async fn check_exactly_once(env: &Env, n: usize) {
 async fn kill_9_mid_stream_of_1000_events_loses_and_repeats_nothing() {
     const N: usize = 1000;
     let env = Arc::new(Env::start().await);
-    let port = free_port();
-    let mut bridge = env.bridge_process(port, &["--nats-batch", "32"]);
+    let (mut bridge, _) = env.bridge_process(&["--nats-batch", "32"]).await;
     env.wait_streams().await;
     let mut publisher = Some(publish_events(&env, N));
 
     wait_tasks(&env, 250, &mut publisher).await;
     bridge.kill();
     let at_kill = env.len(&env.keys.tasks()).await;
-    let port = free_port();
-    let mut bridge = env.bridge_process(port, &["--nats-batch", "32"]);
+    let (mut bridge, admin) = env.bridge_process(&["--nats-batch", "32"]).await;
 
     join(publisher).await;
     env.wait_len(&env.keys.tasks(), N as u64, WITHIN).await;
@@ -114,7 +113,7 @@ async fn kill_9_mid_stream_of_1000_events_loses_and_repeats_nothing() {
     .await;
     check_exactly_once(&env, N).await;
     assert!(at_kill < N as u64, "killed mid-stream ({at_kill} written)");
-    let redelivered = metric(port, "fleet_nats_messages_in_total", "duplicate").await;
+    let redelivered = metric(admin, "fleet_nats_messages_in_total", "duplicate").await;
     eprintln!(
         "killed after {at_kill} entries; the restarted bridge recognised {redelivered} redelivered messages as written"
     );
@@ -126,7 +125,9 @@ async fn sigterm_under_load_exits_zero_and_a_successor_finishes() {
     const N: usize = 600;
     const M: usize = 200;
     let env = Arc::new(Env::start().await);
-    let mut bridge = env.bridge_process(free_port(), &["--nats-batch", "16", "--batch", "16"]);
+    let (mut bridge, _) = env
+        .bridge_process(&["--nats-batch", "16", "--batch", "16"])
+        .await;
     env.wait_streams().await;
     let mut publisher = Some(publish_events(&env, N));
     for i in 0..M {
@@ -146,7 +147,7 @@ async fn sigterm_under_load_exits_zero_and_a_successor_finishes() {
     let log = bridge.log();
     assert!(log.contains("nats-bridge stopped"), "{log}");
 
-    let mut successor = env.bridge_process(free_port(), &[]);
+    let (mut successor, _) = env.bridge_process(&[]).await;
     join(publisher).await;
     env.wait_len(&env.keys.tasks(), N as u64, WITHIN).await;
     env.wait_outbound_drained().await;

@@ -225,9 +225,7 @@ impl App {
             admissions: routes::Admissions::new(cfg.admissions_at_once),
         });
 
-        let listener = TcpListener::bind(cfg.http_addr)
-            .await
-            .with_context(|| format!("cannot listen on FLEET_HTTP_ADDR {}", cfg.http_addr))?;
+        let listener = fleet::net::bind(cfg.http_addr, "FLEET_HTTP_ADDR").await?;
         let http_addr = listener.local_addr()?;
         let health = fleet::admin::Health::new("ws-gateway", client.clone(), vec![]);
         let (admin_addr, _admin) = fleet::admin::serve(
@@ -238,10 +236,10 @@ impl App {
         .await
         .with_context(|| format!("cannot listen on FLEET_ADMIN_ADDR {}", cfg.admin_addr))?;
         tracing::info!(
-            %http_addr,
-            %admin_addr,
+            http = %http_addr,
+            admin = %admin_addr,
             presence_field = %fleet::session::ws_presence_field(gateway.presence.gateway()),
-            "ws-gateway bound"
+            "listening"
         );
         Ok(App {
             listener,

@@ -27,9 +27,9 @@ fn rss_bytes(pid: u32) -> u64 {
 #[ignore = "measurement: needs the built binary and many descriptors"]
 async fn idle_websockets_stay_under_16_kib_each() {
     let fleet = Fleet::new().await;
-    let (mut gw, http) = fleet.gateway_process("warn").await;
+    let (mut gw, http) = fleet.gateway_process().await;
     let pid = gw.pid().expect("running");
-    let base = format!("ws://127.0.0.1:{http}/ws/chat");
+    let base = format!("ws://{http}/ws/chat");
     let mut sessions = Vec::new();
     for _ in 0..50 {
         sessions.push(fleet.session().await);

@@ -37,7 +37,7 @@ async fn the_gateway_raises_its_open_files_soft_limit_to_the_hard_one() {
         },
     )
     .expect("lowering this process's soft limit");
-    let (gw, _) = fleet.gateway_process("info").await;
+    let (gw, _) = fleet.gateway_process().await;
     setrlimit(
         Resource::Nofile,
         Rlimit {

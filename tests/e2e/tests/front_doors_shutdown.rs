@@ -1,13 +1,15 @@
 //! SIGTERM to edge-api and ws-gateway processes under load: each exits 0 within its grace
 //! period, and every task it accepted still completes.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use fleet_e2e::{AGENT, Fleet, Options, SECRET, WsClient, is_final_of};
-use fleet_test_support::{FleetProcess, eventually, free_port};
+use fleet_test_support::{FleetProcess, eventually};
 use serde_json::{Value as Json, json};
 
-fn front_door(name: &str, fleet: &Fleet, http: u16) -> FleetProcess {
+/// Starts front door `name` on ports the system chooses; returns it and its HTTP address.
+async fn front_door(name: &str, fleet: &Fleet) -> (FleetProcess, SocketAddr) {
     let mut args = fleet_e2e::common_args(&fleet.redis_url, &fleet.prefix);
     if name == "edge-api" {
         // edge-api serves its admin routes on the REST port.
@@ -23,10 +25,12 @@ fn front_door(name: &str, fleet: &Fleet, http: u16) -> FleetProcess {
         "--secret".into(),
         SECRET.into(),
         "--http-addr".into(),
-        format!("127.0.0.1:{http}"),
+        "127.0.0.1:0".into(),
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    FleetProcess::spawn(name, &args, &[])
+    let mut process = FleetProcess::spawn(name, &args, &[]);
+    let http = process.listening("http", Duration::from_secs(20)).await;
+    (process, http)
 }
 
 async fn healthy(url: &str) {
@@ -48,18 +52,10 @@ async fn front_doors_exit_zero_on_sigterm_and_what_they_accepted_completes() {
         ..Default::default()
     })
     .await;
-    let (api_port, ws_port) = (free_port(), free_port());
-    let mut api = front_door("edge-api", &fleet, api_port);
-    let mut gateway = front_door("ws-gateway", &fleet, ws_port);
-    let api_url = format!("http://127.0.0.1:{api_port}");
+    let (mut api, api_addr) = front_door("edge-api", &fleet).await;
+    let (mut gateway, ws_addr) = front_door("ws-gateway", &fleet).await;
+    let api_url = format!("http://{api_addr}");
     healthy(&format!("{api_url}/health/ready")).await;
-    eventually(Duration::from_secs(20), "ws-gateway listening", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
 
     let http = reqwest::Client::new();
     let init: Json = http
@@ -73,10 +69,7 @@ async fn front_doors_exit_zero_on_sigterm_and_what_they_accepted_completes() {
         .unwrap();
     let sid = init["session_id"].as_str().unwrap().to_owned();
     let token = init["session_token"].as_str().unwrap().to_owned();
-    let mut ws = WsClient::connect(&format!(
-        "ws://127.0.0.1:{ws_port}/ws/chat/{sid}?token={token}"
-    ))
-    .await;
+    let mut ws = WsClient::connect(&format!("ws://{ws_addr}/ws/chat/{sid}?token={token}")).await;
 
     // Load over REST until edge-api goes away; SIGTERM it once 50 tasks are accepted.
     let submitter = {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use fleet_e2e::{AGENT, Fleet, SECRET, WsClient, is_final_of};
-use fleet_test_support::{FleetProcess, NatsServer, eventually, free_port};
+use fleet_test_support::{FleetProcess, NatsServer, eventually};
 use futures::StreamExt;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -177,59 +177,26 @@ fn caller_context() -> (String, String, String) {
     (format!("00-{trace}-{span}-01"), trace, span)
 }
 
-/// Every binary of the fleet as a process, each with an admin address this test knows.
+/// Every binary of the fleet as a process, each with the admin address it logged.
 struct Processes {
     procs: Vec<Proc>,
-    env: Vec<(&'static str, String)>,
     api: String,
     ws: String,
 }
 
-/// One binary of [`Processes`], with what it takes to start it again.
+/// One binary of [`Processes`].
 struct Proc {
     name: String,
     process: FleetProcess,
-    /// Its arguments; `--admin-addr` is the last pair unless it is edge-api, whose admin routes
-    /// are on its HTTP port.
-    args: Vec<String>,
-    admin: u16,
-}
-
-impl Proc {
-    fn spawn(name: &str, args: Vec<String>, admin: u16, env: &[(&str, String)]) -> Proc {
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc {
-            name: name.to_owned(),
-            process: FleetProcess::spawn(name, &argv, env),
-            args,
-            admin,
-        }
-    }
-
-    /// Whether this process, and not another on its admin port, is ready: `/health/detailed`
-    /// answers 200 when `/health/ready` does, and names the instance, whose name holds its pid.
-    async fn ready_itself(&self) -> bool {
-        let Some(pid) = self.process.pid() else {
-            return false;
-        };
-        let url = format!("http://127.0.0.1:{}/health/detailed", self.admin);
-        let Ok(r) = reqwest::get(&url).await else {
-            return false;
-        };
-        if !r.status().is_success() {
-            return false;
-        }
-        let Ok(body) = r.json::<Json>().await else {
-            return false;
-        };
-        body["instance"]
-            .as_str()
-            .is_some_and(|i| i.starts_with(&self.name) && i.contains(&format!("-{pid}-")))
-    }
+    /// Where its admin routes are (edge-api's are on its HTTP port).
+    admin: SocketAddr,
 }
 
 impl Processes {
-    fn start(fleet: &Fleet, nats: &NatsServer, otlp: Option<SocketAddr>) -> Processes {
+    /// Starts every binary with every port chosen by the system (port 0), each read back from
+    /// the process's `listening` log line; the gateway comes before edge-api, which names the
+    /// gateway's address to clients.
+    async fn start(fleet: &Fleet, nats: &NatsServer, otlp: Option<SocketAddr>) -> Processes {
         let mut env: Vec<(&'static str, String)> = Vec::new();
         if let Some(addr) = otlp {
             env.extend([
@@ -238,7 +205,7 @@ impl Processes {
                 ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
             ]);
         }
-        let (api_port, ws_port) = (free_port(), free_port());
+        let (mut api, mut ws) = (String::new(), String::new());
         let mut procs = Vec::new();
         for name in [
             "dispatcher",
@@ -249,100 +216,70 @@ impl Processes {
             "nats-bridge",
         ] {
             let mut args = fleet_e2e::common_args(&fleet.redis_url, &fleet.prefix);
-            let at = args.iter().position(|a| a == "--admin-addr").unwrap();
-            args.drain(at..at + 2);
+            match name {
+                "edge-api" => {
+                    // Its admin routes are on its HTTP port.
+                    let at = args.iter().position(|a| a == "--admin-addr").unwrap();
+                    args.drain(at..at + 2);
+                    args.extend(
+                        [
+                            "--http-addr",
+                            "127.0.0.1:0",
+                            "--grpc-addr",
+                            "127.0.0.1:0",
+                            "--secret",
+                            SECRET,
+                            "--public-ws-url",
+                            &ws,
+                        ]
+                        .map(String::from),
+                    );
+                }
+                "ws-gateway" => args
+                    .extend(["--http-addr", "127.0.0.1:0", "--secret", SECRET].map(String::from)),
+                "nats-bridge" => args.extend(["--nats-url".into(), nats.url()]),
+                _ => {}
+            }
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut process = FleetProcess::spawn(name, &argv, &env);
             let admin = match name {
                 "edge-api" => {
-                    args.extend([
-                        "--http-addr".into(),
-                        format!("127.0.0.1:{api_port}"),
-                        "--grpc-addr".into(),
-                        "127.0.0.1:0".into(),
-                        "--secret".into(),
-                        SECRET.into(),
-                        "--public-ws-url".into(),
-                        format!("ws://127.0.0.1:{ws_port}"),
-                    ]);
-                    api_port
+                    let http = process.listening("http", WITHIN).await;
+                    api = format!("http://{http}");
+                    http
                 }
                 "ws-gateway" => {
-                    args.extend([
-                        "--http-addr".into(),
-                        format!("127.0.0.1:{ws_port}"),
-                        "--secret".into(),
-                        SECRET.into(),
-                    ]);
-                    free_port()
+                    ws = format!("ws://{}", process.listening("http", WITHIN).await);
+                    process.listening("admin", WITHIN).await
                 }
-                "nats-bridge" => {
-                    args.extend(["--nats-url".into(), nats.url()]);
-                    free_port()
-                }
-                _ => free_port(),
+                _ => process.listening("admin", WITHIN).await,
             };
-            if name != "edge-api" {
-                args.extend(["--admin-addr".into(), format!("127.0.0.1:{admin}")]);
-            }
-            procs.push(Proc::spawn(name, args, admin, &env));
+            procs.push(Proc {
+                name: name.to_owned(),
+                process,
+                admin,
+            });
         }
-        Processes {
-            procs,
-            env,
-            api: format!("http://127.0.0.1:{api_port}"),
-            ws: format!("ws://127.0.0.1:{ws_port}"),
-        }
+        Processes { procs, api, ws }
     }
 
-    /// Waits until every process is ready, answering on its admin port itself. A port
-    /// handed out free can be taken by another process before the binary binds it: the binary
-    /// then exits, and is started again on another admin port (edge-api's and ws-gateway's HTTP
-    /// ports are fixed, since each is named in another's arguments).
-    async fn ready(&mut self) {
-        let within = Duration::from_secs(30);
-        let Processes { procs, env, .. } = self;
-        for p in procs {
-            let mut restarts = 0;
-            let ok = tokio::time::timeout(within, async {
-                loop {
-                    if !p.process.running() {
-                        let log = p.process.log();
-                        if !log.contains("Address already in use")
-                            || p.name == "edge-api"
-                            || restarts == 3
-                        {
-                            return Err(log);
-                        }
-                        restarts += 1;
-                        let admin = free_port();
-                        let mut args = std::mem::take(&mut p.args);
-                        let last = args.len() - 1;
-                        args[last] = format!("127.0.0.1:{admin}");
-                        *p = Proc::spawn(&p.name.clone(), args, admin, env);
-                        continue;
-                    }
-                    if p.ready_itself().await {
-                        return Ok(());
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+    /// Waits until every process answers `/health/ready` (a process that fails shows its log
+    /// when the test panics).
+    async fn ready(&self) {
+        for p in &self.procs {
+            let url = format!("http://{}/health/ready", p.admin);
+            eventually(WITHIN, &format!("{} ready", p.name), || async {
+                let r = reqwest::get(&url).await.ok()?;
+                r.status().is_success().then_some(())
             })
             .await;
-            match ok {
-                Ok(Ok(())) => {}
-                Ok(Err(log)) => panic!("{} exited before it was ready:\n{log}", p.name),
-                Err(_) => panic!(
-                    "{} not ready within {within:?}:\n{}",
-                    p.name,
-                    p.process.log()
-                ),
-            }
         }
     }
 
     async fn metrics(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for Proc { name, admin, .. } in &self.procs {
-            let body = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+            let body = reqwest::get(format!("http://{admin}/metrics"))
                 .await
                 .unwrap_or_else(|e| panic!("{name} /metrics: {e}"));
             assert_eq!(body.status(), 200, "{name} /metrics");
@@ -420,7 +357,7 @@ async fn a_chat_task_and_a_planning_event_are_each_one_trace_across_every_proces
     let (collector, otlp) = Collector::serve().await;
     let nats = NatsServer::start();
     let fleet = Fleet::start_without_workers().await;
-    let mut p = Processes::start(&fleet, &nats, Some(otlp));
+    let p = Processes::start(&fleet, &nats, Some(otlp)).await;
     p.ready().await;
 
     // The chat path, from the caller's span to the gateway's delivery.
@@ -602,7 +539,7 @@ fn split_labels(body: &str) -> Vec<&str> {
 async fn every_process_serves_prometheus_metrics_that_move_with_traffic() {
     let nats = NatsServer::start();
     let fleet = Fleet::start_without_workers().await;
-    let mut p = Processes::start(&fleet, &nats, None);
+    let p = Processes::start(&fleet, &nats, None).await;
     p.ready().await;
     let before = p.metrics().await;
 

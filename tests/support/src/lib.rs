@@ -8,7 +8,8 @@
 //!   store directory; [`NatsServer::restart`] stops and starts it on the same port and store.
 //! * [`prefix`] gives each test its own key prefix, so tests never see each other's keys.
 //! * [`FleetProcess`] runs one of Fleet's binaries (built by `cargo build --workspace --bins`)
-//!   with its environment, and can stop it with SIGTERM or SIGKILL.
+//!   with its environment, reads the addresses it listens on from its log (start it on port 0),
+//!   and can stop it with SIGTERM or SIGKILL.
 //!
 //! Every child is stopped by PID: on drop, and by a reaper process that kills it if the test
 //! process dies first. The machine's own Redis and NATS on their standard ports are never used.
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 /// A port nobody listens on right now, and one this process has not been given before: the
 /// kernel may hand out a port it just freed again, and two processes of one test told the same
 /// port would see one of them fail to bind it.
-pub fn free_port() -> u16 {
+fn free_port() -> u16 {
     static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
@@ -418,6 +419,28 @@ impl FleetProcess {
         }
     }
 
+    /// The address the process listens on for `name` (`admin`, `http` or `grpc`), from the
+    /// `listening` line every binary logs once its ports are bound. Start a process on port 0
+    /// and ask here, rather than hand it a free port that something else could take first.
+    /// Panics with the log if the process exits first or has not said within `within`.
+    pub async fn listening(&mut self, name: &str, within: Duration) -> SocketAddr {
+        let deadline = Instant::now() + within;
+        loop {
+            let exited = !self.running();
+            let log = self.log();
+            if let Some(addr) = listening_addr(&log, name) {
+                return addr;
+            }
+            assert!(!exited, "{} exited before it listened:\n{log}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} logged no `listening` address `{name}` within {within:?}:\n{log}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// SIGTERM, then waits up to `within` for the exit. Returns its exit status.
     pub async fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
@@ -456,6 +479,16 @@ impl Drop for FleetProcess {
     }
 }
 
+/// Address `name` of the first `listening` line of a JSON log (`FLEET_LOG_FORMAT=json`).
+fn listening_addr(log: &str, name: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|v| v["fields"]["message"] == "listening")?["fields"][name]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
 /// Polls `check` until it returns `Some`, up to `within`; panics with `what` otherwise.
 /// For conditions no event announces (e.g. a value in Redis written by another process).
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
@@ -479,6 +512,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_listening_address_is_read_from_the_json_log() {
+        let log = concat!(
+            "not json\n",
+            r#"{"level":"INFO","fields":{"message":"loaded agents","admin":"1.2.3.4:5"}}"#,
+            "\n",
+            r#"{"level":"INFO","fields":{"message":"listening","http":"127.0.0.1:4101","admin":"127.0.0.1:4102"}}"#,
+            "\n",
+        );
+        assert_eq!(
+            listening_addr(log, "admin"),
+            Some("127.0.0.1:4102".parse().unwrap())
+        );
+        assert_eq!(
+            listening_addr(log, "http"),
+            Some("127.0.0.1:4101".parse().unwrap())
+        );
+        assert_eq!(listening_addr(log, "grpc"), None);
+        assert_eq!(listening_addr("", "admin"), None);
+    }
 
     #[test]
     fn a_port_another_redis_server_holds_is_refused_not_shared() {

@@ -123,14 +123,14 @@ impl Env {
         }
     }
 
-    /// Starts the built `nats-bridge` binary with its admin server on `admin_port`.
-    pub fn bridge_process(&self, admin_port: u16, extra: &[&str]) -> FleetProcess {
-        let admin = format!("127.0.0.1:{admin_port}");
-        let mut args = self.args(extra);
-        let at = args.iter().position(|a| a == "127.0.0.1:0").unwrap();
-        args[at] = admin;
+    /// Starts the built `nats-bridge` binary, its admin server on a port the system chooses;
+    /// returns it and that admin address.
+    pub async fn bridge_process(&self, extra: &[&str]) -> (FleetProcess, SocketAddr) {
+        let args = self.args(extra);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        FleetProcess::spawn("nats-bridge", &refs, &[])
+        let mut bridge = FleetProcess::spawn("nats-bridge", &refs, &[]);
+        let admin = bridge.listening("admin", Duration::from_secs(30)).await;
+        (bridge, admin)
     }
 
     /// Publishes `payload` to JetStream subject `subject` with `headers`, waiting for the ack.

@@ -85,30 +85,22 @@ pub struct Session {
 }
 
 impl Fleet {
-    /// The ws-gateway binary as a process of its own, on free ports, once it listens; with its
-    /// client-facing port. For what only the process shows: its memory, its limits.
-    pub async fn gateway_process(&self, rust_log: &str) -> (fleet_test_support::FleetProcess, u16) {
-        use fleet_test_support::free_port;
-        let http = free_port();
-        let gw = fleet_test_support::FleetProcess::spawn(
+    /// The ws-gateway binary as a process of its own, on ports the system chooses, once it
+    /// listens; with its client-facing address. For what only the process shows: its memory,
+    /// its limits.
+    pub async fn gateway_process(&self) -> (fleet_test_support::FleetProcess, SocketAddr) {
+        let mut gw = fleet_test_support::FleetProcess::spawn(
             "ws-gateway",
             &[],
             &[
                 ("REDIS_URL", self.redis_url.clone()),
                 ("FLEET_PREFIX", self.prefix.clone()),
                 ("FLEET_SECRET", SECRET.to_owned()),
-                ("FLEET_HTTP_ADDR", format!("127.0.0.1:{http}")),
-                ("FLEET_ADMIN_ADDR", format!("127.0.0.1:{}", free_port())),
-                ("RUST_LOG", rust_log.to_owned()),
+                ("FLEET_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+                ("FLEET_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
             ],
         );
-        fleet_test_support::eventually(WAIT, "the gateway listens", || async {
-            TcpStream::connect(("127.0.0.1", http))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
+        let http = gw.listening("http", WAIT).await;
         (gw, http)
     }
 
