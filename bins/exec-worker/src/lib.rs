@@ -73,7 +73,8 @@ pub struct Config {
     #[command(flatten)]
     pub consumer: ConsumerArgs,
 
-    /// Address of the admin server (/health, /health/ready, /health/detailed, /metrics).
+    /// Address of the admin server (/health, /health/ready, /health/detailed, /metrics); port 0
+    /// picks a free port, logged in the `listening` line.
     #[arg(long, env = "FLEET_ADMIN_ADDR", default_value = "0.0.0.0:9106")]
     pub admin_addr: SocketAddr,
 

@@ -74,7 +74,7 @@ pub struct Config {
     pub http_addr: SocketAddr,
 
     /// Address /health, /health/ready, /health/detailed and /metrics listen on; port 0 picks a
-    /// free port.
+    /// free port, logged in the `listening` line.
     #[arg(long, env = "FLEET_ADMIN_ADDR", default_value = "0.0.0.0:9104")]
     pub admin_addr: SocketAddr,
 
