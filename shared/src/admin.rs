@@ -198,18 +198,6 @@ async fn metrics_text() -> Response {
         .into_response()
 }
 
-/// Binds `addr` (port 0 picks a free port) and serves `router` until `shutdown`.
-/// Returns the bound address and the server task.
-pub async fn serve(
-    addr: SocketAddr,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((local, spawn(listener, router, shutdown)))
-}
-
 /// Serves `router` on a bound `listener` until `shutdown`.
 pub fn spawn(
     listener: TcpListener,

@@ -43,7 +43,7 @@ pub struct CommonArgs {
 
     /// Milliseconds a Redis command may wait for its reply before it fails (and its work is
     /// retried or reported). Blocking reads get their block time on top.
-    #[arg(long, env = "FLEET_REDIS_TIMEOUT_MS", default_value_t = 15_000,
+    #[arg(long, env = "FLEET_REDIS_TIMEOUT_MS", default_value_t = crate::redis::DEFAULT_COMMAND_TIMEOUT_MS,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub redis_timeout_ms: u64,
 }

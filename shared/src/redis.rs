@@ -25,8 +25,11 @@ pub enum ConnectError {
     },
 }
 
-/// How long a command may wait for its reply unless told otherwise (`FLEET_REDIS_TIMEOUT_MS`).
-pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long, in milliseconds, a command may wait for its reply unless told otherwise (the
+/// default of `FLEET_REDIS_TIMEOUT_MS`).
+pub const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 15_000;
+/// [`DEFAULT_COMMAND_TIMEOUT_MS`] as a duration.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(DEFAULT_COMMAND_TIMEOUT_MS);
 
 /// Builds a client for `url` (`redis://`, `rediss://`, or `redis-cluster://` for cluster mode)
 /// that reconnects forever with backoff, and connects it.

@@ -228,13 +228,9 @@ impl App {
         let listener = fleet::net::bind(cfg.http_addr, "FLEET_HTTP_ADDR").await?;
         let http_addr = listener.local_addr()?;
         let health = fleet::admin::Health::new("ws-gateway", client.clone(), vec![]);
-        let (admin_addr, _admin) = fleet::admin::serve(
-            cfg.admin_addr,
-            fleet::admin::router(health),
-            background.clone(),
-        )
-        .await
-        .with_context(|| format!("cannot listen on FLEET_ADMIN_ADDR {}", cfg.admin_addr))?;
+        let admin = fleet::net::bind(cfg.admin_addr, "FLEET_ADMIN_ADDR").await?;
+        let admin_addr = admin.local_addr()?;
+        fleet::admin::spawn(admin, fleet::admin::router(health), background.clone());
         tracing::info!(
             http = %http_addr,
             admin = %admin_addr,
