@@ -23,6 +23,10 @@ pub const DEFAULT_POOL: &str = "default";
 /// How long [`AgentStore::get_cached`] trusts what it read.
 pub const CACHE_TTL: Duration = Duration::from_secs(2);
 
+/// The longest deadline an agent may give its tasks: 7 days. A task's deadline is kept in
+/// milliseconds since the epoch; the bound keeps that sum far from overflowing.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 86_400;
+
 /// One agent's configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AgentConfig {
@@ -86,8 +90,14 @@ impl AgentConfig {
                 self.pool
             )));
         }
-        if self.timeout_secs == Some(0) {
-            return Err(AgentError::Invalid("timeout_secs must be positive".into()));
+        match self.timeout_secs {
+            Some(0) => return Err(AgentError::Invalid("timeout_secs must be positive".into())),
+            Some(t) if t > MAX_TIMEOUT_SECS => {
+                return Err(AgentError::Invalid(format!(
+                    "timeout_secs is {t}; the limit is {MAX_TIMEOUT_SECS} (7 days)"
+                )));
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -379,6 +379,17 @@ pub fn new_task_id() -> String {
     Uuid::now_v7().to_string()
 }
 
+/// A created task, as it is sent on to its executor or the dispatchers.
+struct Outgoing<'a> {
+    sid: &'a str,
+    tid: &'a str,
+    agent_id: String,
+    message: String,
+    metadata: Json,
+    deadline_ms: i64,
+    source: &'static str,
+}
+
 fn check_id(what: &'static str, id: &str) -> Result<(), ChatError> {
     if crate::agent::valid_name(id) {
         Ok(())
@@ -544,8 +555,12 @@ impl Chat {
                 "idempotency key must be 1-128 printable characters".into(),
             ));
         }
-        if let Some(t) = &msg.task_id {
-            check_id("task", t)?;
+        if let Some(t) = &msg.task_id
+            && !crate::agent::valid_name(t)
+        {
+            return Err(ChatError::Invalid(
+                "task_id must be 1-128 characters of A-Z a-z 0-9 - _ . :".into(),
+            ));
         }
         self.backpressure.check()?;
 
@@ -582,47 +597,23 @@ impl Chat {
         .await?;
         match created {
             Created::New { agent_id } => {
-                match &direct {
-                    Some(agent) => {
-                        let env = Envelope::new(ExecMessage::Request(ExecRequest {
-                            session_id: sid.to_owned(),
-                            task_id: tid.clone(),
-                            attempt: 1,
-                            agent_id,
-                            message: msg.message,
-                            metadata: msg.metadata,
-                            params: agent.params.clone(),
-                            deadline_ms,
-                        }));
-                        let stream = self.keys().exec(&agent.pool);
-                        Box::pin(producer::send(self.client(), &stream, None, &env)).await?;
-                        self.backpressure.watch_pool(&agent.pool);
+                let task = Outgoing {
+                    sid,
+                    tid: &tid,
+                    agent_id,
+                    message: msg.message,
+                    metadata: msg.metadata,
+                    deadline_ms,
+                    source: msg.source,
+                };
+                if let Err(e) = Box::pin(self.send_on(task, direct.as_ref())).await {
+                    // The task is stored but nobody will run it: mark it, so that the client's
+                    // retry of this submit (same key or task id) sends it instead of answering
+                    // "duplicate". If even the mark fails, the deadline sweeper ends it.
+                    if let Err(mark) = self.tasks.mark_unsent(sid, &tid).await {
+                        tracing::warn!(task_id = %tid, error = %mark, "could not mark an unsent task");
                     }
-                    None => {
-                        let env = Envelope::new(TaskCommand::Submit(TaskSubmit {
-                            session_id: sid.to_owned(),
-                            task_id: tid.clone(),
-                            agent_id,
-                            attempt: 1,
-                            message: msg.message,
-                            metadata: msg.metadata,
-                            deadline_ms,
-                            source: msg.source.to_owned(),
-                        }));
-                        Box::pin(producer::send(
-                            self.client(),
-                            &self.keys().tasks(),
-                            None,
-                            &env,
-                        ))
-                        .await?;
-                    }
-                }
-                metrics::counter!("fleet_tasks_submitted_total", "source" => msg.source)
-                    .increment(1);
-                if let Some(agent) = direct {
-                    metrics::counter!("fleet_tasks_dispatched_total", "pool" => agent.pool)
-                        .increment(1);
+                    return Err(e);
                 }
                 Ok(Submitted {
                     task_id: tid,
@@ -631,27 +622,127 @@ impl Chat {
                 })
             }
             Created::Duplicate { task_id } => {
-                let status = Box::pin(self.tasks.get(sid, &task_id))
-                    .await?
-                    .map(|t| t.state)
-                    .unwrap_or_else(|| "queued".into());
-                Ok(Submitted {
-                    task_id,
-                    status,
-                    duplicate: true,
-                })
+                Box::pin(self.duplicate(sid, task_id, msg.source, None)).await
             }
-            Created::Exists { state } => Ok(Submitted {
-                task_id: tid,
-                status: state,
-                duplicate: true,
-            }),
+            Created::Exists { state } => {
+                Box::pin(self.duplicate(sid, tid, msg.source, Some(state))).await
+            }
             Created::NoSession => Err(ChatError::NotFound {
                 what: "session",
                 id: sid.to_owned(),
             }),
             Created::SessionClosed => Err(ChatError::SessionClosed(sid.to_owned())),
         }
+    }
+
+    /// Sends a created task on: its execution request straight to its agent's pool (`direct`),
+    /// or `task.submit` to the dispatchers.
+    async fn send_on(
+        &self,
+        t: Outgoing<'_>,
+        direct: Option<&AgentConfig>,
+    ) -> Result<(), ChatError> {
+        match direct {
+            Some(agent) => {
+                let env = Envelope::new(ExecMessage::Request(ExecRequest {
+                    session_id: t.sid.to_owned(),
+                    task_id: t.tid.to_owned(),
+                    attempt: 1,
+                    agent_id: t.agent_id,
+                    message: t.message,
+                    metadata: t.metadata,
+                    params: agent.params.clone(),
+                    deadline_ms: t.deadline_ms,
+                }));
+                let stream = self.keys().exec(&agent.pool);
+                producer::send(self.client(), &stream, None, &env).await?;
+                self.backpressure.watch_pool(&agent.pool);
+                metrics::counter!("fleet_tasks_dispatched_total", "pool" => agent.pool.clone())
+                    .increment(1);
+            }
+            None => {
+                let env = Envelope::new(TaskCommand::Submit(TaskSubmit {
+                    session_id: t.sid.to_owned(),
+                    task_id: t.tid.to_owned(),
+                    agent_id: t.agent_id,
+                    attempt: 1,
+                    message: t.message,
+                    metadata: t.metadata,
+                    deadline_ms: t.deadline_ms,
+                    source: t.source.to_owned(),
+                }));
+                producer::send(self.client(), &self.keys().tasks(), None, &env).await?;
+            }
+        }
+        metrics::counter!("fleet_tasks_submitted_total", "source" => t.source).increment(1);
+        Ok(())
+    }
+
+    /// The answer to a submit of a task that exists (its `Idempotency-Key` or task id was used
+    /// before): the task as it is. A task its front door could not send on
+    /// ([`TaskStore::mark_unsent`]) and that has not started is sent now, as the first submit
+    /// would have sent it: this is the retry its `503` asked for.
+    async fn duplicate(
+        &self,
+        sid: &str,
+        tid: String,
+        source: &'static str,
+        state: Option<String>,
+    ) -> Result<Submitted, ChatError> {
+        let unsent_state = |s: &str| s == "queued" || s == "dispatched";
+        if state.as_deref().is_some_and(|s| !unsent_state(s)) {
+            return Ok(Submitted {
+                task_id: tid,
+                status: state.unwrap_or_default(),
+                duplicate: true,
+            });
+        }
+        let Some(task) = self.tasks.get(sid, &tid).await? else {
+            return Ok(Submitted {
+                task_id: tid,
+                status: state.unwrap_or_else(|| "queued".into()),
+                duplicate: true,
+            });
+        };
+        if task.unsent && task.started_ms.is_none() && unsent_state(&task.state) {
+            // Queued: for the dispatchers. Dispatched: to the pool `create` named, with the
+            // agent's parameters as they are now.
+            let direct = match (&task.pool, task.state.as_str()) {
+                (Some(pool), "dispatched") => match self.agents.get_cached(&task.agent_id).await? {
+                    Some(agent) => Some(AgentConfig {
+                        pool: pool.clone(),
+                        ..agent
+                    }),
+                    None => {
+                        tracing::warn!(task_id = %tid, agent_id = %task.agent_id,
+                            "an unsent task's agent is gone; its deadline ends it");
+                        return Ok(Submitted {
+                            task_id: tid,
+                            status: task.state,
+                            duplicate: true,
+                        });
+                    }
+                },
+                _ => None,
+            };
+            let again = Outgoing {
+                sid,
+                tid: &tid,
+                agent_id: task.agent_id.clone(),
+                message: task.message.clone(),
+                metadata: task.metadata.clone(),
+                deadline_ms: task.deadline_ms,
+                source,
+            };
+            self.send_on(again, direct.as_ref()).await?;
+            self.tasks.clear_unsent(sid, &tid).await?;
+            tracing::info!(task_id = %tid, "sent a task whose first submit could not send it");
+        }
+        Ok(Submitted {
+            task_id: tid,
+            status: task.state,
+            duplicate: true,
+        })
     }
 
     /// A task of the session.

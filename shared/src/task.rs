@@ -321,6 +321,9 @@ pub struct EndedTask {
     pub pool: String,
 }
 
+/// The task hash's field that marks a task its front door could not send on.
+const UNSENT_FIELD: &str = "unsent";
+
 /// A task as stored, for reads.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskView {
@@ -349,6 +352,9 @@ pub struct TaskView {
     pub error: Option<TaskErrorView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The front door that created it could not send it on (see [`TaskStore::mark_unsent`]).
+    #[serde(skip)]
+    pub unsent: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -384,6 +390,7 @@ impl TaskView {
                 message: h.get("error").cloned().unwrap_or_default(),
             }),
             pool: h.get("pool").cloned(),
+            unsent: h.contains_key(UNSENT_FIELD),
         })
     }
 
@@ -626,6 +633,31 @@ impl TaskStore {
             &env,
         )
         .await?;
+        Ok(())
+    }
+
+    /// Marks task `tid`, created a moment ago, as not sent on: the XADD of its request failed
+    /// after `create` stored it. A retry of the same submit (its `Idempotency-Key` or task id)
+    /// then sends it (`Chat::submit`) instead of answering "duplicate" for a task nobody will
+    /// run. The hash's TTL is set again with the field, so a hash that expired in between is
+    /// not left behind for good.
+    pub async fn mark_unsent(&self, sid: &str, tid: &str) -> Result<(), TaskError> {
+        let key = self.keys.task(sid, tid);
+        let pipeline = self.client.pipeline();
+        let _: () = pipeline.hset(&key, (UNSENT_FIELD, "1")).await?;
+        let _: () = pipeline
+            .pexpire(&key, self.retention.session_ttl_ms, None)
+            .await?;
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    /// Clears the mark of [`TaskStore::mark_unsent`] once the task was sent.
+    pub async fn clear_unsent(&self, sid: &str, tid: &str) -> Result<(), TaskError> {
+        let _: i64 = self
+            .client
+            .hdel(self.keys.task(sid, tid), UNSENT_FIELD)
+            .await?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use common::{AGENT, Session, TestApp, assert_error, spawn_app};
 use fleet::envelope::TaskCommand;
 use fleet::task::{Retention, TaskOp, TaskStore};
 use fleet::time::now_ms;
+use fred::interfaces::KeysInterface;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value as Json, json};
 
@@ -270,6 +271,94 @@ async fn an_idempotency_key_retry_returns_the_same_task_and_writes_once() {
 }
 
 #[tokio::test]
+async fn a_retry_of_a_submit_that_failed_to_send_its_task_sends_it() {
+    let app = spawn_app(&[]).await;
+    let s = app.open_session().await;
+    let pool = fleet::agent::DEFAULT_POOL;
+    // The pool's stream is the wrong type: the XADD of the request fails after `create` stored
+    // the task.
+    let stream = app.keys.exec(pool);
+    let _: () = app
+        .redis
+        .set(&stream, "not a stream", None, None, false)
+        .await
+        .unwrap();
+    let send = || {
+        app.authed(
+            Method::POST,
+            &format!("/api/v1/chat/{}/task", s.id),
+            &s.token,
+        )
+        .header("Idempotency-Key", "retry-me")
+        .json(&json!({"message": "please run"}))
+        .send()
+    };
+    let resp = send().await.unwrap();
+    assert_error(resp, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+
+    // Redis is well again; the client retries as the 503 asked.
+    let _: i64 = app.redis.del(&stream).await.unwrap();
+    let retry = send().await.unwrap();
+    assert_eq!(retry.status(), StatusCode::ACCEPTED);
+    let retry: Json = retry.json().await.unwrap();
+    assert_eq!(retry["duplicate"], true);
+    let requests = app.exec_requests(pool).await;
+    assert_eq!(requests.len(), 1, "the retry sent the task");
+    assert_eq!(requests[0].task_id, retry["task_id"].as_str().unwrap());
+    assert_eq!(requests[0].message, "please run");
+    assert_eq!(app.tasks_total(&s).await, 1);
+
+    // Sent now: a further retry sends nothing more.
+    let again: Json = send().await.unwrap().json().await.unwrap();
+    assert_eq!(again["task_id"], retry["task_id"]);
+    assert_eq!(app.exec_requests(pool).await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_idempotency_key_may_come_in_the_body() {
+    let app = spawn_app(&[]).await;
+    let s = app.open_session().await;
+    let first: Json = app
+        .submit(
+            &s,
+            json!({"message": "once", "idempotency_key": "body-key"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let retry: Json = app
+        .submit(
+            &s,
+            json!({"message": "once", "idempotency_key": "body-key"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(retry["task_id"], first["task_id"]);
+    assert_eq!(retry["duplicate"], true);
+    assert_eq!(app.exec_requests(fleet::agent::DEFAULT_POOL).await.len(), 1);
+
+    let resp = app
+        .authed(
+            Method::POST,
+            &format!("/api/v1/chat/{}/task", s.id),
+            &s.token,
+        )
+        .header("Idempotency-Key", "header-key")
+        .json(&json!({"message": "which?", "idempotency_key": "body-key"}))
+        .send()
+        .await
+        .unwrap();
+    let message = assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+    assert!(message.contains("differ"), "{message}");
+    assert_eq!(app.tasks_total(&s).await, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_reserved_task_id_is_used_by_the_submit_that_names_it() {
     let app = spawn_app(&[]).await;
     let s = app.open_session().await;
@@ -483,6 +572,16 @@ async fn bad_bodies_are_refused_with_json_errors_and_change_nothing() {
         .await
         .unwrap();
     assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    // A task id the client names must be a valid one: a bad one is a bad request, not a
+    // missing task.
+    for bad in ["my task", "", &"t".repeat(129)] {
+        let resp = app
+            .submit(&s, json!({"message": "hi", "task_id": bad}))
+            .await;
+        let message = assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert!(message.contains("task_id"), "{message}");
+    }
 
     assert_eq!(snapshot(&app, &s).await, before);
     assert_eq!(before, (0, 0));

@@ -105,6 +105,18 @@ async fn agents_can_be_created_read_listed_replaced_and_deleted() {
         .await
         .unwrap();
     assert_error(resp, StatusCode::BAD_REQUEST, "invalid_json").await;
+    // A deadline past the limit would overflow every task's deadline.
+    for timeout in [fleet::agent::MAX_TIMEOUT_SECS + 1, u64::MAX] {
+        let resp = app
+            .http
+            .put(&url)
+            .json(&json!({"name": "x", "timeout_secs": timeout}))
+            .send()
+            .await
+            .unwrap();
+        let message = assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert!(message.contains("timeout_secs"), "{message}");
+    }
     let resp = app.http.get(&url).send().await.unwrap();
     assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
     app.stop().await;

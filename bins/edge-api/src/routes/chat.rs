@@ -125,6 +125,10 @@ pub struct SubmitRequest {
     /// A reserved task id to use.
     #[serde(default)]
     pub task_id: Option<String>,
+    /// The same as the `Idempotency-Key` header, for clients that send it in the body as the
+    /// WebSocket and gRPC messages do; when both are given they must agree.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// Submits a message as a task: 202 with its id at once (`duplicate: true` when the
@@ -144,6 +148,14 @@ pub async fn submit(
                 .map_err(|_| ApiError::Invalid("Idempotency-Key must be printable ASCII".into()))
         })
         .transpose()?;
+    let idempotency_key = match (idempotency_key, req.idempotency_key) {
+        (Some(header), Some(body)) if header != body => {
+            return Err(ApiError::Invalid(
+                "the Idempotency-Key header and the body's idempotency_key differ".into(),
+            ));
+        }
+        (header, body) => header.or(body),
+    };
     let submitted = state
         .chat
         .submit(
