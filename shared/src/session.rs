@@ -762,7 +762,9 @@ impl Chat {
     /// `cancelled` shortly after unless it finished first.
     pub async fn cancel(&self, sid: &str, tid: &str, reason: &str) -> Result<TaskView, ChatError> {
         let task = self.task(sid, tid).await?;
-        if task.state().is_some_and(|s| !s.is_terminal()) {
+        // A reserved id has no task yet: counting it as a cancelled task (with a client event
+        // for a message never sent) would be wrong.
+        if task.cancellable() {
             let env = Envelope::new(TaskCommand::Cancel(TaskCancel {
                 session_id: sid.to_owned(),
                 task_id: tid.to_owned(),

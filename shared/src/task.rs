@@ -397,6 +397,13 @@ impl TaskView {
     pub fn state(&self) -> Option<TaskState> {
         TaskState::parse(&self.state)
     }
+
+    /// Whether a cancel has something to stop: the task was submitted and has not ended. A
+    /// reserved id is not a task yet.
+    pub fn cancellable(&self) -> bool {
+        self.state()
+            .is_some_and(|s| !s.is_terminal() && s != TaskState::Reserved)
+    }
 }
 
 /// Session-scoped limits every writer of task state must agree on.

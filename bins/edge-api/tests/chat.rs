@@ -660,6 +660,26 @@ async fn cancelling_a_task_sends_task_cancel_and_an_ended_task_answers_its_state
         .unwrap();
     assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(app.tasks_stream_len().await, 1);
+
+    // The id init reserved is no task yet: nothing to cancel, nothing counted.
+    let resp = app
+        .authed(
+            Method::DELETE,
+            &format!("/api/v1/chat/{}/tasks/{}", s.id, s.first_task),
+            &s.token,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Json = resp.json().await.unwrap();
+    assert_eq!(body, json!({"task_id": s.first_task, "status": "reserved"}));
+    assert_eq!(
+        app.tasks_stream_len().await,
+        1,
+        "no task.cancel for a reserved id"
+    );
+    assert_eq!(app.status(&s).await["totals"]["cancelled"], 1);
     app.stop().await;
 }
 

@@ -168,10 +168,13 @@ impl Orchestrator {
             .cancel(&req.session_id, &req.task_id, &reason)
             .await
             .map_err(error::chat)?;
-        let open = t.state().is_some_and(|s| !s.is_terminal());
         Ok(pb::CancelTaskResponse {
+            status: if t.cancellable() {
+                "cancelling".into()
+            } else {
+                t.state
+            },
             task_id: t.task_id,
-            status: if open { "cancelling".into() } else { t.state },
         })
     }
 

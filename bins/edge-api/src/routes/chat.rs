@@ -204,8 +204,8 @@ pub struct Ending {
     pub status: String,
 }
 
-/// Cancels a task: 202 `cancelling` when it was open, 200 with its final state when it had
-/// already ended.
+/// Cancels a task: 202 `cancelling` when it was open, 200 with its state when it had already
+/// ended or is only a reserved id (nothing to cancel).
 #[tracing::instrument(skip_all, fields(session_id = %auth.session_id, task_id))]
 pub async fn cancel(
     State(state): State<AppState>,
@@ -217,8 +217,7 @@ pub async fn cancel(
         .chat
         .cancel(&auth.session_id, &path.task_id, "cancelled by the client")
         .await?;
-    let open = task.state().is_some_and(|s| !s.is_terminal());
-    let (code, status) = if open {
+    let (code, status) = if task.cancellable() {
         tracing::info!("task cancellation requested");
         (StatusCode::ACCEPTED, "cancelling".to_owned())
     } else {
