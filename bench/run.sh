@@ -11,7 +11,8 @@
 # --ws-connect-rate N (new idle WebSockets per second, default 0: as fast as they open),
 # --skip-build, --scale-rate N, --worker-threads N (runtime threads of each fleet process,
 # default 1: what a pod limited to one CPU gets, see docs/deploy.md). It:
-#   1. installs what is missing (redis-server and redis-tools with apt-get, BullMQ with npm ci, or npm install);
+#   1. installs what is missing (redis-server, redis-tools, curl, python3, nodejs and npm with apt-get, BullMQ
+#      with npm ci, or npm install);
 #   2. builds the release binaries (cargo build --release --workspace --bins);
 #   3. starts its own redis-server on a free port, persistence off (no RDB, no AOF) for every run;
 #   4. measures the limit (redis-benchmark XADD, unpipelined and -P 16), Fleet's queue hop
@@ -85,6 +86,12 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/
 missing=()
 have redis-server || missing+=(redis-server)
 have redis-benchmark || missing+=(redis-tools)
+have curl || missing+=(curl)
+have python3 || missing+=(python3)
+if want bullmq; then
+  have node || missing+=(nodejs)
+  have npm || missing+=(npm)
+fi
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 redis_server=$(command -v redis-server || echo /usr/sbin/redis-server)
 if want bullmq; then
