@@ -3,7 +3,8 @@
 //! One [`Inbound`] loop per subject (`agile.events` -> `fleet:tasks`, `agent.responses` ->
 //! `fleet:callbacks`):
 //!
-//! 1. waits for the NATS connection, then finds or creates the stream and the durable consumer;
+//! 1. waits for the NATS connection, then finds or creates the stream and the durable consumer
+//!    (a new durable starts as its route's [`Deliver`] says; an existing one where it was);
 //! 2. pulls batches (`--nats-batch` messages, each pull request expiring after
 //!    `--nats-pull-expires-ms`) and handles what has arrived as one chunk;
 //! 3. parses each message ([`crate::wire`]); a message that does not parse becomes a dead letter
@@ -53,7 +54,7 @@ use serde_json::{Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::nats::{NatsLink, ProvisionError, StreamSpec, back_off};
+use crate::nats::{Deliver, NatsLink, ProvisionError, StreamSpec, back_off};
 use crate::stats::Stats;
 use crate::wire::{self, EventTypes, Rejected};
 
@@ -106,6 +107,8 @@ pub struct Route {
     pub spec: StreamSpec,
     /// The durable consumer every bridge shares.
     pub durable: String,
+    /// Where the durable starts when the bridge creates it.
+    pub deliver: Deliver,
     /// The Fleet stream written to.
     pub target: String,
     /// Health component of this consumer.
@@ -146,6 +149,9 @@ pub struct Inbound {
     stats: Stats,
     instance: String,
     redis_down: AtomicBool,
+    /// This loop found no stream storing its subject and created one: until the durable
+    /// exists (its creation may fail and be retried), everything in the stream is new.
+    stream_created: AtomicBool,
 }
 
 /// Where a message ends and how it is acked after.
@@ -189,6 +195,7 @@ impl Inbound {
             stats,
             instance,
             redis_down: AtomicBool::new(false),
+            stream_created: AtomicBool::new(false),
         }
     }
 
@@ -354,12 +361,17 @@ impl Inbound {
     }
 
     async fn provision(&self) -> Result<PullConsumer, ProvisionError> {
-        let stream = self.nats.ensure_stream(&self.route.spec).await?;
+        let ensured = self.nats.ensure_stream(&self.route.spec).await?;
+        if ensured.created {
+            self.stream_created.store(true, Ordering::Relaxed);
+        }
+        let fresh = self.stream_created.load(Ordering::Relaxed);
         self.nats
             .ensure_consumer(
-                &stream,
+                &ensured.stream,
                 &self.route.durable,
                 self.subject(),
+                self.route.deliver.policy(fresh),
                 self.settings.ack_wait,
                 self.settings.max_deliver,
             )

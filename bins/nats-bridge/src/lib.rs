@@ -45,7 +45,7 @@ pub use nats::NatsArgs;
 pub use stats::Stats;
 
 use inbound::{Inbound, PullSettings, Route, RouteKind, WRITE_ONCE};
-use nats::NatsLink;
+use nats::{Deliver, NatsLink};
 use outbound::{OutputStreams, Publisher};
 use wire::EventTypes;
 
@@ -157,8 +157,17 @@ impl App {
             expires: n.pull_expires(),
             ack_wait: n.ack_wait(),
             max_deliver: n.nats_max_deliver,
-            dedup_ttl: std::time::Duration::from_secs(n.nats_dedup_ttl_secs.max(1)),
+            dedup_ttl: n.dedup_ttl(),
         };
+        if n.replay_outlives_dedup() {
+            tracing::warn!(
+                dedup_ttl_s = settings.dedup_ttl.as_secs(),
+                max_age_s = n.nats_max_age_secs,
+                "--nats-agile-deliver all with a dedup TTL shorter than the streams' max age (0 = none): \
+                 a planning events durable created now replays what the stream holds, and events \
+                 older than the TTL that were bridged before become work again"
+            );
+        }
         let routes = [
             (
                 "agile-events",
@@ -166,6 +175,7 @@ impl App {
                     kind: RouteKind::Planning(EventTypes::new(&n.nats_event_types)),
                     spec: n.stream_spec(&n.nats_agile_stream, &n.nats_agile_subject),
                     durable: n.nats_agile_durable.clone(),
+                    deliver: n.nats_agile_deliver,
                     target: keys.tasks(),
                     component: COMPONENT_AGILE,
                 },
@@ -176,6 +186,9 @@ impl App {
                     kind: RouteKind::Responses,
                     spec: n.stream_spec(&n.nats_responses_stream, &n.nats_responses_subject),
                     durable: n.nats_responses_durable.clone(),
+                    // As before: responses answer requests Fleet sent, so one waiting in the
+                    // stream when the durable is created is still wanted.
+                    deliver: Deliver::All,
                     target: keys.callbacks(),
                     component: COMPONENT_RESPONSES,
                 },

@@ -12,7 +12,8 @@
 //! * A **durable pull consumer** remembers, on the server, what was delivered and acknowledged.
 //!   Every bridge pulls from the same durable, so JetStream shares the messages among them.
 //!   Acks are explicit; a message not acked within `ack_wait` is delivered again, at most
-//!   `max_deliver` times.
+//!   `max_deliver` times. Where a durable starts is fixed when it is created ([`Deliver`]):
+//!   one that exists keeps its position, whatever the bridge is configured with.
 //! * **`Nats-Msg-Id`**: a stream drops a message whose id it saw within its duplicate window,
 //!   so a republished message is stored once.
 //!
@@ -72,6 +73,35 @@ impl From<Storage> for stream::StorageType {
     }
 }
 
+/// Where a durable consumer starts when the bridge creates it (`--nats-agile-deliver` for the
+/// planning events durable; the agent responses durable always starts with `all`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Deliver {
+    /// With the messages published after the durable is created: what the stream held before
+    /// is left alone.
+    New,
+    /// With the oldest message the stream still holds.
+    All,
+}
+
+impl Deliver {
+    /// The policy of a durable created now on a stream; `stream_created`: no stream stored the
+    /// subject when the bridge looked, so this one was created just now.
+    ///
+    /// `new` guards against replaying a history: a Planning service's existing stream keeps
+    /// days of transitions (max age), longer than the bridge remembers what it wrote (the
+    /// dedup TTL), so a durable starting at the oldest would turn each past transition into
+    /// work again. A stream created just now has no history, only what was published since
+    /// (a publisher that got in between its creation and the durable's): all of it is new and
+    /// is delivered.
+    pub fn policy(self, stream_created: bool) -> consumer::DeliverPolicy {
+        match self {
+            Deliver::New if !stream_created => consumer::DeliverPolicy::New,
+            _ => consumer::DeliverPolicy::All,
+        }
+    }
+}
+
 /// NATS connection, subjects, streams and consumers. Defaults follow seed 004.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NatsArgs {
@@ -94,6 +124,15 @@ pub struct NatsArgs {
         default_value = "fleet-bridge-agile"
     )]
     pub nats_agile_durable: String,
+
+    /// Where the planning events durable starts when the bridge has to create it: `new`, with
+    /// the events published after it is created (what an existing stream already holds is
+    /// not turned into work), or `all`, with every event the stream still holds (up to its max
+    /// age; events older than --nats-dedup-ttl-secs that an earlier durable already bridged
+    /// are written again). A durable that exists keeps its position either way; a stream the
+    /// bridge has to create is read from its start either way.
+    #[arg(long, env = "FLEET_NATS_AGILE_DELIVER", value_enum, default_value_t = Deliver::New)]
+    pub nats_agile_deliver: Deliver,
 
     /// Subject of agent responses (read; become callbacks on fleet:callbacks).
     #[arg(
@@ -215,6 +254,19 @@ impl NatsArgs {
         Duration::from_millis(self.nats_pull_expires_ms.max(100))
     }
 
+    /// How long the bridge remembers what it wrote (at least a second).
+    pub fn dedup_ttl(&self) -> Duration {
+        Duration::from_secs(self.nats_dedup_ttl_secs.max(1))
+    }
+
+    /// Whether a new planning events durable may replay messages older than the dedup TTL:
+    /// with `--nats-agile-deliver all`, when the streams' max age is longer than the TTL (or
+    /// unlimited). Such messages, if an earlier durable bridged them, are written again.
+    pub fn replay_outlives_dedup(&self) -> bool {
+        self.nats_agile_deliver == Deliver::All
+            && (self.nats_max_age_secs == 0 || self.nats_max_age_secs > self.nats_dedup_ttl_secs)
+    }
+
     /// What a stream storing `subject` looks like when the bridge creates it.
     pub fn stream_spec(&self, name: &str, subject: &str) -> StreamSpec {
         StreamSpec {
@@ -255,6 +307,14 @@ impl StreamSpec {
             ..Default::default()
         }
     }
+}
+
+/// The stream of a subject, as [`NatsLink::ensure_stream`] found it.
+pub struct EnsuredStream {
+    pub stream: stream::Stream,
+    /// No stream stored the subject when the bridge looked, so this one was created just now
+    /// (by this bridge, or by another at the same moment).
+    pub created: bool,
 }
 
 /// Why a stream or consumer could not be set up.
@@ -373,7 +433,7 @@ impl NatsLink {
     }
 
     /// The stream that stores `spec.subject`: the existing one, or the configured one created.
-    pub async fn ensure_stream(&self, spec: &StreamSpec) -> Result<stream::Stream, ProvisionError> {
+    pub async fn ensure_stream(&self, spec: &StreamSpec) -> Result<EnsuredStream, ProvisionError> {
         let lookup = |source: async_nats::Error| ProvisionError::Lookup {
             subject: spec.subject.clone(),
             source,
@@ -390,7 +450,10 @@ impl NatsLink {
                         "the subject is stored by an existing stream; using it");
                 }
                 warn_on_differences(spec, &stream.cached_info().config);
-                Ok(stream)
+                Ok(EnsuredStream {
+                    stream,
+                    created: false,
+                })
             }
             Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
                 let stream =
@@ -415,19 +478,24 @@ impl NatsLink {
                 }
                 tracing::info!(stream = %spec.name, subject = %spec.subject, "stream ready");
                 warn_on_differences(spec, cfg);
-                Ok(stream)
+                Ok(EnsuredStream {
+                    stream,
+                    created: true,
+                })
             }
             Err(e) => Err(lookup(e.into())),
         }
     }
 
-    /// The durable pull consumer `durable` on `stream`, filtered to `subject`: the existing one,
-    /// or a new one with explicit acks, `ack_wait` and `max_deliver`.
+    /// The durable pull consumer `durable` on `stream`, filtered to `subject`: the existing one
+    /// (at its position, whatever `deliver` says), or a new one starting as `deliver` says,
+    /// with explicit acks, `ack_wait` and `max_deliver`.
     pub async fn ensure_consumer(
         &self,
         stream: &stream::Stream,
         durable: &str,
         subject: &str,
+        deliver: consumer::DeliverPolicy,
         ack_wait: Duration,
         max_deliver: i64,
     ) -> Result<consumer::PullConsumer, ProvisionError> {
@@ -435,7 +503,7 @@ impl NatsLink {
         let config = consumer::pull::Config {
             durable_name: Some(durable.to_owned()),
             description: Some(format!("Fleet nats-bridge: {subject}")),
-            deliver_policy: consumer::DeliverPolicy::All,
+            deliver_policy: deliver,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait,
             max_deliver,
@@ -517,7 +585,8 @@ pub async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> b
 
 #[cfg(test)]
 mod tests {
-    use super::subject_matches;
+    use super::*;
+    use clap::Parser;
 
     #[test]
     fn stream_subjects_match_with_wildcards() {
@@ -528,5 +597,58 @@ mod tests {
         assert!(!subject_matches("agile.*", "agile.events.x"));
         assert!(!subject_matches("agile", "agile.events"));
         assert!(!subject_matches("agent.requests", "agent.responses"));
+    }
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        nats: NatsArgs,
+    }
+
+    fn args(extra: &[&str]) -> NatsArgs {
+        Args::try_parse_from(std::iter::once("nats-bridge").chain(extra.iter().copied()))
+            .expect("flags parse")
+            .nats
+    }
+
+    #[test]
+    fn a_new_agile_durable_starts_at_new_messages_unless_told_or_the_stream_is_new() {
+        let default = args(&[]).nats_agile_deliver;
+        assert_eq!(default, Deliver::New);
+        assert_eq!(default.policy(false), consumer::DeliverPolicy::New);
+        assert_eq!(
+            default.policy(true),
+            consumer::DeliverPolicy::All,
+            "a stream created just now holds no history"
+        );
+        let all = args(&["--nats-agile-deliver", "all"]).nats_agile_deliver;
+        assert_eq!(all, Deliver::All);
+        assert_eq!(all.policy(false), consumer::DeliverPolicy::All);
+        assert!(
+            Args::try_parse_from(["nats-bridge", "--nats-agile-deliver", "last"]).is_err(),
+            "only `new` and `all`"
+        );
+    }
+
+    #[test]
+    fn replaying_past_the_dedup_ttl_is_flagged_only_with_all() {
+        assert!(!args(&[]).replay_outlives_dedup(), "the default is `new`");
+        assert!(args(&["--nats-agile-deliver", "all"]).replay_outlives_dedup());
+        assert!(
+            args(&["--nats-agile-deliver", "all", "--nats-max-age-secs", "0"])
+                .replay_outlives_dedup(),
+            "no max age: the stream keeps everything"
+        );
+        assert!(
+            !args(&[
+                "--nats-agile-deliver",
+                "all",
+                "--nats-max-age-secs",
+                "3600",
+                "--nats-dedup-ttl-secs",
+                "3600"
+            ])
+            .replay_outlives_dedup()
+        );
     }
 }

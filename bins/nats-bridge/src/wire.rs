@@ -20,10 +20,12 @@ use fleet::envelope::{
     Callback, Chunk, PlanningEvent, Progress, ProposalCallback, SelectionCallback, Started,
     TaskCommand, TaskFailure, TaskResult,
 };
+use fleet::planning::validate_event;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
-/// Longest id (case, plan, task, session, event type, state) accepted from NATS.
+/// Longest id (case, plan, task, session, event type, state) accepted from NATS. Planning
+/// events are held to the dispatcher's stricter rules on top (see [`planning_event`]).
 pub const MAX_ID_LEN: usize = 256;
 
 /// Event types accepted on `agile.events` unless configured otherwise.
@@ -152,6 +154,11 @@ impl Default for EventTypes {
 }
 
 /// Parses and validates an `agile.events` payload into a `planning.event` with `event_id`.
+///
+/// The event must also pass [`fleet::planning::validate_event`], the dispatcher's own check
+/// (e.g. `case_id` is a name: no spaces or `/`). An event the bridge wrote but the dispatcher
+/// refused would be acked on NATS and only later dead-lettered from `fleet:tasks`; checked
+/// here, it is dead-lettered by the bridge with its reason and terminated on NATS instead.
 pub fn planning_event(payload: &[u8], event_id: &str, types: &EventTypes) -> Result<TaskCommand> {
     let ev: AgileEvent = parse("agile event", payload)?;
     let event_type = types.canonical(&ev.event_type).ok_or_else(|| {
@@ -168,7 +175,7 @@ pub fn planning_event(payload: &[u8], event_id: &str, types: &EventTypes) -> Res
     if event_type == "TRANSITION" && to_state.is_empty() {
         return Err(Rejected::new("a TRANSITION needs `to` (or `to_state`)"));
     }
-    Ok(TaskCommand::PlanningEvent(PlanningEvent {
+    let event = PlanningEvent {
         event_id: event_id.to_owned(),
         event_type,
         case_id,
@@ -177,7 +184,9 @@ pub fn planning_event(payload: &[u8], event_id: &str, types: &EventTypes) -> Res
         to_state,
         timestamp: ev.timestamp.map(Timestamp::into_text).unwrap_or_default(),
         metadata: ev.metadata.unwrap_or(Json::Null),
-    }))
+    };
+    validate_event(&event).map_err(|e| Rejected::new(format!("invalid planning event: {e}")))?;
+    Ok(TaskCommand::PlanningEvent(event))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -569,6 +578,43 @@ mod tests {
             "x".repeat(MAX_ID_LEN + 1)
         );
         assert!(reason(long.as_bytes()).contains("longer than"));
+    }
+
+    /// The dispatcher refuses these ([`fleet::planning::validate_event`]); the bridge must too,
+    /// so that they are dead-lettered and terminated on NATS rather than acked.
+    #[test]
+    fn agile_events_the_dispatcher_would_refuse_are_rejected_naming_the_field() {
+        let reason = |v: Json| event(v).unwrap_err().0;
+        let r = reason(json!({"event_type": "TRANSITION", "case_id": "US 123", "to": "BUILD"}));
+        assert!(r.contains("case_id"), "{r}");
+        let r = reason(json!({"event_type": "CREATED", "case_id": "team/US-1"}));
+        assert!(r.contains("case_id"), "{r}");
+        let r = reason(json!({"event_type": "CREATED", "case_id": "x".repeat(121)}));
+        assert!(r.contains("case_id"), "{r}");
+        let r = reason(json!({"event_type": "CREATED", "case_id": "US-1", "plan_id": "P 1"}));
+        assert!(r.contains("plan_id"), "{r}");
+        let r =
+            reason(json!({"event_type": "TRANSITION", "case_id": "US-1", "to": "B".repeat(65)}));
+        assert!(r.contains("to_state"), "{r}");
+        let r = reason(json!({"event_type": "CREATED", "case_id": "US-1", "from": "A".repeat(65)}));
+        assert!(r.contains("from_state"), "{r}");
+        let long_type = "T".repeat(65);
+        let r = planning_event(
+            json!({"event_type": long_type, "case_id": "US-1"})
+                .to_string()
+                .as_bytes(),
+            "e",
+            &EventTypes::new([long_type.as_str()]),
+        )
+        .unwrap_err()
+        .0;
+        assert!(r.contains("event_type"), "{r}");
+        // Names of every allowed character, at the longest the dispatcher takes, still pass.
+        let p = planning(json!({
+            "event_type": "TRANSITION", "case_id": format!("US-1_a.b:{}", "c".repeat(111)),
+            "plan_id": "P-1", "to": "BUILD"
+        }));
+        assert_eq!(p.case_id.len(), 120);
     }
 
     #[test]

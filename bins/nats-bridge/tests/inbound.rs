@@ -201,6 +201,14 @@ async fn unparseable_messages_are_dead_lettered_and_terminated_and_the_rest_flow
         json!({"event_type": "EXPLODED", "case_id": "US-1"}).to_string(),
     )
     .await;
+    // Well-formed, but the dispatcher would refuse it (a case id is a name): the bridge must
+    // dead-letter it rather than ack it onto fleet:tasks.
+    env.publish(
+        "agile.events",
+        headers(&[]),
+        transition("US 123", "DRAFT", "BUILD"),
+    )
+    .await;
     env.publish(
         "agent.responses",
         headers(&[]),
@@ -214,7 +222,7 @@ async fn unparseable_messages_are_dead_lettered_and_terminated_and_the_rest_flow
     )
     .await;
 
-    env.wait_len(&env.keys.dlq(), 3, WITHIN).await;
+    env.wait_len(&env.keys.dlq(), 4, WITHIN).await;
     env.wait_len(&env.keys.tasks(), 1, WITHIN).await;
     let events = env.planning_events().await;
     assert_eq!(
@@ -223,7 +231,7 @@ async fn unparseable_messages_are_dead_lettered_and_terminated_and_the_rest_flow
     );
 
     let letters = env.entries(&env.keys.dlq()).await;
-    assert_eq!(letters.len(), 3);
+    assert_eq!(letters.len(), 4);
     let by_subject = |s: &str| -> Vec<&StreamEntry> {
         letters
             .iter()
@@ -231,12 +239,20 @@ async fn unparseable_messages_are_dead_lettered_and_terminated_and_the_rest_flow
             .collect()
     };
     let agile = by_subject("agile.events");
-    assert_eq!(agile.len(), 2);
+    assert_eq!(agile.len(), 3);
     let reasons: Vec<&str> = agile.iter().map(|e| field(e, "reason")).collect();
     assert!(reasons[0].contains("not valid JSON"), "{reasons:?}");
     assert!(
         reasons[1].contains("unknown event_type `EXPLODED`"),
         "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("invalid planning event") && reasons[2].contains("case_id"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        field(agile[2], "orig.data"),
+        transition("US 123", "DRAFT", "BUILD")
     );
     assert_eq!(field(agile[0], "orig.data"), "{not json");
     assert_eq!(field(agile[0], "source"), "nats");
@@ -250,7 +266,7 @@ async fn unparseable_messages_are_dead_lettered_and_terminated_and_the_rest_flow
 
     // Terminated: the server counts them done, and none was delivered twice.
     for (subject, durable, last) in [
-        ("agile.events", "fleet-bridge-agile", 3),
+        ("agile.events", "fleet-bridge-agile", 4),
         ("agent.responses", "fleet-bridge-responses", 1),
     ] {
         eventually(WITHIN, "dead letters terminated", || async {
@@ -263,7 +279,7 @@ async fn unparseable_messages_are_dead_lettered_and_terminated_and_the_rest_flow
         })
         .await;
     }
-    assert_eq!(bridge.stats.dead_lettered(), 3);
+    assert_eq!(bridge.stats.dead_lettered(), 4);
     assert_eq!(bridge.stats.written(), 1);
     bridge.stop().await;
 }
@@ -342,5 +358,106 @@ async fn streams_count_as_ready_once_the_bridge_consumes_them_not_once_listed() 
     env.publish("agile.events", headers(&[]), transition("US-5", "A", "B"))
         .await;
     env.wait_len(&env.keys.tasks(), 1, WITHIN).await;
+    bridge.stop().await;
+}
+
+/// Publishes two planning events to an `agile.events` stream that exists before the bridge's
+/// durable does (a Planning service's stream, on a first deploy), starts a bridge with `extra`,
+/// publishes a third, and returns once `fleet:tasks` holds `expected` entries and the third
+/// message is acked.
+async fn history_then_one_more(extra: &[&str], expected: usize) -> (Env, common::Bridge) {
+    let env = Env::start().await;
+    env.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "AGILE".into(),
+            subjects: vec!["agile.events".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    for case in ["US-1", "US-2"] {
+        env.publish(
+            "agile.events",
+            headers(&[]),
+            transition(case, "DRAFT", "BUILD"),
+        )
+        .await;
+    }
+    assert_eq!(env.stored("agile.events").await, 2);
+    let bridge = env.bridge(extra).await;
+    env.publish(
+        "agile.events",
+        headers(&[]),
+        transition("US-3", "DRAFT", "BUILD"),
+    )
+    .await;
+    env.wait_len(&env.keys.tasks(), expected as u64, WITHIN)
+        .await;
+    // The durable delivers in stream order: once the last message is handled, every earlier
+    // one it was going to deliver has been handled too.
+    eventually(WITHIN, "the last message handled and acked", || async {
+        let c = env
+            .consumer_info("agile.events", "fleet-bridge-agile")
+            .await;
+        (c.delivered.stream_sequence == 3 && c.num_ack_pending == 0 && c.num_pending == 0)
+            .then_some(())
+    })
+    .await;
+    (env, bridge)
+}
+
+async fn case_ids(env: &Env) -> Vec<String> {
+    env.planning_events()
+        .await
+        .into_iter()
+        .map(|(_, p)| p.case_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agile_durable_starts_after_what_the_stream_already_holds() {
+    let (env, bridge) = history_then_one_more(&[], 1).await;
+    assert_eq!(
+        case_ids(&env).await,
+        ["US-3"],
+        "the events published before the durable existed are not turned into work"
+    );
+    assert_eq!(bridge.stats.written(), 1);
+    let c = env
+        .consumer_info("agile.events", "fleet-bridge-agile")
+        .await;
+    assert_eq!(
+        c.config.deliver_policy,
+        async_nats::jetstream::consumer::DeliverPolicy::New
+    );
+    bridge.stop().await;
+
+    // An existing durable keeps its position, whatever the flag says now.
+    let bridge = env.bridge(&["--nats-agile-deliver", "all"]).await;
+    env.publish(
+        "agile.events",
+        headers(&[]),
+        transition("US-4", "DRAFT", "BUILD"),
+    )
+    .await;
+    env.wait_len(&env.keys.tasks(), 2, WITHIN).await;
+    eventually(WITHIN, "the new message handled and acked", || async {
+        let c = env
+            .consumer_info("agile.events", "fleet-bridge-agile")
+            .await;
+        (c.delivered.stream_sequence == 4 && c.num_ack_pending == 0 && c.num_pending == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(case_ids(&env).await, ["US-3", "US-4"]);
+    assert_eq!(bridge.stats.written(), 1);
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agile_deliver_all_replays_what_the_stream_holds() {
+    let (env, bridge) = history_then_one_more(&["--nats-agile-deliver", "all"], 3).await;
+    assert_eq!(case_ids(&env).await, ["US-1", "US-2", "US-3"]);
+    assert_eq!(bridge.stats.written(), 3);
     bridge.stop().await;
 }

@@ -166,10 +166,11 @@ async fn redelivered_messages_are_recognised_and_not_written_twice() {
     bridge.stop().await;
 
     // Every message delivered again, as if each ack had been lost after its write (a bridge
-    // killed between the two): a new durable consumer starts from the stream's beginning.
+    // killed between the two): a new durable consumer created with `--nats-agile-deliver all`
+    // starts from the stream's beginning.
     let stream = env.js.get_stream("AGILE").await.unwrap();
     stream.delete_consumer("fleet-bridge-agile").await.unwrap();
-    let bridge = env.bridge(&[]).await;
+    let bridge = env.bridge(&["--nats-agile-deliver", "all"]).await;
     eventually(
         WITHIN,
         "every message delivered again and acked",
