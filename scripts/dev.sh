@@ -4,8 +4,9 @@
 #   scripts/dev.sh              build, start every binary, run the demo, keep running (Ctrl-C stops)
 #   scripts/dev.sh --demo-only  stop after the demo
 #
-# Uses REDIS_URL when set; otherwise starts a local redis-server on a free port (data and logs in
-# .fleet-dev/). Installs redis-server with apt-get when it is missing.
+# Uses REDIS_URL and NATS_URL when set; otherwise starts a local redis-server and a nats-server
+# with JetStream on free ports (data and logs in .fleet-dev/). Installs them with apt-get when
+# missing. Every port is printed, and written to .fleet-dev/env for other shells to source.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,14 +24,20 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() {
-  local p=$1
-  while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
-  echo "$p"
+# pick VAR PORT: the first port from PORT up that nothing listens on and this script has not
+# handed out already (the processes bind them only later), into VAR.
+taken=" "
+pick() {
+  local p=$2
+  while [[ "$taken" == *" $p "* ]] || (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do
+    p=$((p + 1))
+  done
+  taken+="$p "
+  printf -v "$1" '%s' "$p"
 }
 
 if [ -z "${REDIS_URL:-}" ]; then
-  port=$(free_port 6390)
+  pick port 6390
   redis_bin=$(command -v redis-server || echo /usr/sbin/redis-server)
   "$redis_bin" --port "$port" --bind 127.0.0.1 --dir "$dev/redis" --appendonly yes \
     --save "" --daemonize no --logfile "$dev/logs/redis.log" &
@@ -38,13 +45,28 @@ if [ -z "${REDIS_URL:-}" ]; then
   export REDIS_URL="redis://127.0.0.1:$port"
   echo "started redis-server on $REDIS_URL (data in .fleet-dev/redis)"
 fi
+if [ -z "${NATS_URL:-}" ]; then
+  pick nats_port 4232
+  nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  mkdir -p "$dev/nats"
+  "$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$dev/nats" -l "$dev/logs/nats-server.log" &
+  pids+=($!)
+  export NATS_URL="nats://127.0.0.1:$nats_port"
+  echo "started nats-server with JetStream on $NATS_URL (data in .fleet-dev/nats)"
+fi
 
 echo "building (cargo build --workspace --bins)..."
 cargo build --workspace --bins --quiet
 bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
-edge=$(free_port 8001)
-gateway=$(free_port 8002)
+pick edge 8001
+pick gateway 8002
+pick grpc 50055
+pick admin_dispatcher 9101
+pick admin_callback 9102
+pick admin_gateway 9104
+pick admin_bridge 9105
+pick admin_exec 9106
 export FLEET_AGENTS_FILE="$root/deploy/agents.example.toml"
 export FLEET_PUBLIC_WS_URL="ws://127.0.0.1:$gateway"
 export FLEET_DEV=true
@@ -56,29 +78,53 @@ start() {
   TOKIO_WORKER_THREADS="${TOKIO_WORKER_THREADS:-1}" "$bin/$name" "$@" >"$dev/logs/$name.log" 2>&1 &
   pids+=($!)
 }
-start dispatcher --admin-addr "127.0.0.1:$(free_port 9101)"
-start callback-worker --admin-addr "127.0.0.1:$(free_port 9102)"
-start exec-worker --mode echo --admin-addr "127.0.0.1:$(free_port 9106)"
-start ws-gateway --http-addr "127.0.0.1:$gateway" --admin-addr "127.0.0.1:$(free_port 9104)"
-start edge-api --http-addr "127.0.0.1:$edge"
+start dispatcher --admin-addr "127.0.0.1:$admin_dispatcher"
+start callback-worker --admin-addr "127.0.0.1:$admin_callback"
+start exec-worker --mode echo --admin-addr "127.0.0.1:$admin_exec"
+start ws-gateway --http-addr "127.0.0.1:$gateway" --admin-addr "127.0.0.1:$admin_gateway"
+start nats-bridge --admin-addr "127.0.0.1:$admin_bridge"
+start edge-api --http-addr "127.0.0.1:$edge" --grpc-addr "127.0.0.1:$grpc"
 
-for _ in $(seq 1 100); do
-  if curl -fsS "http://127.0.0.1:$edge/health/ready" >/dev/null 2>&1 \
-     && curl -fsS "http://127.0.0.1:$gateway/health" >/dev/null 2>&1; then
-    break
-  fi
-  sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$edge/health/ready" >/dev/null || { echo "edge-api did not become ready; see .fleet-dev/logs" >&2; exit 1; }
+# Every process answers its readiness check, or the script says which one did not and why.
+ready() {
+  local name=$1 url=$2
+  for _ in $(seq 1 100); do
+    curl -fsS "$url" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "$name did not become ready at $url; the end of .fleet-dev/logs/$name.log:" >&2
+  tail -n 20 "$dev/logs/$name.log" >&2
+  exit 1
+}
+ready edge-api "http://127.0.0.1:$edge/health/ready"
+ready ws-gateway "http://127.0.0.1:$admin_gateway/health/ready"
+ready dispatcher "http://127.0.0.1:$admin_dispatcher/health/ready"
+ready callback-worker "http://127.0.0.1:$admin_callback/health/ready"
+ready exec-worker "http://127.0.0.1:$admin_exec/health/ready"
+ready nats-bridge "http://127.0.0.1:$admin_bridge/health/ready"
+
+# For another shell: `. .fleet-dev/env` points fleetctl (and anything else) at this fleet.
+cat >"$dev/env" <<ENV
+export REDIS_URL=$REDIS_URL
+export NATS_URL=$NATS_URL
+export FLEET_API_URL=http://127.0.0.1:$edge
+export PATH="$bin:\$PATH"
+ENV
 
 cat <<MSG
 
 Fleet is running (logs in .fleet-dev/logs):
   REST      http://127.0.0.1:$edge/api/v1/chat/init        health http://127.0.0.1:$edge/health/detailed
   WS / SSE  ws://127.0.0.1:$gateway/ws/chat/{session_id}   http://127.0.0.1:$gateway/sse/chat/{session_id}
+  gRPC      127.0.0.1:$grpc (orchestrator.v1.OrchestratorService)
   Redis     $REDIS_URL
+  NATS      $NATS_URL (nats-bridge: planning events in, results out)
+  Metrics   http://127.0.0.1:{$admin_dispatcher,$admin_callback,$admin_gateway,$admin_bridge,$admin_exec}/metrics
 
-Demo: fleetctl chat --agent demo "..."
+In another shell, '. .fleet-dev/env' puts fleetctl on PATH and points it at this fleet:
+  fleetctl chat --agent demo "your message"     fleetctl dlq list
+
+Demo: fleetctl chat --agent demo "Hello from Fleet: ..."
 MSG
 "$bin/fleetctl" chat --api "http://127.0.0.1:$edge" --agent demo \
   "Hello from Fleet: this answer streams back token by token through Redis Streams."
@@ -87,6 +133,5 @@ if $demo_only; then
   exit 0
 fi
 echo
-echo "Try it yourself: $bin/fleetctl chat --api http://127.0.0.1:$edge --agent demo \"your message\""
 echo "Ctrl-C stops the fleet."
 wait
