@@ -376,3 +376,55 @@ async fn a_crash_after_recording_the_last_proposal_is_repaired_by_its_redelivery
         Status::Completed
     );
 }
+
+#[tokio::test]
+async fn a_sweep_that_loses_the_race_to_an_architect_step_leaves_the_deadline_for_the_next() {
+    let f = fixture().await;
+    let mut s = spec("d8", 2, 2, 1);
+    s.architect_top_k = 2;
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    f.engine
+        .on_proposal(&proposal("d8", "DEV-1", 1, 0.2), false)
+        .await
+        .unwrap();
+    // The sweeper reads the deliberation (generating, one of two proposals in)...
+    let as_swept = f.engine.store.get("d8").await.unwrap().unwrap();
+    assert_eq!(as_swept.status, Status::Generating);
+    // ...then the last proposal lands: scoring hands it to the architect.
+    f.engine
+        .on_proposal(&proposal("d8", "DEV-2", 1, 0.9), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.engine.store.get("d8").await.unwrap().unwrap().status,
+        Status::Selecting
+    );
+    // The sweep goes on with what it read: its end is refused.
+    f.engine.expire_as_read(as_swept).await.unwrap();
+    assert_eq!(
+        f.engine.store.get("d8").await.unwrap().unwrap().status,
+        Status::Selecting,
+        "another step owns it now"
+    );
+    let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), "d:d8").await.unwrap();
+    assert_eq!(
+        deadline,
+        Some(s.deadline_ms as f64),
+        "still open: the deadline stays for the next sweep"
+    );
+
+    // The architect never answers; the next sweep finds it selecting and ends it.
+    assert!(f.engine.expire("d8").await.unwrap());
+    let view = f.engine.store.get("d8").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    assert_eq!(view.winner.as_deref(), Some("DEV-2"));
+    assert!(
+        view.selected_by.contains("did not answer"),
+        "{}",
+        view.selected_by
+    );
+    let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), "d:d8").await.unwrap();
+    assert_eq!(deadline, None, "ended: nothing left to sweep");
+    assert!(!f.engine.expire("d8").await.unwrap(), "ends once");
+}

@@ -602,12 +602,28 @@ impl Engine {
     /// Sweeper: deliberation `id` reached its deadline. With at least `quorum` proposals it
     /// completes on what came in (each member's newest proposal; no architect step), otherwise it
     /// times out. Members that had not answered the current round (or the architect) get an
-    /// `agent.cancel` first, so whoever sees the end sees the cancels too. Returns whether it
-    /// ended it.
+    /// `agent.cancel` first, so whoever sees the end sees the cancels too.
+    ///
+    /// Returns false when there was nothing to do (it had ended already, or is unknown), true
+    /// when it was still open: ended now, or, when another step moved it meanwhile and its end
+    /// was refused, left in the deadline set for the next sweep (see [`Engine::expire_as_read`]).
     pub async fn expire(&self, id: &str) -> Result<bool> {
         let Some(view) = self.store.get(id).await? else {
             return Ok(false);
         };
+        self.expire_as_read(view).await
+    }
+
+    /// [`Engine::expire`] on the deliberation as read in `view`, which may be stale by the time
+    /// its compare-and-set runs: a callback-worker can move it on meanwhile (say the last
+    /// proposal arrives at the deadline and scoring hands it to an architect, `selecting`). The
+    /// refused end then leaves it open, and its deadline entry is what brings the sweeper back
+    /// to end it (the architect request is already past its deadline, so no answer will). The
+    /// entry is removed only once the deliberation is seen to have ended. Public so tests can
+    /// replay that race.
+    #[doc(hidden)]
+    pub async fn expire_as_read(&self, view: DeliberationView) -> Result<bool> {
+        let id = view.spec.deliberation_id.as_str();
         let spec = &view.spec;
         let before = view.status;
         match view.status {
@@ -690,13 +706,29 @@ impl Engine {
                 }
             }
         }
-        let _: i64 = self
-            .client()
-            .zrem(
-                self.keys().deadlines(),
-                Keys::deliberation_deadline_member(id),
-            )
-            .await?;
+        // An end applied here already dropped the deadline (`after_end`); one that was refused
+        // leaves the entry for the next sweep unless another step ended it meanwhile (its
+        // `after_end` may not have run yet if it crashed: drop it here then).
+        let ended = self
+            .store
+            .get(id)
+            .await?
+            .is_none_or(|v| v.status.is_terminal());
+        if ended {
+            let _: i64 = self
+                .client()
+                .zrem(
+                    self.keys().deadlines(),
+                    Keys::deliberation_deadline_member(id),
+                )
+                .await?;
+        } else {
+            tracing::info!(
+                deliberation_id = %id,
+                was = %before,
+                "the deadline's end was refused (another step moved it on); the next sweep ends it"
+            );
+        }
         Ok(!before.is_terminal())
     }
 

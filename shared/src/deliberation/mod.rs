@@ -57,6 +57,11 @@ pub const MAX_REQUIREMENTS: usize = 64;
 pub const MAX_REQUIREMENT_BYTES: usize = 4096;
 /// Most rubric weights and metadata entries.
 pub const MAX_MAP_ENTRIES: usize = 64;
+/// Largest rubric description, and largest metadata value, in bytes. Both are copied into
+/// every request of every member and round, so they stay small; the task itself belongs in the
+/// description.
+pub const MAX_RUBRIC_DESCRIPTION_BYTES: usize = 4096;
+pub const MAX_METADATA_VALUE_BYTES: usize = 4096;
 /// Longest deliberation deadline, in ms (1 hour).
 pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
@@ -380,6 +385,13 @@ impl DeliberationSpec {
                 "at most {MAX_MAP_ENTRIES} metadata entries and rubric weights"
             ));
         }
+        validate_metadata("metadata", &self.metadata)?;
+        if self.rubric.description.len() > MAX_RUBRIC_DESCRIPTION_BYTES {
+            return bad(format!(
+                "rubric description is {} bytes; the limit is {MAX_RUBRIC_DESCRIPTION_BYTES}",
+                self.rubric.description.len()
+            ));
+        }
         for (name, w) in &self.rubric.weights {
             if !crate::agent::valid_name(name) {
                 return bad(format!("rubric weight name `{name}` is not a valid name"));
@@ -420,6 +432,31 @@ impl DeliberationSpec {
     pub fn majority(n: u32) -> u32 {
         n / 2 + 1
     }
+}
+
+/// Checks the entries of a key/value map passed to the agents (`field` names it in the message):
+/// names as ids are (1-128 characters of A-Z a-z 0-9 - _ . :), values at most
+/// [`MAX_METADATA_VALUE_BYTES`]. Front doors that merge several maps into
+/// [`DeliberationSpec::metadata`] check each first, so the message names the one at fault.
+pub fn validate_metadata<'a>(
+    field: &str,
+    entries: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), InvalidSpec> {
+    for (k, v) in entries {
+        if !crate::agent::valid_name(k) {
+            return Err(InvalidSpec(format!(
+                "{field} key `{}` must be 1-128 characters of A-Z a-z 0-9 - _ . :",
+                k.chars().take(32).collect::<String>()
+            )));
+        }
+        if v.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(InvalidSpec(format!(
+                "{field} value of `{k}` is {} bytes; the limit is {MAX_METADATA_VALUE_BYTES}",
+                v.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One proposal as the callback-worker stores it (`<p>:{d:<id>}:proposals`).
@@ -517,6 +554,34 @@ mod tests {
             ),
             (Box::new(|s| s.architect_top_k = 1), "architect_top_k"),
             (Box::new(|s| s.case_id = "x/y".into()), "case_id"),
+            (
+                Box::new(|s| s.rubric.description = "r".repeat(4097)),
+                "rubric description is 4097 bytes; the limit is 4096",
+            ),
+            (
+                Box::new(|s| {
+                    s.metadata.insert("has space".into(), "v".into());
+                }),
+                "metadata key `has space` must be 1-128 characters",
+            ),
+            (
+                Box::new(|s| {
+                    s.metadata.insert(String::new(), "v".into());
+                }),
+                "metadata key `` must be",
+            ),
+            (
+                Box::new(|s| {
+                    s.metadata.insert("k".repeat(129), "v".into());
+                }),
+                "metadata key",
+            ),
+            (
+                Box::new(|s| {
+                    s.metadata.insert("notes".into(), "v".repeat(4097));
+                }),
+                "metadata value of `notes` is 4097 bytes; the limit is 4096",
+            ),
         ];
         for (change, want) in cases {
             let mut s = spec();
@@ -524,6 +589,12 @@ mod tests {
             let err = s.validate().unwrap_err().0;
             assert!(err.contains(want), "{err} should mention {want}");
         }
+        // At the limits is fine.
+        let mut s = spec();
+        s.rubric.description = "r".repeat(MAX_RUBRIC_DESCRIPTION_BYTES);
+        s.metadata
+            .insert("k".repeat(128), "v".repeat(MAX_METADATA_VALUE_BYTES));
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

@@ -1,17 +1,21 @@
 //! `Deliberate`, `Orchestrate`, `StreamDeliberation`, `GetDeliberationResult`.
 //!
 //! A request becomes a [`DeliberationSpec`] (validated: every bad field is INVALID_ARGUMENT with
-//! a message, and nothing is written), [`fleet::deliberation::Engine::accept`] creates it (or
-//! finds the one with the same task id) and asks the dispatchers to start it, and the call
-//! follows `<p>:{d:<id>}:events` on a connection of its own until the final update, the
-//! client's deadline (DEADLINE_EXCEEDED; the deliberation goes on) or the client going away.
+//! a message, and nothing is written), the call takes a connection of its own for waiting (one of
+//! `max_waiters`; none free: RESOURCE_EXHAUSTED, still before anything is written),
+//! [`fleet::deliberation::Engine::accept`] creates it (or finds the one with the same task id)
+//! and asks the dispatchers to start it, and the call follows `<p>:{d:<id>}:events` on that
+//! connection until the final update, the client's deadline (DEADLINE_EXCEEDED; the
+//! deliberation goes on) or the client going away. A stream whose log expired under it ends
+//! with the stored record's final state.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use fleet::deliberation::store::{DeliberationStore, DeliberationView, Update};
+use fleet::deliberation::store::{DeliberationStore, DeliberationView, FinalResult, Update};
 use fleet::deliberation::{
-    DeliberationSpec, MAX_AGENTS, MAX_TIMEOUT_MS, Rubric, kind, latest_per_member, parse_role, rank,
+    DeliberationSpec, MAX_AGENTS, MAX_TIMEOUT_MS, Rubric, kind, latest_per_member, parse_role,
+    rank, validate_metadata,
 };
 use fleet::stream::entry::StreamId;
 use fleet::time::now_ms;
@@ -87,6 +91,11 @@ impl Orchestrator {
             )));
         }
         let rubric = c.rubric.unwrap_or_default();
+        // Each map on its own first, so the message names the field at fault; the merged one
+        // is checked again with the spec.
+        let invalid = |e: fleet::deliberation::InvalidSpec| Status::invalid_argument(e.0);
+        validate_metadata("metadata", &c.metadata).map_err(invalid)?;
+        validate_metadata("custom_params", &d.custom_params).map_err(invalid)?;
         let mut metadata: BTreeMap<String, String> = c.metadata.into_iter().collect();
         metadata.extend(d.custom_params);
         let now = now_ms();
@@ -154,11 +163,14 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Follows deliberation `id` until it ends, the client's deadline, or shutdown.
+    /// Follows deliberation `id` on `reader` until it ends, the client's deadline, or shutdown.
+    /// The caller takes `reader` (a waiter slot) before it accepts the deliberation, so a call
+    /// refused for want of a slot has started nothing.
     async fn wait_for_end(
         &self,
         id: &str,
         client: Option<Instant>,
+        reader: super::BlockingReader,
     ) -> Result<DeliberationView, Status> {
         let store = &self.engine.store;
         let view = store
@@ -169,7 +181,6 @@ impl Orchestrator {
         if view.status.is_terminal() {
             return Ok(view);
         }
-        let reader = self.blocking_reader().await?;
         let own_deadline = Instant::now()
             + Duration::from_millis((view.spec.deadline_ms - now_ms()).max(0) as u64)
             + WAIT_PAST_DEADLINE;
@@ -244,8 +255,11 @@ impl Orchestrator {
         let deadline = client_deadline(&req);
         let spec = self.spec(Self::deliberate_draft(req.into_inner()))?;
         Span::current().record("task_id", spec.deliberation_id.as_str());
+        let reader = self.blocking_reader().await?;
         self.accept(&spec).await?;
-        let view = self.wait_for_end(&spec.deliberation_id, deadline).await?;
+        let view = self
+            .wait_for_end(&spec.deliberation_id, deadline, reader)
+            .await?;
         Ok(Self::deliberate_response(&view))
     }
 
@@ -296,8 +310,11 @@ impl Orchestrator {
             plan_id: req.plan_id,
         })?;
         Span::current().record("task_id", spec.deliberation_id.as_str());
+        let reader = self.blocking_reader().await?;
         self.accept(&spec).await?;
-        let view = self.wait_for_end(&spec.deliberation_id, deadline).await?;
+        let view = self
+            .wait_for_end(&spec.deliberation_id, deadline, reader)
+            .await?;
         let spec = &view.spec;
         let candidates = convert::ranked_all(&spec.deliberation_id, &spec.role, &view.ranked);
         let winner = view
@@ -388,6 +405,30 @@ impl Orchestrator {
                     _ = st.me.shutdown.cancelled() => continue,
                 };
                 match read {
+                    Ok(updates) if updates.is_empty() => {
+                        // The log may have expired or been trimmed past its final update: the
+                        // hash has the last word (as in `wait_for_end`).
+                        match st.me.engine.store.get(&spec.deliberation_id).await {
+                            Ok(Some(v)) if v.status.is_terminal() => {
+                                st.done = true;
+                                let update = final_update(&v);
+                                return Some((Ok(update), st));
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) => {
+                                st.done = true;
+                                let id = &spec.deliberation_id;
+                                return Some((
+                                    Err(Status::not_found(format!("deliberation `{id}` expired"))),
+                                    st,
+                                ));
+                            }
+                            Err(e) => {
+                                st.done = true;
+                                return Some((Err(error::store(e)), st));
+                            }
+                        }
+                    }
                     Ok(updates) => {
                         if let Some(last) = updates.last() {
                             st.after = last.event_id;
@@ -439,6 +480,44 @@ impl Orchestrator {
         };
         Ok(convert::result(&view, provisional))
     }
+}
+
+/// The final update of an ended deliberation whose log no longer has it, from the stored
+/// record: the status, results and winner a final log entry carries. It has no `event_id`, not
+/// being an entry of the log.
+fn final_update(view: &DeliberationView) -> pb::DeliberationUpdate {
+    let spec = &view.spec;
+    let result = FinalResult {
+        status: view.status.as_str().to_owned(),
+        results: view.ranked.clone(),
+        winner: view.winner.clone().unwrap_or_default(),
+        winner_id: view.winner_id.clone().unwrap_or_default(),
+        selected_by: view.selected_by.clone(),
+        error: view.error.clone(),
+        duration_ms: view.duration_ms(),
+    };
+    let u = Update {
+        event_id: StreamId::ZERO,
+        status: view.status.as_str().to_owned(),
+        round: view.round,
+        received: view.ranked.len() as u32,
+        step: match view.winner.as_deref() {
+            Some(w) => format!("{}: {w} wins ({})", view.status, view.selected_by),
+            None => view.status.to_string(),
+        },
+        agent: view.winner.clone().unwrap_or_default(),
+        data: serde_json::to_string(&result).expect("a result serializes"),
+    };
+    let mut out = convert::update(
+        &spec.deliberation_id,
+        &spec.role,
+        spec.num_agents,
+        spec.rounds,
+        &u,
+    );
+    out.event_id = String::new();
+    out.timestamp_ms = view.finished_ms.unwrap_or(view.updated_ms);
+    out
 }
 
 #[cfg(test)]
