@@ -7,7 +7,8 @@
 //! sweeping at once end a task once), logs and fans out its `chat_error`, tells its executors to
 //! stop, and removes it from the set. An overdue deliberation completes with the proposals it
 //! has when they reach its quorum and times out otherwise; its stragglers get `agent.cancel`
-//! ([`fleet::deliberation::Engine::expire`], which also removes it from the set).
+//! ([`fleet::deliberation::Engine::expire`], which removes it from the set once it has ended;
+//! one whose end lost a race to another step stays for the next sweep).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
