@@ -181,7 +181,7 @@ pub struct ChatLimits {
     pub max_message_bytes: usize,
     /// Deadline of a task whose agent sets none.
     pub default_task_timeout: Duration,
-    /// Session tokens are valid this long.
+    /// Session tokens are valid this long (edge-api: the session TTL).
     pub token_ttl: Duration,
     /// Whether a submit sends the executor's request itself (the task is created `dispatched`
     /// to its agent's pool) instead of a `task.submit` for the dispatchers: one hop fewer per
@@ -464,6 +464,18 @@ impl Chat {
             agent_name: agent.name,
             expires_ms,
         })
+    }
+
+    /// A fresh token for open session `sid`, valid `token_ttl` from now; the caller has
+    /// checked its current one. A session outlives its first token while it is active (its TTL
+    /// slides), and this is how its client keeps access. Returns the token and its expiry.
+    pub async fn refresh_token(&self, sid: &str) -> Result<(String, i64), ChatError> {
+        let status = self.status(sid).await?;
+        if status.state != "open" {
+            return Err(ChatError::SessionClosed(sid.to_owned()));
+        }
+        let expires_ms = now_ms() + self.limits.token_ttl.as_millis() as i64;
+        Ok((self.tokens.sign(sid, expires_ms), expires_ms))
     }
 
     /// Checks a bearer token for `sid`.

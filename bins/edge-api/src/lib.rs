@@ -209,7 +209,9 @@ impl Config {
             max_message_bytes: self.max_message_bytes,
             default_task_timeout: Duration::from_secs(self.task_timeout_secs),
             direct_dispatch: self.direct_dispatch,
-            ..ChatLimits::default()
+            // A token lasts as long as an idle session does; an active session outlives it and
+            // gets a fresh one from `POST /api/v1/chat/session/{id}/token`.
+            token_ttl: Duration::from_secs(self.common.session_ttl_secs),
         }
     }
 }

@@ -9,7 +9,7 @@ use common::{AGENT, Session, TestApp, assert_error, spawn_app};
 use fleet::envelope::TaskCommand;
 use fleet::task::{Retention, TaskOp, TaskStore};
 use fleet::time::now_ms;
-use fred::interfaces::KeysInterface;
+use fred::interfaces::{HashesInterface, KeysInterface};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value as Json, json};
 
@@ -75,6 +75,54 @@ async fn init_opens_a_session_whose_token_works() {
     assert_eq!(resp.status(), StatusCode::OK);
     let task: Json = resp.json().await.unwrap();
     assert_eq!(task["state"], "reserved");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_lasts_as_long_as_the_session_ttl_and_an_open_session_gets_a_fresh_one() {
+    let two_days = 2 * 86_400;
+    let app = spawn_app(&["--session-ttl-secs", &two_days.to_string()]).await;
+    let s = app.open_session().await;
+    let at_least = |secs: i64| fleet::time::rfc3339_ms(now_ms() + secs * 1000 - 60_000);
+    let first = s.init["expires_at"].as_str().unwrap().to_owned();
+    assert!(first >= at_least(two_days), "{first}");
+
+    let path = format!("/api/v1/chat/session/{}/token", s.id);
+    let resp = app
+        .authed(Method::POST, &path, &s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let fresh: Json = resp.json().await.unwrap();
+    let token = fresh["session_token"].as_str().unwrap();
+    assert_ne!(token, s.token);
+    assert!(fresh["expires_at"].as_str().unwrap() >= first.as_str());
+    let resp = app
+        .authed(
+            Method::GET,
+            &format!("/api/v1/chat/session/{}/status", s.id),
+            token,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "the fresh token works");
+
+    // Without a valid token, none; a closed session gets none either.
+    let resp = app
+        .authed(Method::POST, &path, "not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    let _: i64 = app
+        .redis
+        .hset(app.keys.session(&s.id), ("state", "closed"))
+        .await
+        .unwrap();
+    let resp = app.authed(Method::POST, &path, token).send().await.unwrap();
+    assert_error(resp, StatusCode::CONFLICT, "session_closed").await;
     app.stop().await;
 }
 

@@ -92,6 +92,28 @@ pub async fn status(
     Ok(Json(state.chat.status(&auth.session_id).await?))
 }
 
+/// `POST /api/v1/chat/session/{session_id}/token` answer.
+#[derive(Debug, Serialize)]
+pub struct Token {
+    pub session_token: String,
+    /// When it expires, RFC 3339.
+    pub expires_at: String,
+}
+
+/// A fresh token for an open session, for a client whose session outlives its token (the
+/// session's TTL slides with activity; a token's does not): 200, or 409 when it is closed.
+#[tracing::instrument(skip_all, fields(session_id = %auth.session_id, task_id))]
+pub async fn refresh_token(
+    State(state): State<AppState>,
+    auth: SessionAuth,
+) -> Result<Json<Token>, ApiError> {
+    let (session_token, expires_ms) = state.chat.refresh_token(&auth.session_id).await?;
+    Ok(Json(Token {
+        session_token,
+        expires_at: fleet::time::rfc3339_ms(expires_ms),
+    }))
+}
+
 /// `POST /api/v1/chat/session/{session_id}/task` answer.
 #[derive(Debug, Serialize)]
 pub struct Reserved {

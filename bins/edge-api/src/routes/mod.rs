@@ -6,6 +6,7 @@
 //! | `POST /api/v1/chat/init` | none | opens a session ([`chat::init`]) |
 //! | `GET /api/v1/chat/session/{session_id}/status` | session | [`chat::status`] |
 //! | `POST /api/v1/chat/session/{session_id}/task` | session | reserves a task id ([`chat::reserve`]) |
+//! | `POST /api/v1/chat/session/{session_id}/token` | session | a fresh token ([`chat::refresh_token`]) |
 //! | `DELETE /api/v1/chat/session/{session_id}` | session | closes the session ([`chat::close`]) |
 //! | `POST /api/v1/chat/{session_id}/task` | session | submits a message ([`chat::submit`]) |
 //! | `GET /api/v1/chat/{session_id}/tasks/{task_id}` | session | [`chat::task`] |
@@ -73,6 +74,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/chat/session/{session_id}/task",
             post(chat::reserve),
+        )
+        .route(
+            "/api/v1/chat/session/{session_id}/token",
+            post(chat::refresh_token),
         )
         .route(
             "/api/v1/chat/session/{session_id}",
