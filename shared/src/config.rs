@@ -29,7 +29,8 @@ pub struct CommonArgs {
     #[arg(long, env = "FLEET_FANOUT_SHARDS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub fanout_shards: u32,
 
-    /// Sessions, their tasks and event logs expire after this many seconds without activity.
+    /// Sessions, their tasks and event logs expire after this many seconds without activity;
+    /// the session tokens edge-api issues are valid this long from when they are issued.
     #[arg(long, env = "FLEET_SESSION_TTL_SECS", default_value_t = 86_400)]
     pub session_ttl_secs: u64,
 
