@@ -282,6 +282,77 @@ async fn the_deadline_applies_the_quorum_and_cancels_stragglers() {
 }
 
 #[tokio::test]
+async fn an_architect_is_offered_only_proposals_that_passed_policy() {
+    let f = fixture().await;
+    let mut s = spec("d9", 3, 3, 1);
+    s.kind = kind::ORCHESTRATE.into();
+    s.architect_top_k = 3;
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    let failing = |member: &str| {
+        let mut p = proposal("d9", member, 1, 1.0);
+        p.checks.policy = Some(Check::fail("touches a protected path"));
+        p
+    };
+    for p in [
+        failing("DEV-1"),
+        failing("DEV-2"),
+        proposal("d9", "DEV-3", 1, 0.5),
+    ] {
+        f.engine.on_proposal(&p, false).await.unwrap();
+    }
+    // One proposal passed policy: nothing for an architect to choose; it wins on its own.
+    let view = f.engine.store.get("d9").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    assert_eq!(view.winner.as_deref(), Some("DEV-3"));
+    assert!(
+        entries::<AgentMessage>(&f, &f.keys.agents("ARCHITECT"))
+            .await
+            .is_empty()
+    );
+
+    // Two passed: the architect chooses between those two, and a choice of a failing one
+    // falls back to the best that passed.
+    let mut s = spec("d10", 3, 3, 1);
+    s.kind = kind::ORCHESTRATE.into();
+    s.architect_top_k = 3;
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    let mut fail = proposal("d10", "DEV-1", 1, 1.0);
+    fail.checks.policy = Some(Check::fail("leaks a secret"));
+    for p in [
+        fail,
+        proposal("d10", "DEV-2", 1, 0.3),
+        proposal("d10", "DEV-3", 1, 0.6),
+    ] {
+        f.engine.on_proposal(&p, false).await.unwrap();
+    }
+    let view = f.engine.store.get("d10").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Selecting);
+    let reqs: Vec<AgentMessage> = entries(&f, &f.keys.agents("ARCHITECT")).await;
+    let AgentMessage::Request(sel) = reqs.last().unwrap();
+    let offered: Vec<&str> = sel.peers.iter().map(|p| p.member.as_str()).collect();
+    assert_eq!(offered, ["DEV-3", "DEV-2"]);
+    f.engine
+        .on_selection(&SelectionCallback {
+            deliberation_id: "d10".into(),
+            member: sel.member.clone(),
+            winner: "DEV-1".into(),
+            rationale: "bold".into(),
+        })
+        .await
+        .unwrap();
+    let view = f.engine.store.get("d10").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    assert_eq!(view.winner.as_deref(), Some("DEV-3"));
+    assert!(
+        view.selected_by.contains("chose no candidate"),
+        "{}",
+        view.selected_by
+    );
+}
+
+#[tokio::test]
 async fn an_architect_chooses_among_the_top_candidates_or_the_score_decides() {
     let f = fixture().await;
     let mut s = spec("d5", 3, 2, 1);

@@ -106,6 +106,15 @@ fn proposal_id(id: &str, p: &Proposal) -> String {
     p.id(id)
 }
 
+/// How many of `ranked` (best first) an architect chooses among: the top `top_k` of the
+/// proposals that passed their policy check, which rank first; of all of them only when none
+/// did. A proposal that failed policy is never offered while one that passed exists.
+fn candidates(ranked: &[RankedProposal], top_k: u32) -> usize {
+    let passed = ranked.iter().filter(|r| !r.policy_failed).count();
+    let pool = if passed == 0 { ranked.len() } else { passed };
+    (top_k as usize).min(pool)
+}
+
 impl Engine {
     pub fn new(store: DeliberationStore, councils: Councils, cfg: EngineConfig) -> Self {
         Self {
@@ -405,7 +414,7 @@ impl Engine {
                 .end_unsuccessfully(&view, Status::Failed, "no proposals to score".into())
                 .await;
         }
-        if view.spec.architect_top_k >= 2 && ranked.len() >= 2 {
+        if candidates(&ranked, view.spec.architect_top_k) >= 2 {
             return self.select(view, ranked).await;
         }
         self.complete(&view, ranked, 0, "score".into(), &[Status::Scoring])
@@ -415,7 +424,7 @@ impl Engine {
     /// Asks an ARCHITECT agent to choose among the top candidates.
     async fn select(&self, view: DeliberationView, ranked: Vec<RankedProposal>) -> Result<()> {
         let id = &view.spec.deliberation_id;
-        let top_k = (view.spec.architect_top_k as usize).min(ranked.len());
+        let top_k = candidates(&ranked, view.spec.architect_top_k);
         let architect = self
             .councils
             .pick(ARCHITECT, 1)
@@ -469,7 +478,7 @@ impl Engine {
             return Ok(Handled::Dropped("stale"));
         }
         let ranked = view.ranked.clone();
-        let top_k = (view.spec.architect_top_k as usize).min(ranked.len());
+        let top_k = candidates(&ranked, view.spec.architect_top_k);
         let id = &view.spec.deliberation_id;
         let chosen = ranked[..top_k]
             .iter()
