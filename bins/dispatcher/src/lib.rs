@@ -85,9 +85,10 @@ pub struct Config {
     #[arg(long, env = "FLEET_CONTEXT_TIMEOUT_MS", default_value_t = 2000)]
     pub context_timeout_ms: u64,
 
-    /// Also publish deliberation requests to NATS `agent.requests` (through fleet:outbound).
-    /// Subtasks of planning events always go there. FLEET_PUBLISH_AGENT_REQUESTS takes
-    /// true/false, 1/0, yes/no or on/off.
+    /// Also publish deliberation requests to NATS `agent.requests` (through fleet:outbound),
+    /// including those of planning subtasks run by a council (DESIGN's architecture); other
+    /// planning subtasks always go there. Set it when the agents are NATS-side runners.
+    /// FLEET_PUBLISH_AGENT_REQUESTS takes true/false, 1/0, yes/no or on/off.
     #[arg(long, env = "FLEET_PUBLISH_AGENT_REQUESTS", value_parser = clap::builder::BoolishValueParser::new())]
     pub publish_agent_requests: bool,
 }
