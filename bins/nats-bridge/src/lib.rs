@@ -232,6 +232,7 @@ impl App {
             nats: nats.clone(),
             streams,
             requests_subject: n.nats_requests_subject.clone(),
+            orchestrator_subject: n.nats_orchestrator_subject.clone(),
             max_deliveries: consumer.max_deliveries,
             stats,
             shutdown: shutdown.clone(),

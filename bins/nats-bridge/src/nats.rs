@@ -158,8 +158,9 @@ pub struct NatsArgs {
     )]
     pub nats_responses_durable: String,
 
-    /// Subject of agent requests (published from fleet:outbound; payloads must carry
-    /// `task_id` and `session_id`, or `deliberation_id` and `member`).
+    /// Subject of agent requests (published from fleet:outbound: the fleet's `agent.requests`
+    /// entries go to this subject; payloads must carry `task_id` and `session_id`, or
+    /// `deliberation_id` and `member`).
     #[arg(
         long,
         env = "FLEET_NATS_REQUESTS_SUBJECT",
@@ -175,7 +176,8 @@ pub struct NatsArgs {
     )]
     pub nats_requests_stream: String,
 
-    /// Subject of orchestrator events (decisions, published from fleet:outbound).
+    /// Subject of orchestrator events (decisions, published from fleet:outbound: the fleet's
+    /// `orchestrator.events` entries go to this subject).
     #[arg(
         long,
         env = "FLEET_NATS_ORCHESTRATOR_SUBJECT",

@@ -34,6 +34,7 @@ use crate::inbound::{NATS_MSG_ID, TRACEPARENT};
 use crate::nats::{NatsLink, ProvisionError, StreamSpec, back_off, subject_matches};
 use crate::stats::Stats;
 use crate::wire;
+use fleet::deliberation::engine::{SUBJECT_AGENT_REQUESTS, SUBJECT_ORCHESTRATOR_EVENTS};
 
 /// Health component of the outbound streams.
 pub const COMPONENT_OUTPUT_STREAMS: &str = "nats-output-streams";
@@ -119,6 +120,8 @@ pub struct Publisher {
     pub streams: std::sync::Arc<OutputStreams>,
     /// The agent requests subject, whose payloads must be [`wire::AgentRequest`]s.
     pub requests_subject: String,
+    /// The subject of the fleet's orchestrator events.
+    pub orchestrator_subject: String,
     /// The consumer loop's `max_deliveries`: on that delivery a failing entry is dead-lettered.
     pub max_deliveries: u32,
     pub stats: Stats,
@@ -134,24 +137,38 @@ impl Handler for Publisher {
 }
 
 impl Publisher {
+    /// Where an entry for `subject` is published. The fleet writes its two outputs under their
+    /// default names ([`SUBJECT_AGENT_REQUESTS`], [`SUBJECT_ORCHESTRATOR_EVENTS`]); they go to the
+    /// subjects this bridge is configured with (`--nats-requests-subject`,
+    /// `--nats-orchestrator-subject`), so that renaming them here is all it takes.
+    fn subject<'a>(&'a self, subject: &'a str) -> &'a str {
+        // A configured pattern (`agent.requests.>`) names no one subject to publish to.
+        let concrete = |s: &str| !s.split('.').any(|t| t == "*" || t == ">");
+        match subject {
+            SUBJECT_AGENT_REQUESTS if concrete(&self.requests_subject) => &self.requests_subject,
+            SUBJECT_ORCHESTRATOR_EVENTS if concrete(&self.orchestrator_subject) => {
+                &self.orchestrator_subject
+            }
+            other => other,
+        }
+    }
+
     async fn publish_one(&self, d: &Delivery<Outbound>) -> Outcome {
         let Outbound::Publish(p) = &d.envelope.msg;
-        if let Err(reason) = wire::check_subject(&p.subject).and_then(|()| {
-            wire::check_outbound(
-                &p.payload,
-                subject_matches(&self.requests_subject, &p.subject),
-            )
+        let subject = self.subject(&p.subject);
+        if let Err(reason) = wire::check_subject(subject).and_then(|()| {
+            wire::check_outbound(&p.payload, subject_matches(&self.requests_subject, subject))
         }) {
-            self.count(&p.subject, "dead_lettered");
+            self.count(subject, "dead_lettered");
             return Outcome::DeadLetter(reason.0);
         }
         let span = tracing::info_span!(
             "nats_out",
-            otel.name = %format!("{} publish", p.subject),
+            otel.name = %format!("{subject} publish"),
             otel.kind = "producer",
             messaging.system = "nats",
             messaging.operation = "publish",
-            messaging.destination.name = %p.subject,
+            messaging.destination.name = %subject,
             messaging.message.id = %d.envelope.id,
             fleet.entry_id = %d.entry_id,
             fleet.deliveries = d.deliveries,
@@ -169,13 +186,17 @@ impl Publisher {
             if !self.nats.wait_connected(&self.shutdown).await {
                 return Outcome::Retry;
             }
-            if self.streams.ensure(&self.nats).await.is_err() && self.streams.covers(&p.subject) {
-                tracing::debug!(subject = %p.subject, "publishing before its stream is ready");
+            if self.streams.ensure(&self.nats).await.is_err() && self.streams.covers(subject) {
+                tracing::debug!(subject = %subject, "publishing before its stream is ready");
             }
             let result = match self
                 .nats
                 .js
-                .publish_with_headers(p.subject.clone(), headers.clone(), p.payload.clone().into())
+                .publish_with_headers(
+                    subject.to_owned(),
+                    headers.clone(),
+                    p.payload.clone().into(),
+                )
                 .await
             {
                 Ok(ack) => ack.await,
@@ -185,7 +206,7 @@ impl Publisher {
                 Ok(ack) => {
                     self.stats.add_published(ack.duplicate);
                     self.count(
-                        &p.subject,
+                        subject,
                         if ack.duplicate {
                             "duplicate"
                         } else {
@@ -200,8 +221,8 @@ impl Publisher {
                 Err(e) => e,
             };
             if e.kind() == PublishErrorKind::MaxPayloadExceeded {
-                self.count(&p.subject, "dead_lettered");
-                return Outcome::DeadLetter(format!("cannot publish to `{}`: {e}", p.subject));
+                self.count(subject, "dead_lettered");
+                return Outcome::DeadLetter(format!("cannot publish to `{subject}`: {e}"));
             }
             if e.kind() == PublishErrorKind::StreamNotFound {
                 // The server may have lost the stream (a new server without our store).
@@ -211,17 +232,17 @@ impl Publisher {
                 attempts += 1;
             }
             span.in_scope(
-                || tracing::warn!(subject = %p.subject, error = %e, attempts, "publish failed"),
+                || tracing::warn!(subject = %subject, error = %e, attempts, "publish failed"),
             );
             if attempts >= ATTEMPTS_PER_DELIVERY || self.shutdown.is_cancelled() {
                 if d.deliveries >= self.max_deliveries {
-                    self.count(&p.subject, "dead_lettered");
+                    self.count(subject, "dead_lettered");
                     return Outcome::DeadLetter(format!(
                         "publishing to `{}` failed on {} deliveries; last error: {e}",
-                        p.subject, d.deliveries
+                        subject, d.deliveries
                     ));
                 }
-                self.count(&p.subject, "retry");
+                self.count(subject, "retry");
                 return Outcome::Retry;
             }
             if !back_off(&mut backoff, &self.shutdown).await {

@@ -74,6 +74,43 @@ async fn an_outbound_publish_arrives_with_its_msg_id_and_traceparent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_outputs_go_to_the_subjects_the_bridge_is_configured_with() {
+    let env = Env::start().await;
+    let mut requests = env.nc.subscribe("swe.agent.requests").await.unwrap();
+    let mut events = env.nc.subscribe("swe.orchestrator.events").await.unwrap();
+    let bridge = env
+        .bridge(&[
+            "--nats-requests-subject",
+            "swe.agent.requests",
+            "--nats-orchestrator-subject",
+            "swe.orchestrator.events",
+        ])
+        .await;
+
+    // What the dispatcher and the deliberation engine write: the default names.
+    let payload = json!({"task_id": "t1", "session_id": "s1", "role": "DEV", "action": "subtask"})
+        .to_string();
+    env.outbound("agent.requests", &payload).await;
+    env.outbound("orchestrator.events", r#"{"event_type": "DECISION"}"#)
+        .await;
+
+    let msg = tokio::time::timeout(WITHIN, requests.next())
+        .await
+        .expect("agent request published to the configured subject")
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&msg.payload).unwrap(), payload);
+    tokio::time::timeout(WITHIN, events.next())
+        .await
+        .expect("orchestrator event published to the configured subject")
+        .unwrap();
+    env.wait_outbound_drained().await;
+    assert_eq!(env.stored("swe.agent.requests").await, 1);
+    assert_eq!(env.stored("swe.orchestrator.events").await, 1);
+    assert_eq!(env.len(&env.keys.dlq()).await, 0, "nothing dead-lettered");
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_republished_entry_is_stored_once_by_jetstream() {
     let env = Env::start().await;
     let bridge = env.bridge(&[]).await;
