@@ -1,5 +1,6 @@
-//! The consumer loop against a real redis-server: acks, dead letters, reclaim, max deliveries,
-//! graceful stop.
+//! The consumer loop against a real redis-server: acks, dead letters (and dead letters Redis
+//! refuses), reclaim, max deliveries, claim renewal while every handler slot is taken and while
+//! stopping, graceful stop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +66,94 @@ impl Handler for Recorder {
 async fn dlq_entries(client: &Client, keys: &Keys) -> Vec<fleet::stream::StreamEntry> {
     let v: Value = client.xrange(keys.dlq(), "-", "+", None).await.unwrap();
     fleet::stream::entry::parse_entries(v).unwrap()
+}
+
+/// The dead-letter stream's entries, or `None` while the key holds something else.
+async fn dlq_entries_or_none(
+    client: &Client,
+    keys: &Keys,
+) -> Option<Vec<fleet::stream::StreamEntry>> {
+    let v: Value = client.xrange(keys.dlq(), "-", "+", None).await.ok()?;
+    Some(fleet::stream::entry::parse_entries(v).unwrap())
+}
+
+/// One pending entry of the group, as XPENDING reports it.
+#[derive(Debug)]
+struct Pending {
+    id: String,
+    consumer: String,
+    idle: Duration,
+    deliveries: u64,
+}
+
+async fn pending(client: &Client, keys: &Keys) -> Vec<Pending> {
+    let v: Value = client
+        .xpending(keys.tasks(), GROUP, ("-", "+", 100))
+        .await
+        .unwrap();
+    v.into_array()
+        .into_iter()
+        .map(|row| {
+            let mut cols = row.into_array().into_iter();
+            let mut next = || cols.next().expect("four columns");
+            Pending {
+                id: next().as_string().unwrap(),
+                consumer: next().as_string().unwrap(),
+                idle: Duration::from_millis(next().as_u64().unwrap()),
+                deliveries: next().as_u64().unwrap(),
+            }
+        })
+        .collect()
+}
+
+async fn pending_entry(client: &Client, keys: &Keys, id: &str) -> Option<Pending> {
+    pending(client, keys).await.into_iter().find(|p| p.id == id)
+}
+
+/// Sends the text of every WARN and ERROR event (message and fields) to a channel: what the
+/// loop logs is how a test learns that it gave up on something.
+struct Warnings(mpsc::UnboundedSender<String>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!(" {}={value:?}", field.name()));
+            }
+        }
+        if *event.metadata().level() <= tracing::Level::WARN {
+            let mut text = Text(event.metadata().level().to_string());
+            event.record(&mut text);
+            let _ = self.0.send(text.0);
+        }
+    }
+}
+
+/// Routes this thread's events (a `#[tokio::test]` runs its tasks on it) to [`Warnings`].
+fn capture_warnings() -> (
+    tracing::subscriber::DefaultGuard,
+    mpsc::UnboundedReceiver<String>,
+) {
+    use tracing_subscriber::layer::SubscriberExt;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(Warnings(tx)));
+    (guard, rx)
+}
+
+/// The next warning that contains `text` (a bounded wait, so a missing one fails the test).
+async fn warning_with(warnings: &mut mpsc::UnboundedReceiver<String>, text: &str) -> String {
+    let wait = async {
+        loop {
+            let w = warnings.recv().await.expect("the subscriber lives");
+            if w.contains(text) {
+                return w;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no warning containing `{text}`"))
 }
 
 #[tokio::test]
@@ -148,6 +237,79 @@ async fn acks_good_entries_and_dead_letters_undecodable_ones() {
     })
     .await;
     assert_eq!(g.lag, Some(0));
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_entry_whose_dead_letter_is_refused_stays_pending_until_it_is_written() {
+    let (client, keys) = setup().await;
+    let (_capture, mut warnings) = capture_warnings();
+    // Something else holds the dead-letter key: every XADD to it fails with WRONGTYPE.
+    let _: () = client
+        .set(keys.dlq(), "x", None, None, false)
+        .await
+        .unwrap();
+    let id: String = client
+        .xadd(
+            keys.tasks(),
+            false,
+            None,
+            "*",
+            vec![("hello", Bytes::from_static(b"\xff\x00"))],
+        )
+        .await
+        .unwrap();
+
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let mut cfg = config(&keys, "c1");
+    cfg.max_deliveries = 1000;
+    let handler = Recorder {
+        seen: tx,
+        outcome: Outcome::Ack,
+        gate: None,
+    };
+    let run = tokio::spawn(ConsumerLoop::new(cfg, client.clone(), handler).run(stop.clone()));
+
+    let refused = warning_with(&mut warnings, "WRONGTYPE").await;
+    let p = pending_entry(&client, &keys, &id).await;
+    assert!(
+        p.as_ref().is_some_and(|p| p.consumer == "c1"),
+        "the entry whose dead letter was refused is still pending: {p:?}"
+    );
+    assert!(
+        refused.contains(&id) && refused.contains("stays pending"),
+        "the refusal names the entry: {refused}"
+    );
+    assert!(dlq_entries_or_none(&client, &keys).await.is_none());
+
+    // Once the dead-letter stream can be written again, reclaim brings the entry back and it
+    // is dead-lettered then.
+    let _: i64 = client.del(keys.dlq()).await.unwrap();
+    let letters = eventually(
+        Duration::from_secs(10),
+        "the dead letter written",
+        || async {
+            let l = dlq_entries(&client, &keys).await;
+            (!l.is_empty()).then_some(l)
+        },
+    )
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].get_str("entry_id").unwrap(), id);
+    assert!(
+        letters[0]
+            .get_str("reason")
+            .unwrap()
+            .contains("undecodable entry")
+    );
+    let deliveries: u32 = letters[0].get_str("deliveries").unwrap().parse().unwrap();
+    assert!(deliveries >= 2, "dead-lettered on a later delivery");
+    eventually(Duration::from_secs(5), "the entry acked", || async {
+        pending(&client, &keys).await.is_empty().then_some(())
+    })
+    .await;
     stop.cancel();
     run.await.unwrap().unwrap();
 }
@@ -386,4 +548,118 @@ async fn a_group_removed_under_a_running_loop_is_created_again() {
     assert_eq!(rx.recv().await.unwrap(), ("after".into(), 1));
     stop.cancel();
     run.await.unwrap().unwrap();
+}
+
+/// With every handler slot taken by a long task: the loop takes over no idle entry (it has no
+/// slot to handle it in) and keeps renewing its claim on the task, so a peer never steals it,
+/// neither while the loop runs nor while it stops and waits for the task to finish.
+#[tokio::test]
+async fn a_long_task_keeps_its_claim_while_every_slot_is_taken_and_while_stopping() {
+    let (client, keys) = setup().await;
+    let claim_idle = Duration::from_millis(600);
+    let config = |consumer: &str| {
+        let mut c = config(&keys, consumer);
+        c.claim_idle = claim_idle;
+        c.max_deliveries = 1000;
+        c
+    };
+    let gate = Arc::new(Mutex::new(()));
+    let held = gate.clone().lock_owned().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let mut cfg = config("alive");
+    cfg.batch = 1;
+    cfg.max_in_flight = 1;
+    let handler = Recorder {
+        seen: tx,
+        outcome: Outcome::Ack,
+        gate: Some(gate),
+    };
+    let run = tokio::spawn(ConsumerLoop::new(cfg, client.clone(), handler).run(stop.clone()));
+    let live = producer::send(&client, &keys.tasks(), None, &cancel("live"))
+        .await
+        .unwrap()
+        .to_string();
+    assert_eq!(rx.recv().await.unwrap(), ("live".into(), 1));
+
+    // A consumer reads another entry and dies without acking. "alive" has no free slot, so it
+    // reads nothing more.
+    let orphan = producer::send(&client, &keys.tasks(), None, &cancel("orphan"))
+        .await
+        .unwrap()
+        .to_string();
+    let _: Value = client
+        .xreadgroup(GROUP, "dead", Some(10), None, false, keys.tasks(), ">")
+        .await
+        .unwrap();
+    // Let "alive"'s housekeeping see the orphan idle past claim_idle (it runs every
+    // claim_idle / 2): it must leave it, having no slot for it.
+    let seen = eventually(
+        Duration::from_secs(10),
+        "the orphan idle for two claim_idle periods, or taken",
+        || async {
+            let p = pending_entry(&client, &keys, &orphan).await.unwrap();
+            (p.consumer != "dead" || p.idle >= claim_idle * 2).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(
+        (seen.consumer.as_str(), seen.deliveries),
+        ("dead", 1),
+        "an entry is taken over only into a free slot"
+    );
+
+    // A peer with free slots takes the orphan over, and retries it: each redelivery to the peer
+    // comes after another claim_idle, while "live" must stay with "alive".
+    let (peer_tx, mut peer_rx) = mpsc::unbounded_channel();
+    let peer_stop = CancellationToken::new();
+    let peer = Recorder {
+        seen: peer_tx,
+        outcome: Outcome::Retry,
+        gate: None,
+    };
+    let peer_run = tokio::spawn(
+        ConsumerLoop::new(config("peer"), client.clone(), peer).run(peer_stop.clone()),
+    );
+    peer_redelivers(&mut peer_rx, 2..=4).await;
+    assert_held_by_alive(&client, &keys, &live, "while it runs").await;
+
+    // Stopping: "alive" waits for its task, and keeps it meanwhile.
+    stop.cancel();
+    peer_redelivers(&mut peer_rx, 5..=7).await;
+    assert!(!run.is_finished());
+    assert_held_by_alive(&client, &keys, &live, "while it stops").await;
+
+    drop(held);
+    run.await.unwrap().unwrap();
+    assert!(pending_entry(&client, &keys, &live).await.is_none());
+    peer_stop.cancel();
+    peer_run.await.unwrap().unwrap();
+}
+
+/// Waits for the peer to handle the orphan with each of `deliveries`, and nothing else (a
+/// bounded wait, so a peer that never gets it fails the test).
+async fn peer_redelivers(
+    peer_rx: &mut mpsc::UnboundedReceiver<(String, u32)>,
+    deliveries: std::ops::RangeInclusive<u32>,
+) {
+    for n in deliveries {
+        let got = tokio::time::timeout(Duration::from_secs(10), peer_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the peer never got delivery {n} of the orphan"));
+        assert_eq!(
+            got.unwrap(),
+            ("orphan".into(), n),
+            "the peer handles the orphan, and only it"
+        );
+    }
+}
+
+async fn assert_held_by_alive(client: &Client, keys: &Keys, id: &str, when: &str) {
+    let p = pending_entry(client, keys, id).await.unwrap();
+    assert_eq!(
+        (p.consumer.as_str(), p.deliveries),
+        ("alive", 1),
+        "the long task stays with its consumer {when}"
+    );
 }

@@ -9,13 +9,17 @@
 //!    previous one is being handled);
 //! 3. decodes each entry; an entry that does not decode is dead-lettered with the reason;
 //! 4. hands the decoded batch to the handler, which answers one [`Outcome`] per entry;
-//! 5. acks the batch (`XACK` with every id), in one pipeline with its dead letters if it has any;
+//! 5. acks the batch (one `XACK` with every id); a batch with dead letters writes them first
+//!    and acks only the entries whose dead letter was written, so an entry whose dead letter is
+//!    refused (a full Redis, a wrong type at the dead-letter key) stays pending and is retried;
 //! 6. every `claim_idle / 2` (at most 5 s): renews its claim on entries still being handled,
 //!    samples the group's lag, pending count and oldest pending age into gauges, takes over
-//!    entries idle past `claim_idle` (dead consumers), dead-letters those delivered
-//!    `max_deliveries` times, trims the stream below what every group acknowledged, and forgets
-//!    stale consumers;
-//! 7. on shutdown: stops reading, lets the batches in hand finish and ack, and returns.
+//!    entries idle past `claim_idle` (dead consumers), as many as it has free handler slots for,
+//!    dead-letters those delivered `max_deliveries` times, trims the stream below what every
+//!    group acknowledged, and forgets stale consumers. None of this waits for a handler slot,
+//!    so claim renewal never stops while the handlers are busy;
+//! 7. on shutdown: stops reading, lets the batches in hand finish and ack (renewing their claims
+//!    meanwhile), and returns.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -272,20 +276,32 @@ impl<H: Handler> ConsumerLoop<H> {
                 continue;
             }
             let deliveries = vec![1; entries.len()];
-            self.spawn_batch(&permits, &mut batches, entries, deliveries)
-                .await;
+            self.spawn_batch(&permits, &mut batches, entries, deliveries);
         }
 
         tracing::info!(stream = %cfg.stream, consumer = %cfg.consumer, in_hand = batches.len(), "consumer stopping");
-        while batches.join_next().await.is_some() {}
+        // The batches in hand may take a while (an LLM task, up to the shutdown grace): keep
+        // their claims renewed, or a peer would take them over and run them a second time. No
+        // reclaim here: a stopping consumer takes on no new work.
+        while !batches.is_empty() {
+            tokio::select! {
+                _ = batches.join_next() => {}
+                _ = tokio::time::sleep_until(next_maintenance.into()) => {
+                    next_maintenance = Instant::now() + maintenance_every;
+                    self.renew_claims().await;
+                }
+            }
+        }
         let _ = reader.quit().await;
         groups::forget_consumer_if_idle(&self.client, &cfg.stream, &cfg.group, &cfg.consumer).await;
         tracing::info!(stream = %cfg.stream, consumer = %cfg.consumer, "consumer stopped");
         Ok(())
     }
 
-    /// Takes permits for `entries` and handles them on a task of their own.
-    async fn spawn_batch(
+    /// Takes permits for `entries` and handles them on a task of their own. Callers take at
+    /// most as many entries as there are free permits (only this loop takes permits, so they
+    /// are still free here): waiting for permits would stall the loop, claim renewal included.
+    fn spawn_batch(
         &self,
         permits: &Arc<Semaphore>,
         batches: &mut JoinSet<()>,
@@ -293,7 +309,9 @@ impl<H: Handler> ConsumerLoop<H> {
         deliveries: Vec<u32>,
     ) {
         let n = entries.len() as u32;
-        let Ok(permit) = permits.clone().acquire_many_owned(n).await else {
+        let Ok(permit) = permits.clone().try_acquire_many_owned(n) else {
+            // Not reached (see above); if it were, the entries stay pending and are reclaimed.
+            tracing::error!(stream = %self.cfg.stream, count = n, free = permits.available_permits(), "no handler slots for entries taken; leaving them pending");
             return;
         };
         {
@@ -327,16 +345,22 @@ impl<H: Handler> ConsumerLoop<H> {
             tracing::debug!(stream = %cfg.stream, error = %e, "group sample failed");
         }
 
-        match self.reclaim().await {
-            Ok((entries, deliveries)) if !entries.is_empty() => {
-                tracing::info!(stream = %cfg.stream, count = entries.len(), "reclaimed entries from idle consumers");
-                metrics::counter!("fleet_stream_entries_reclaimed_total", "stream" => cfg.stream.clone(), "group" => cfg.group.clone())
-                    .increment(entries.len() as u64);
-                self.spawn_batch(permits, batches, entries, deliveries)
-                    .await;
+        // Only as many as there are free handler slots: an entry taken over restarts its idle
+        // time, so one taken without a slot would wait here (holding up the loop) or sit idle
+        // under this consumer's name while its peers have slots. With none free, the idle
+        // entries are left to peers or to a later round.
+        let free = permits.available_permits().min(cfg.batch);
+        if free > 0 {
+            match self.reclaim(free).await {
+                Ok((entries, deliveries)) if !entries.is_empty() => {
+                    tracing::info!(stream = %cfg.stream, count = entries.len(), "reclaimed entries from idle consumers");
+                    metrics::counter!("fleet_stream_entries_reclaimed_total", "stream" => cfg.stream.clone(), "group" => cfg.group.clone())
+                        .increment(entries.len() as u64);
+                    self.spawn_batch(permits, batches, entries, deliveries);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(stream = %cfg.stream, error = %e, "reclaim failed"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(stream = %cfg.stream, error = %e, "reclaim failed"),
         }
 
         if cfg.trim
@@ -396,10 +420,13 @@ impl<H: Handler> ConsumerLoop<H> {
         }
     }
 
-    /// Takes over entries idle past `claim_idle`. Entries already delivered `max_deliveries`
-    /// times are dead-lettered here; the rest are returned to be handled, with their new
-    /// delivery counts.
-    async fn reclaim(&self) -> Result<(Vec<StreamEntry>, Vec<u32>), fred::error::Error> {
+    /// Takes over up to `limit` entries idle past `claim_idle`. Entries already delivered
+    /// `max_deliveries` times are dead-lettered here; the rest are returned to be handled, with
+    /// their new delivery counts.
+    async fn reclaim(
+        &self,
+        limit: usize,
+    ) -> Result<(Vec<StreamEntry>, Vec<u32>), fred::error::Error> {
         let cfg = &self.cfg;
         let idle_ms = cfg.claim_idle.as_millis() as u64;
         let pending: Value = self
@@ -407,7 +434,7 @@ impl<H: Handler> ConsumerLoop<H> {
             .xpending(
                 cfg.stream.as_str(),
                 cfg.group.as_str(),
-                XPendingArgs::from((idle_ms, "-", "+", cfg.batch as u64)),
+                XPendingArgs::from((idle_ms, "-", "+", limit as u64)),
             )
             .await?;
         let mut counts: BTreeMap<StreamId, u32> = BTreeMap::new();
@@ -470,9 +497,11 @@ impl<H: Handler> ConsumerLoop<H> {
                     deliveries: n - 1,
                 })
                 .collect();
-            let ids: Vec<StreamId> = exhausted.iter().map(|(e, _)| e.id).collect();
-            if let Err(e) = finish(cfg, &self.client, &letters, &ids).await {
-                tracing::warn!(stream = %cfg.stream, error = %e, "dead-lettering exhausted entries failed");
+            match dead_letter_and_ack(cfg, &self.client, &letters, &[]).await {
+                Ok(written) => self.metrics.dead_lettered.increment(written as u64),
+                Err(e) => {
+                    tracing::warn!(stream = %cfg.stream, error = %e, "acking dead-lettered entries failed; they will be dead-lettered again")
+                }
             }
         }
         Ok((keep, deliveries))
@@ -517,6 +546,7 @@ async fn handle_batch<H: Handler>(
     }
 
     let mut letters = Vec::new();
+    // The entries to ack as handled; those dead-lettered are acked once their letter is written.
     let mut ack = Vec::with_capacity(entries.len());
     let (mut acked, mut retried) = (0u64, 0u64);
     for (i, reason) in undecodable {
@@ -525,7 +555,6 @@ async fn handle_batch<H: Handler>(
             reason,
             deliveries: deliveries[i],
         });
-        ack.push(entries[i].id);
     }
     for (outcome, i) in outcomes.into_iter().zip(batch_index) {
         match outcome {
@@ -540,43 +569,68 @@ async fn handle_batch<H: Handler>(
                     reason,
                     deliveries: deliveries[i],
                 });
-                ack.push(entries[i].id);
             }
         }
     }
-    for letter in &letters {
-        tracing::warn!(stream = %cfg.stream, group = %cfg.group, entry = %letter.entry.id, reason = %letter.reason, "dead-lettering entry");
-    }
-    if let Err(e) = finish(cfg, client, &letters, &ack).await {
-        tracing::warn!(stream = %cfg.stream, error = %e, "ack failed; entries will be redelivered");
-        return;
-    }
+    let finished = if letters.is_empty() {
+        ack_ids(cfg, client, &ack).await.map(|()| 0)
+    } else {
+        for letter in &letters {
+            tracing::warn!(stream = %cfg.stream, group = %cfg.group, entry = %letter.entry.id, reason = %letter.reason, "dead-lettering entry");
+        }
+        dead_letter_and_ack(cfg, client, &letters, &ack).await
+    };
+    let written = match finished {
+        Ok(written) => written as u64,
+        Err(e) => {
+            tracing::warn!(stream = %cfg.stream, error = %e, "ack failed; entries will be redelivered");
+            return;
+        }
+    };
     metrics.acked.increment(acked);
-    metrics.retried.increment(retried);
-    metrics.dead_lettered.increment(letters.len() as u64);
+    // A dead letter not written leaves its entry pending, to be delivered again.
+    metrics
+        .retried
+        .increment(retried + (letters.len() as u64 - written));
+    metrics.dead_lettered.increment(written);
     metrics.seconds.record(started.elapsed().as_secs_f64());
 }
 
-/// Acks `ids`; with dead letters, writes them first and acks in the same pipeline.
-async fn finish(
+/// Acks `ids` with one plain XACK: the path of every batch without dead letters, kept to one
+/// command.
+async fn ack_ids(
     cfg: &ConsumerConfig,
     client: &Client,
-    letters: &[DeadLetter<'_>],
     ids: &[StreamId],
 ) -> Result<(), fred::error::Error> {
     if ids.is_empty() {
         return Ok(());
     }
     let ids: Vec<String> = ids.iter().map(StreamId::to_string).collect();
-    if letters.is_empty() {
-        let _: i64 = client
-            .xack(cfg.stream.as_str(), cfg.group.as_str(), ids)
-            .await?;
-        return Ok(());
-    }
+    let _: i64 = client
+        .xack(cfg.stream.as_str(), cfg.group.as_str(), ids)
+        .await?;
+    Ok(())
+}
+
+/// Writes `letters` to the dead-letter stream (one pipeline), then acks `ids` and the entries
+/// whose dead letter was written (one XACK), and answers how many were written.
+///
+/// The XACK waits for the XADDs' replies: sent in one pipeline with them, it would ack an entry
+/// whose dead letter Redis refused (OOM under `noeviction`, WRONGTYPE at the dead-letter key),
+/// and the entry would be lost. One refused stays pending, is logged with the reason, and comes
+/// back through reclaim after `claim_idle` to be dead-lettered again. Only batches with dead
+/// letters pay the second round trip.
+async fn dead_letter_and_ack(
+    cfg: &ConsumerConfig,
+    client: &Client,
+    letters: &[DeadLetter<'_>],
+    ids: &[StreamId],
+) -> Result<usize, fred::error::Error> {
     let pipeline = client.pipeline();
+    let mut queued = Vec::with_capacity(letters.len());
     for letter in letters {
-        dead_letter(
+        match dead_letter(
             &pipeline,
             &cfg.dlq,
             &cfg.stream,
@@ -584,12 +638,47 @@ async fn finish(
             &cfg.consumer,
             letter,
         )
-        .await?;
+        .await
+        {
+            Ok(()) => queued.push(letter),
+            Err(e) => {
+                tracing::error!(stream = %cfg.stream, dlq = %cfg.dlq, entry = %letter.entry.id, reason = %letter.reason, error = %e, "dead letter not written; the entry stays pending")
+            }
+        }
     }
-    let _: () = pipeline
-        .xack(cfg.stream.as_str(), cfg.group.as_str(), ids)
-        .await?;
-    let results: Vec<Value> = pipeline.all().await?;
-    drop(results);
-    Ok(())
+    let replies: Vec<Result<Value, fred::error::Error>> = if queued.is_empty() {
+        Vec::new()
+    } else {
+        pipeline.try_all().await
+    };
+    // One reply per XADD; a pipeline that failed as a whole (connection lost, timeout)
+    // answers one error for all of them.
+    let whole_failure = (replies.len() != queued.len()).then(|| {
+        replies
+            .iter()
+            .find_map(|r| r.as_ref().err().map(ToString::to_string))
+            .unwrap_or_else(|| {
+                format!("{} replies to {} dead letters", replies.len(), queued.len())
+            })
+    });
+    let mut ack: Vec<String> = ids.iter().map(StreamId::to_string).collect();
+    let mut written = 0;
+    for (i, letter) in queued.iter().enumerate() {
+        let error = match (&whole_failure, replies.get(i)) {
+            (Some(e), _) => e.clone(),
+            (None, Some(Err(e))) => e.to_string(),
+            (None, _) => {
+                ack.push(letter.entry.id.to_string());
+                written += 1;
+                continue;
+            }
+        };
+        tracing::error!(stream = %cfg.stream, dlq = %cfg.dlq, entry = %letter.entry.id, reason = %letter.reason, %error, "dead letter not written; the entry stays pending");
+    }
+    if !ack.is_empty() {
+        let _: i64 = client
+            .xack(cfg.stream.as_str(), cfg.group.as_str(), ack)
+            .await?;
+    }
+    Ok(written)
 }
