@@ -45,6 +45,30 @@ pub fn invalid_deliberation_callback(cb: &Callback) -> Option<String> {
     }
 }
 
+/// Why a task callback can never apply, if it cannot: its `session_id` and `task_id` name the
+/// keys the `apply` script writes. A callback with an empty or malformed one would fail that
+/// script, and with it every valid callback of the same session in the batch (retried, then
+/// dead-lettered together, their tasks left `running` until their deadline); it is
+/// dead-lettered on its own at once instead.
+pub fn invalid_task_callback(cb: &Callback) -> Option<String> {
+    let valid = fleet::agent::valid_name;
+    cb.unbatched().iter().find_map(|c| {
+        let (sid, tid, _, _) = c.position();
+        let (field, id) = if !valid(sid) {
+            ("session_id", sid)
+        } else if !valid(tid) {
+            ("task_id", tid)
+        } else {
+            return None;
+        };
+        Some(format!(
+            "invalid {} callback: {field} {:?} is not an id (1 to 128 of A-Z a-z 0-9 - _ . :)",
+            fleet::envelope::Message::kind(c),
+            id.chars().take(64).collect::<String>(),
+        ))
+    })
+}
+
 /// The task op (with its rendered client event) a task callback asks for; `None` for
 /// deliberation callbacks, which do not touch task state, and for a batch, whose callbacks
 /// each ask for their own ([`Callback::unbatched`]).
@@ -135,7 +159,13 @@ impl Handler for CallbackHandler {
                     }
                     (&mut deliberations, id)
                 }
-                None => (&mut sessions, d.envelope.msg.position().0),
+                None => {
+                    if let Some(reason) = invalid_task_callback(&d.envelope.msg) {
+                        outcomes[i] = Outcome::DeadLetter(reason);
+                        continue;
+                    }
+                    (&mut sessions, d.envelope.msg.position().0)
+                }
             };
             match groups.iter_mut().find(|(k, _)| k == key) {
                 Some((_, idx)) => idx.push(i),

@@ -1,0 +1,176 @@
+//! callback-worker in-process on a real redis-server: a malformed task callback is
+//! dead-lettered on its own, and the valid callbacks read in the same batch still apply.
+
+use std::time::Duration;
+
+use callback_worker::{App, Config};
+use clap::Parser;
+use fleet::Keys;
+use fleet::agent::{AgentConfig, AgentStore};
+use fleet::envelope::{Callback, CallbackBatch, Chunk, Envelope, Started, TaskResult};
+use fleet::keys::GROUP_CALLBACK_WORKERS;
+use fleet::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
+use fleet::stream::{groups, producer};
+use fleet::task::{Retention, TaskState, TaskStore};
+use fleet_test_support::eventually;
+use fred::prelude::*;
+use serde_json::Value as Json;
+use tokio_util::sync::CancellationToken;
+
+struct Fixture {
+    redis: String,
+    client: Client,
+    keys: Keys,
+    chat: Chat,
+}
+
+/// A session of agent `echo` with one submitted task, its id and the task's.
+async fn session_with_task() -> (Fixture, String, String) {
+    let redis = fleet_test_support::redis();
+    let client = fleet::redis::connect(&redis).await.unwrap();
+    let keys = Keys::new(&fleet_test_support::prefix());
+    let agents = AgentStore::new(client.clone(), keys.clone());
+    agents
+        .put(&AgentConfig {
+            id: "echo".into(),
+            name: "Echo".into(),
+            pool: "default".into(),
+            role: None,
+            tenant_id: None,
+            timeout_secs: None,
+            params: Json::Null,
+        })
+        .await
+        .unwrap();
+    let chat = Chat {
+        tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
+        agents,
+        tokens: TokenSigner::new(b"0123456789abcdef0123456789abcdef"),
+        limits: ChatLimits::default(),
+        backpressure: Default::default(),
+    };
+    let s = chat
+        .init_session(InitSession {
+            agent_id: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let t = chat
+        .submit(
+            &s.session_id,
+            SubmitMessage {
+                message: "hello".into(),
+                source: "rest",
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let f = Fixture {
+        redis,
+        client,
+        keys,
+        chat,
+    };
+    (f, s.session_id, t.task_id)
+}
+
+#[tokio::test]
+async fn a_malformed_task_callback_is_dead_lettered_alone_and_its_session_still_applies() {
+    let (f, sid, tid) = session_with_task().await;
+    let (client, keys) = (&f.client, &f.keys);
+    // Both entries are written before the worker starts, so it reads them in one batch: a chunk
+    // without a task id, then the whole answer of the session's real task.
+    let bad = producer::send(
+        client,
+        &keys.callbacks(),
+        None,
+        &Envelope::new(Callback::Chunk(Chunk {
+            session_id: sid.clone(),
+            task_id: String::new(),
+            attempt: 1,
+            seq: 2,
+            index: 0,
+            content: "lost".into(),
+        })),
+    )
+    .await
+    .unwrap();
+    let good = CallbackBatch::new(vec![
+        Callback::Started(Started {
+            session_id: sid.clone(),
+            task_id: tid.clone(),
+            attempt: 1,
+            seq: 1,
+            executor: "test".into(),
+        }),
+        Callback::Result(TaskResult {
+            session_id: sid.clone(),
+            task_id: tid.clone(),
+            attempt: 1,
+            seq: 2,
+            content: "hello".into(),
+            metadata: Json::Null,
+        }),
+    ])
+    .unwrap();
+    producer::send(
+        client,
+        &keys.callbacks(),
+        None,
+        &Envelope::new(Callback::Batch(good)),
+    )
+    .await
+    .unwrap();
+
+    let args = [
+        "callback-worker",
+        "--redis-url",
+        &f.redis,
+        "--prefix",
+        keys.prefix(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--block-ms",
+        "100",
+    ];
+    let app = App::build(Config::try_parse_from(args).expect("config"))
+        .await
+        .expect("callback-worker builds");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+
+    // The default claim_idle (30 s) is past this wait: a retried batch would not come back in
+    // time, so the task completes on the first delivery or not at all.
+    let task = eventually(Duration::from_secs(10), "the task completed", || async {
+        let t = f.chat.tasks.get(&sid, &tid).await.unwrap()?;
+        (t.state() == Some(TaskState::Completed)).then_some(t)
+    })
+    .await;
+    assert_eq!(task.result.as_deref(), Some("hello"));
+
+    let g = eventually(Duration::from_secs(5), "both entries acked", || async {
+        let g = groups::group(client, &keys.callbacks(), GROUP_CALLBACK_WORKERS)
+            .await
+            .unwrap()?;
+        (g.pending == 0).then_some(g)
+    })
+    .await;
+    assert_eq!(g.lag, Some(0));
+    // The dead letter is written before its entry is acked.
+    let letters: Value = client.xrange(keys.dlq(), "-", "+", None).await.unwrap();
+    let letters = fleet::stream::entry::parse_entries(letters).unwrap();
+    assert_eq!(letters.len(), 1, "only the malformed callback: {letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.get_str("entry_id").unwrap(), bad.to_string());
+    assert_eq!(letter.get_str("deliveries").unwrap(), "1");
+    let reason = letter.get_str("reason").unwrap();
+    assert!(
+        reason.contains("chunk") && reason.contains("task_id"),
+        "the reason names the field: {reason}"
+    );
+
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
