@@ -4,18 +4,32 @@
 //! `message`, `metadata`, `params`, `deadline_ms`). Each line it prints becomes a chunk; the
 //! result is all of its stdout. A non-zero exit status is an `exit_status` error carrying the
 //! last 4 KiB of stderr. It is killed when the task is cancelled or reaches its deadline.
+//!
+//! What a program prints is bounded, so that one run cannot take the executor's memory: stderr
+//! is read to its end but only its tail is kept; a stdout line longer than [`LINE_LIMIT`] or a
+//! stdout longer than [`OUTPUT_LIMIT`] kills the program and ends the task with an
+//! `output_too_large` error (the chunks sent until then stay sent).
 
+use std::collections::VecDeque;
 use std::process::Stdio;
 
 use fleet::envelope::ExecRequest;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 use crate::executor::{Emitter, Ending, StopWhen};
 
 /// Bytes of stderr kept for the error.
 const STDERR_TAIL: usize = 4096;
+
+/// Bytes of stdout a run may print: the result holds all of it (the same bound as command
+/// agents' output).
+const OUTPUT_LIMIT: usize = 1 << 20;
+
+/// Bytes of one stdout line, its newline excluded: each line is a chunk, one stream entry and
+/// one client event.
+const LINE_LIMIT: usize = 64 * 1024;
 
 pub async fn run(
     program: &str,
@@ -52,29 +66,62 @@ pub async fn run(
         "deadline_ms": req.deadline_ms,
     }))?;
     if let Some(mut stdin) = child.stdin.take() {
-        // A program that does not read its input may close stdin early: that is its business.
-        let _ = stdin.write_all(&input).await;
-        drop(stdin);
+        // Written beside the reads below: a program that prints before it reads its input would
+        // otherwise wait on a full stdout pipe while this waits on a full stdin pipe. A program
+        // that does not read its input may close stdin early: that is its business.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&input).await;
+        });
     }
-    let mut stderr = child.stderr.take().expect("piped stderr");
+    let stderr = child.stderr.take().expect("piped stderr");
     let stderr_task = tokio::spawn(async move {
-        let mut all = Vec::new();
-        let _ = stderr.read_to_end(&mut all).await;
-        let start = all.len().saturating_sub(STDERR_TAIL);
-        String::from_utf8_lossy(&all[start..]).into_owned()
+        String::from_utf8_lossy(&read_tail(stderr, STDERR_TAIL).await).into_owned()
     });
-    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut output = String::new();
+    let mut line = Vec::new();
     loop {
-        let line = tokio::select! {
-            line = lines.next_line() => line?,
+        line.clear();
+        // One byte past the limit (the newline, or the proof that the line is too long).
+        let mut limited = (&mut stdout).take(LINE_LIMIT as u64 + 1);
+        let read = tokio::select! {
+            read = limited.read_until(b'\n', &mut line) => read?,
             _ = stop.wait() => {
                 let _ = child.kill().await;
                 return Ok(Ending::Stopped);
             }
         };
-        let Some(line) = line else { break };
-        let chunk = format!("{line}\n");
+        if read == 0 {
+            break;
+        }
+        let ended = line.last() == Some(&b'\n');
+        if ended {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        let chunk = format!("{}\n", String::from_utf8_lossy(&line));
+        let too_large = if !ended && line.len() > LINE_LIMIT {
+            Some(format!(
+                "the command printed a line longer than {LINE_LIMIT} bytes"
+            ))
+        } else if output.len() + chunk.len() > OUTPUT_LIMIT {
+            Some(format!(
+                "the command printed more than {OUTPUT_LIMIT} bytes"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = too_large {
+            let _ = child.kill().await;
+            stderr_task.abort();
+            return Ok(Ending::Error(
+                "output_too_large".into(),
+                message,
+                json!({"line_limit": LINE_LIMIT, "output_limit": OUTPUT_LIMIT}),
+            ));
+        }
         output.push_str(&chunk);
         emit.chunk(&chunk).await?;
     }
@@ -99,4 +146,21 @@ pub async fn run(
             json!({"exit_code": code, "stderr_tail": stderr_tail}),
         ))
     }
+}
+
+/// Reads `r` to its end and answers its last `keep` bytes, holding no more than that.
+async fn read_tail(mut r: impl AsyncRead + Unpin, keep: usize) -> Vec<u8> {
+    let mut tail = VecDeque::with_capacity(keep);
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let read = &buf[n.saturating_sub(keep)..n];
+        let over = (tail.len() + read.len()).saturating_sub(keep);
+        tail.drain(..over);
+        tail.extend(read);
+    }
+    tail.into()
 }

@@ -1,0 +1,181 @@
+//! exec-worker in command mode, in-process on a real redis-server: what a program prints is
+//! bounded (a huge stdout line, a huge stdout, megabytes of stderr) and ends the task with a
+//! clear error instead of taking the executor's memory.
+
+use std::time::Duration;
+
+use clap::Parser;
+use exec_worker::{App, Config};
+use fleet::Keys;
+use fleet::envelope::{Callback, Envelope, ExecMessage, ExecRequest};
+use fleet::stream::entry::{StreamId, parse_read};
+use fleet::stream::producer;
+use fleet::time::now_ms;
+use fred::prelude::*;
+use serde_json::Value as Json;
+use tokio_util::sync::CancellationToken;
+
+/// The program of every task: what it prints depends on the task's message.
+const PROGRAM: &str = r#"input=$(cat)
+case "$input" in
+  *'"message":"long-line"'*)
+    head -c 5000000 /dev/zero | tr '\0' x ;;
+  *'"message":"long-output"'*)
+    for i in $(seq 1 40); do head -c 60000 /dev/zero | tr '\0' y; echo; done ;;
+  *'"message":"loud-stderr"'*)
+    echo out; head -c 8000000 /dev/zero | tr '\0' e >&2; printf 'the-end' >&2; exit 3 ;;
+esac"#;
+
+struct Worker {
+    client: Client,
+    keys: Keys,
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start() -> Worker {
+    let redis = fleet_test_support::redis();
+    let prefix = fleet_test_support::prefix();
+    let args = [
+        "exec-worker",
+        "--redis-url",
+        &redis,
+        "--prefix",
+        &prefix,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--block-ms",
+        "100",
+        "--mode",
+        "command",
+        "--command",
+        PROGRAM,
+    ];
+    let app = App::build(Config::try_parse_from(args).expect("config"))
+        .await
+        .expect("exec-worker builds");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    Worker {
+        client: fleet::redis::connect(&redis).await.unwrap(),
+        keys: Keys::new(&prefix),
+        shutdown,
+        running,
+    }
+}
+
+impl Worker {
+    /// Runs a task with `message` and answers its callbacks, the last (`result` or `error`)
+    /// included.
+    async fn run(&self, message: &str) -> Vec<Callback> {
+        let task_id = format!("t-{message}");
+        let req = ExecRequest {
+            session_id: "s1".into(),
+            task_id: task_id.clone(),
+            attempt: 1,
+            agent_id: "cmd".into(),
+            message: message.into(),
+            metadata: Json::Null,
+            params: Json::Null,
+            deadline_ms: now_ms() + 60_000,
+        };
+        producer::send(
+            &self.client,
+            &self.keys.exec(fleet::agent::DEFAULT_POOL),
+            None,
+            &Envelope::new(ExecMessage::Request(req)),
+        )
+        .await
+        .unwrap();
+
+        let reader = self.client.clone_new();
+        reader.init().await.unwrap();
+        let mut last = StreamId::ZERO.to_string();
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "task {task_id} did not end; its callbacks: {}",
+                seen.len()
+            );
+            let reply: Value = reader
+                .xread(Some(100), Some(500), self.keys.callbacks(), last.as_str())
+                .await
+                .unwrap();
+            for e in parse_read(reply).unwrap().into_iter().flat_map(|(_, e)| e) {
+                last = e.id.to_string();
+                let cb = Envelope::<Callback>::from_fields(&e.fields).unwrap().msg;
+                for cb in cb.unbatched() {
+                    if cb.position().1 == task_id {
+                        seen.push(cb.clone());
+                    }
+                }
+            }
+            if matches!(seen.last(), Some(Callback::Result(_) | Callback::Error(_))) {
+                let _ = reader.quit().await;
+                return seen;
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.running.await.unwrap().unwrap();
+    }
+}
+
+fn error_of(cbs: &[Callback]) -> &fleet::envelope::TaskFailure {
+    match cbs.last() {
+        Some(Callback::Error(e)) => e,
+        Some(Callback::Result(r)) => panic!(
+            "the task ended with a result of {} bytes, not an error",
+            r.content.len()
+        ),
+        other => panic!("the task ended with {other:?}, not an error"),
+    }
+}
+
+fn chunks(cbs: &[Callback]) -> Vec<&str> {
+    cbs.iter()
+        .filter_map(|c| match c {
+            Callback::Chunk(c) => Some(c.content.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_command_that_prints_too_much_ends_with_a_bounded_error() {
+    let worker = start().await;
+
+    // A 5 MB line without a newline: never a chunk, never a result.
+    let cbs = worker.run("long-line").await;
+    let e = error_of(&cbs);
+    assert_eq!(e.error_type, "output_too_large");
+    assert!(
+        e.message.contains("a line longer than 65536 bytes"),
+        "{e:?}"
+    );
+    assert!(chunks(&cbs).is_empty());
+
+    // 40 lines of 60 kB: the lines up to 1 MiB are sent as chunks, then the run ends.
+    let cbs = worker.run("long-output").await;
+    let e = error_of(&cbs);
+    assert_eq!(e.error_type, "output_too_large");
+    assert!(e.message.contains("more than 1048576 bytes"), "{e:?}");
+    let sent = chunks(&cbs);
+    assert!(!sent.is_empty() && sent.len() < 40, "{} chunks", sent.len());
+    assert!(sent.iter().map(|c| c.len()).sum::<usize>() <= 1 << 20);
+
+    // 8 MB of stderr, then a failure: the error carries the last 4 KiB.
+    let cbs = worker.run("loud-stderr").await;
+    assert_eq!(chunks(&cbs), ["out\n"]);
+    let e = error_of(&cbs);
+    assert_eq!(e.error_type, "exit_status");
+    let tail = e.details["stderr_tail"].as_str().unwrap();
+    assert_eq!(tail.len(), 4096);
+    assert!(tail.ends_with("eeethe-end"), "{}", &tail[tail.len() - 20..]);
+
+    worker.stop().await;
+}
