@@ -23,20 +23,39 @@ pub struct AccessQuery {
 
 /// WebSocket close codes of the gateway.
 pub mod close {
-    /// Normal end of a connection the client asked to close.
-    pub const NORMAL: u16 = 1000;
-    /// The gateway is shutting down; reconnect (elsewhere) with `last_event_id`.
-    pub const GOING_AWAY: u16 = 1001;
-    /// The gateway cannot serve the connection (storage unavailable).
-    pub const INTERNAL: u16 = 1011;
-    /// Malformed request: bad `last_event_id`.
-    pub const BAD_REQUEST: u16 = 4000;
-    /// Missing, invalid, expired token, or a token of another session.
-    pub const UNAUTHORIZED: u16 = 4001;
-    /// No such session.
-    pub const NOT_FOUND: u16 = 4004;
-    /// Frame too large, or too many malformed frames.
-    pub const POLICY: u16 = 4008;
+    /// Defines each code, and [`ALL`] from the same list so that it cannot miss one.
+    macro_rules! codes {
+        ($($(#[doc = $doc:literal])+ $name:ident = $code:literal;)+) => {
+            $($(#[doc = $doc])+ pub const $name: u16 = $code;)+
+            /// Every close code above. docs/protocol.md must list each of them (checked by
+            /// tests/protocol_doc.rs), so that clients can be written against the doc.
+            pub const ALL: &[u16] = &[$($name),+];
+        };
+    }
+
+    codes! {
+        /// Normal end of a connection the client asked to close.
+        NORMAL = 1000;
+        /// The gateway is shutting down; reconnect (elsewhere) with `last_event_id`.
+        GOING_AWAY = 1001;
+        /// The client broke the WebSocket protocol (reserved bits set, an unknown opcode, a
+        /// fragmented control frame...): the socket cannot be read past such a frame.
+        PROTOCOL_ERROR = 1002;
+        /// A text frame (or a close reason) that is not valid UTF-8.
+        INVALID_DATA = 1007;
+        /// The gateway cannot serve the connection (session storage or log unavailable);
+        /// reconnect with `last_event_id`.
+        INTERNAL = 1011;
+        /// Malformed request: bad `last_event_id` or query string.
+        BAD_REQUEST = 4000;
+        /// Missing, invalid, expired token, or a token of another session; also sent when the
+        /// token of an open socket expires.
+        UNAUTHORIZED = 4001;
+        /// No such session.
+        NOT_FOUND = 4004;
+        /// Frame (text or binary) too large, or too many malformed frames.
+        POLICY = 4008;
+    }
 }
 
 /// Why a client may not read a session.
@@ -80,6 +99,9 @@ impl Refusal {
     }
 }
 
+/// The HTTP answer with the JSON error shape. The SSE handler does not use it for
+/// [`Refusal::Unavailable`]: an `EventSource` stops for good on any status but 200, so it gets
+/// a stream that asks it to retry instead (see [`crate::sse`]).
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
@@ -112,15 +134,25 @@ pub fn token(headers: &HeaderMap, query: &AccessQuery) -> Option<String> {
         .or_else(|| query.token.clone().filter(|t| !t.is_empty()))
 }
 
+/// An admitted client: where it starts, and until when its token holds.
+#[derive(Clone, Debug)]
+pub struct Admitted {
+    pub resume: Resume,
+    /// When the client's token expires (ms since the Unix epoch). The token is checked once, at
+    /// connect; a WebSocket is closed with 4001 at this time, since REST refuses the token then.
+    pub token_expires_ms: i64,
+}
+
 /// Checks the token of session `sid`, the resume point, and that the session exists.
 pub async fn admit(
     chat: &Chat,
     sid: &str,
     token: Option<&str>,
     last_event_id: Option<&str>,
-) -> Result<Resume, Refusal> {
+) -> Result<Admitted, Refusal> {
     let token = token.ok_or(Refusal::MissingToken)?;
     chat.authorize(sid, token).map_err(Refusal::Token)?;
+    let token_expires_ms = token_expires_ms(token).ok_or(Refusal::Token(TokenError::Malformed))?;
     let after = match last_event_id.map(str::trim).filter(|s| !s.is_empty()) {
         None => None,
         Some(raw) => Some(parse_event_id(raw)?),
@@ -133,10 +165,21 @@ pub async fn admit(
             return Err(Refusal::Unavailable);
         }
     };
-    Ok(Resume {
-        after,
-        session_last: status.last_event_id.and_then(|l| l.parse().ok()),
+    Ok(Admitted {
+        resume: Resume {
+            after,
+            session_last: status.last_event_id.and_then(|l| l.parse().ok()),
+        },
+        token_expires_ms,
     })
+}
+
+/// The expiry of a session token (`v1.<session_id>.<expires_ms>.<signature>`), read the way
+/// [`fleet::session::TokenSigner::verify`] reads it: call it only on a token that `verify`
+/// accepted, whose `expires_ms` is then the signed one.
+fn token_expires_ms(token: &str) -> Option<i64> {
+    let (payload, _signature) = token.rsplit_once('.')?;
+    payload.splitn(3, '.').nth(2)?.parse().ok()
 }
 
 /// A client-supplied event id: `<ms>-<seq>` (Redis also accepts a bare `<ms>`).
@@ -160,6 +203,15 @@ mod tests {
         headers.insert(header::AUTHORIZATION, "Bearer h".parse().unwrap());
         assert_eq!(token(&headers, &q).as_deref(), Some("h"));
         assert_eq!(token(&HeaderMap::new(), &AccessQuery::default()), None);
+    }
+
+    #[test]
+    fn the_expiry_of_a_verified_token_is_the_signed_one() {
+        let signer = fleet::session::TokenSigner::new(b"0123456789abcdef0123");
+        let token = signer.sign("s-1", 1_700_000_000_123);
+        signer.verify(&token, "s-1", 0).expect("valid");
+        assert_eq!(token_expires_ms(&token), Some(1_700_000_000_123));
+        assert_eq!(token_expires_ms("garbage"), None);
     }
 
     #[test]

@@ -2,11 +2,16 @@
 //!
 //! The resume point is the `Last-Event-ID` header (what `EventSource` sends when it reconnects)
 //! or `?last_event_id=`. A refusal is an HTTP error with the JSON error shape: 401 (token), 404
-//! (session), 400 (malformed id), 503 (storage). Each event is one frame,
-//! `id: <event_id>\ndata: <json>\n\n`, without an `event:` name so that `onmessage` fires;
-//! replies outside the log (`events_lost`) carry no `id`. A comment goes out every
-//! [`KEEP_ALIVE`] so that proxies keep the stream open. The stream ends on shutdown (the client's
-//! `EventSource` reconnects with `Last-Event-ID`) or when the log cannot be read.
+//! (session), 400 (malformed id). Each event is one frame, `id: <event_id>\ndata: <json>\n\n`,
+//! without an `event:` name so that `onmessage` fires; replies outside the log (`events_lost`)
+//! carry no `id`. A comment goes out every [`KEEP_ALIVE`] so that proxies keep the stream open.
+//! The stream ends on shutdown (the client's `EventSource` reconnects with `Last-Event-ID`).
+//!
+//! When session storage is unavailable (at admission, or when the log cannot be read later),
+//! the answer is not a 503: an `EventSource` that gets any status but 200 fails for good (HTML,
+//! "Server-sent events"), so a Redis failover of a few seconds would stop every browser that
+//! reconnects meanwhile. It is a 200 stream holding a `retry:` field (see [`retry_delay`]) and a
+//! comment saying why, which then ends: the `EventSource` reconnects after that delay.
 //!
 //! The stream is polled by the HTTP connection's own task: no task per client.
 
@@ -27,6 +32,11 @@ use crate::routes::Gateway;
 
 /// A keep-alive comment goes out this often while no event does.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The shortest reconnection delay asked of a client the gateway cannot serve for now.
+pub const RETRY_MIN: Duration = Duration::from_millis(1000);
+/// The longest reconnection delay asked of a client the gateway cannot serve for now.
+pub const RETRY_MAX: Duration = Duration::from_millis(3000);
 
 /// Counts an open SSE stream while it lives.
 struct StreamGuard;
@@ -63,37 +73,56 @@ pub async fn stream(
         .map(str::to_owned)
         .or(query.last_event_id);
     let Some(_turn) = gw.admissions.turn().await else {
-        return Refusal::Unavailable.into_response();
+        return retry_later(&Refusal::Unavailable.to_string());
     };
-    let resume =
+    let admitted =
         match access::admit(&gw.chat, &sid, token.as_deref(), last_event_id.as_deref()).await {
-            Ok(r) => r,
+            Ok(a) => a,
+            Err(refusal @ Refusal::Unavailable) => return retry_later(&refusal.to_string()),
             Err(refusal) => return refusal.into_response(),
         };
-    let delivery =
-        match Delivery::start(gw.log.clone(), &gw.registry, &sid, Transport::Sse, resume).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "session log unavailable");
-                return Refusal::Unavailable.into_response();
-            }
-        };
-    let events = futures::stream::unfold(
-        (delivery, StreamGuard::new()),
-        |(mut delivery, guard)| async move {
+    let delivery = match Delivery::start(
+        gw.log.clone(),
+        &gw.registry,
+        &sid,
+        Transport::Sse,
+        admitted.resume,
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "session log unavailable");
+            return retry_later(LOG_UNAVAILABLE);
+        }
+    };
+    // `None` once the stream has said its last word.
+    let events =
+        futures::stream::unfold(Some((delivery, StreamGuard::new())), |state| async move {
+            let (mut delivery, guard) = state?;
             match delivery.next().await {
                 Ok(out) => {
                     metrics::counter!("fleet_sse_messages_sent_total").increment(1);
-                    Some((Ok::<_, Infallible>(event(out)), (delivery, guard)))
+                    Some((Ok::<_, Infallible>(event(out)), Some((delivery, guard))))
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "session log unavailable; ending the stream");
-                    None
+                    Some((Ok(retry_event(LOG_UNAVAILABLE)), None))
                 }
             }
-        },
-    )
-    .take_until(gw.closing.clone().cancelled_owned());
+        })
+        .take_until(gw.closing.clone().cancelled_owned());
+    respond(events)
+}
+
+/// Why a stream ends when the session log cannot be read.
+const LOG_UNAVAILABLE: &str = "session log unavailable; retry later";
+
+/// The SSE response of `events`.
+fn respond<S>(events: S) -> Response
+where
+    S: futures::Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
     let mut res = Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response();
@@ -101,6 +130,25 @@ pub async fn stream(
     res.headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     res
+}
+
+/// A stream that only asks the client to reconnect later, saying why (see the module docs).
+fn retry_later(why: &str) -> Response {
+    respond(futures::stream::iter([Ok(retry_event(why))]))
+}
+
+/// `: <why>` and `retry: <ms>`. A comment rather than `data`: no event is dispatched, so the
+/// `EventSource`'s last event id, which it resumes from, stays as it is.
+fn retry_event(why: &str) -> Event {
+    Event::default().comment(why).retry(retry_delay())
+}
+
+/// A delay between [`RETRY_MIN`] and [`RETRY_MAX`], drawn for each client: the clients of a
+/// failover reconnect spread over that span instead of all at once.
+pub fn retry_delay() -> Duration {
+    let spread = (RETRY_MAX - RETRY_MIN).as_millis() as u64;
+    let draw = uuid::Uuid::new_v4().as_u64_pair().0 % (spread + 1);
+    RETRY_MIN + Duration::from_millis(draw)
 }
 
 fn event(out: Outgoing) -> Event {

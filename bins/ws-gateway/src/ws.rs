@@ -2,8 +2,9 @@
 //!
 //! The upgrade always succeeds; a refused client is told why with a close code: 4001 (token
 //! missing, invalid, expired or of another session), 4004 (no such session), 4000 (malformed
-//! `last_event_id`). An admitted client gets the session's events ([`crate::connection`]) and
-//! may send, as JSON text frames:
+//! `last_event_id` or query string), 1011 (session storage unavailable). An admitted client gets
+//! the session's events ([`crate::connection`]) until its token expires (4001 then: REST refuses
+//! the token from that time on), and may send, as JSON text frames:
 //!
 //! * `{"message_type":"chat_message","data":{"message":"...","metadata":{},"task_id"?,"idempotency_key"?}}`:
 //!   submitted like `POST /api/v1/chat/{id}/task`; answered with `task_queued` (or an `error`
@@ -17,7 +18,9 @@
 //! once the oldest is sent.
 //!
 //! Anything else gets an `error` message; the [`MAX_MALFORMED`]th bad frame closes the socket with
-//! 4008, and so does a frame over `--max-frame-bytes`. On shutdown every socket closes with 1001.
+//! 4008, and so does a frame (text or binary) over `--max-frame-bytes`. A frame that breaks the
+//! WebSocket protocol closes it with 1007 (text that is not UTF-8) or 1002 (anything else, such
+//! as reserved bits set). On shutdown every socket closes with 1001.
 //!
 //! One task per socket (the one axum spawns for the upgrade) does everything: it reads frames,
 //! drives the socket's submits, sends events and pings. Rarely taken, large futures (replay
@@ -32,14 +35,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use fleet::events::{ChatMessageData, ClientMessage, ServerMessage, message_type};
-use fleet::session::{ChatError, SubmitMessage, new_task_id};
+use fleet::session::{ChatError, SubmitMessage, TokenError, new_task_id};
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::access::{self, AccessQuery, close};
+use crate::access::{self, AccessQuery, Refusal, close};
 use crate::connection::{Delivery, Outgoing};
 use crate::registry::Transport;
 use crate::routes::Gateway;
@@ -113,7 +116,8 @@ struct Request {
 enum End {
     /// Send a close frame and wait for the client's.
     Close(u16, &'static str),
-    /// The client's stream broke on an oversized frame: send a close frame, linger briefly.
+    /// The client's stream broke on a frame it cannot be read past (oversized, or breaking the
+    /// protocol): send a close frame, linger briefly.
     CloseBroken(u16, &'static str),
     /// The client sent a close frame: flush the automatic reply.
     ClientClosed,
@@ -157,8 +161,8 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
         req.last_event_id.as_deref(),
     ))
     .await;
-    let resume = match admitted {
-        Ok(r) => r,
+    let admitted = match admitted {
+        Ok(a) => a,
         Err(refusal) => {
             tracing::debug!(reason = %refusal, "websocket refused");
             let (code, reason) = refusal.close_frame();
@@ -173,7 +177,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
         &gw.registry,
         &req.sid,
         Transport::WebSocket,
-        resume,
+        admitted.resume,
     ))
     .await;
     let mut delivery = match started {
@@ -209,17 +213,25 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut heard, mut pinged) = (false, false);
+    // The token was checked once, at admission; REST refuses it once it expires, so must this.
+    // Boxed, like the ping's timer: the connection's future stays small.
+    let mut expired = Box::pin(tokio::time::sleep(until_ms(admitted.token_expires_ms)));
     let end = loop {
         // Not `biased`: with the socket polled first, a client that sends without pause (one
         // submitting faster than the fleet answers) kept it ready and got none of its events
         // until it stopped. In random order each ready branch gets its turn.
         tokio::select! {
             () = gw.closing.cancelled() => break End::Close(close::GOING_AWAY, "going away"),
+            () = expired.as_mut() => {
+                tracing::debug!("session token expired; closing");
+                let (code, reason) = Refusal::Token(TokenError::Expired).close_frame();
+                break End::Close(code, reason);
+            }
             frame = socket.recv(), if replies.len() < MAX_PENDING_REPLIES => {
                 heard = true;
                 let action = match frame {
                     Some(Ok(msg)) => conn.on_frame(&sid, msg),
-                    Some(Err(e)) => break too_large_or_gone(&e),
+                    Some(Err(e)) => break read_failed(&e),
                     None => break End::Gone,
                 };
                 match action {
@@ -346,23 +358,25 @@ struct Connection<'a> {
 
 impl Connection<'_> {
     fn on_frame(&mut self, sid: &str, msg: Message) -> Action {
-        let text = match msg {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                metrics::counter!("fleet_ws_messages_received_total").increment(1);
-                return self.malformed(
-                    sid,
-                    "unsupported_frame",
-                    "binary frames are not supported; send JSON text".into(),
-                );
-            }
+        let len = match &msg {
+            Message::Text(text) => text.len(),
+            Message::Binary(bytes) => bytes.len(),
             Message::Ping(_) | Message::Pong(_) => return Action::Nothing,
             Message::Close(_) => return Action::End(End::ClientClosed),
         };
         metrics::counter!("fleet_ws_messages_received_total").increment(1);
-        if text.len() > self.gw.limits.max_frame_bytes {
+        // Frames up to the hard cap are read whole (see `WsLimits::hard_cap`); the limit holds
+        // for every kind of frame.
+        if len > self.gw.limits.max_frame_bytes {
             return Action::End(End::Close(close::POLICY, "message too large"));
         }
+        let Message::Text(text) = msg else {
+            return self.malformed(
+                sid,
+                "unsupported_frame",
+                "binary frames are not supported; send JSON text".into(),
+            );
+        };
         let msg: ClientMessage = match serde_json::from_str(text.as_str()) {
             Ok(m) => m,
             Err(e) => {
@@ -463,19 +477,28 @@ pub fn submit_error(e: &ChatError) -> (&'static str, String) {
     }
 }
 
-fn too_large_or_gone(e: &axum::Error) -> End {
+/// How a connection whose read failed ends. A frame the client should not have sent is answered
+/// with a close code saying what was wrong with it (the client would otherwise see only 1006, the
+/// TCP connection dropped); a failed or reset connection has nobody left to tell.
+fn read_failed(e: &axum::Error) -> End {
     use std::error::Error as _;
     use tokio_tungstenite::tungstenite::Error as WsError;
-    let capacity = e
-        .source()
-        .and_then(|s| s.downcast_ref::<WsError>())
-        .is_some_and(|e| matches!(e, WsError::Capacity(_)));
-    if capacity {
-        End::CloseBroken(close::POLICY, "message too large")
-    } else {
-        tracing::debug!(error = %e, "websocket read failed");
-        End::Gone
-    }
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    let end = match e.source().and_then(|s| s.downcast_ref::<WsError>()) {
+        Some(WsError::Capacity(_)) => End::CloseBroken(close::POLICY, "message too large"),
+        Some(WsError::Utf8(_)) => End::CloseBroken(close::INVALID_DATA, "text is not valid UTF-8"),
+        Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => End::Gone,
+        Some(WsError::Protocol(_)) => End::CloseBroken(close::PROTOCOL_ERROR, "protocol error"),
+        _ => End::Gone,
+    };
+    tracing::debug!(error = %e, "websocket read failed");
+    end
+}
+
+/// How long until `at_ms` (ms since the Unix epoch); zero once it has passed.
+fn until_ms(at_ms: i64) -> Duration {
+    let left = at_ms.saturating_sub(fleet::time::now_ms());
+    Duration::from_millis(u64::try_from(left).unwrap_or(0))
 }
 
 /// Sends one message.

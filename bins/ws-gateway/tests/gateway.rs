@@ -517,6 +517,132 @@ async fn oversized_and_repeatedly_malformed_frames_close_with_4008() {
 }
 
 #[tokio::test]
+async fn frames_that_break_the_protocol_or_the_size_limit_close_with_a_code() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway_with(&["--max-frame-bytes", "1024"]).await;
+    let s = fleet.session().await;
+
+    // A text frame that is not UTF-8.
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    let frame = Frame::message(vec![0xFF], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(frame)).await.expect("send");
+    assert_eq!(
+        recv_close(&mut ws).await,
+        (1007, "text is not valid UTF-8".to_owned())
+    );
+
+    // Reserved bits set, with no extension that gives them a meaning.
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    let mut frame = Frame::message(
+        br#"{"message_type":"ping"}"#.to_vec(),
+        OpCode::Data(Data::Text),
+        true,
+    );
+    frame.header_mut().rsv1 = true;
+    ws.send(Message::Frame(frame)).await.expect("send");
+    assert_eq!(
+        recv_close(&mut ws).await,
+        (1002, "protocol error".to_owned())
+    );
+
+    // A binary frame over the limit closes like a text frame would (it is under the hard cap,
+    // so it is read whole).
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    ws.send(Message::binary(vec![0u8; 1025]))
+        .await
+        .expect("send");
+    assert_eq!(
+        recv_close(&mut ws).await,
+        (4008, "message too large".to_owned())
+    );
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_socket_is_closed_with_4001_when_its_token_expires() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let token = fleet.chat.tokens.sign(&s.sid, fleet::time::now_ms() + 2000);
+    let mut ws = ws_connect(&format!("{}?token={token}", gw.ws_url(&s.sid))).await;
+    // Admitted: the pong comes from the connection's main loop.
+    ping_pong(&mut ws).await;
+    assert_eq!(
+        recv_close(&mut ws).await,
+        (4001, "session token expired".to_owned())
+    );
+    gw.stop().await.expect("clean stop");
+}
+
+/// Opens `url` and expects what the gateway answers an SSE client it cannot serve for now: 200,
+/// a `retry:` field, a comment with `why`, no event, and the end of the stream.
+async fn assert_sse_retry_later(url: &str, why: &str) {
+    let res = SseStream::open(url, &[]).await;
+    assert_eq!(
+        res.status(),
+        200,
+        "an EventSource stops for good on anything else"
+    );
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let body = tokio::time::timeout(WAIT, res.text())
+        .await
+        .expect("the stream ends")
+        .expect("SSE body readable");
+    let retry: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("retry:"))
+        .unwrap_or_else(|| panic!("a retry field in {body:?}"))
+        .trim()
+        .parse()
+        .expect("retry is a number of ms");
+    assert!((1000..=3000).contains(&retry), "retry: {retry}");
+    assert!(
+        body.lines().any(|l| l.starts_with(':') && l.contains(why)),
+        "a comment saying `{why}` in {body:?}"
+    );
+    assert!(!body.contains("data:"), "no event is dispatched: {body:?}");
+}
+
+#[tokio::test]
+async fn sse_asks_the_client_to_retry_while_session_storage_is_unavailable() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    // Replaces `key` with a string, so that reading it as a hash or a stream fails (WRONGTYPE).
+    let client = &fleet.client;
+    let break_key = |key: String| async move {
+        let _: () = client.del(&key).await.unwrap();
+        let _: () = client.set(&key, "x", None, None, false).await.unwrap();
+    };
+
+    // At admission: the session's status cannot be read.
+    let s = fleet.session().await;
+    break_key(fleet.keys.session(&s.sid)).await;
+    let url = format!("{}?token={}", gw.sse_url(&s.sid), s.token);
+    assert_sse_retry_later(&url, "session storage unavailable").await;
+
+    // At the start of the delivery: the log cannot be read to check the resume point.
+    let s = fleet.session().await;
+    break_key(fleet.keys.session_events(&s.sid)).await;
+    let url = format!("{}?token={}&last_event_id=1-0", gw.sse_url(&s.sid), s.token);
+    assert_sse_retry_later(&url, "session log unavailable").await;
+
+    // Later: the replay cannot read the log.
+    let url = format!("{}?token={}", gw.sse_url(&s.sid), s.token);
+    assert_sse_retry_later(&url, "session log unavailable").await;
+
+    // Refusals the client cannot fix by retrying stay HTTP errors.
+    let res = SseStream::open(&format!("{}?token=nope", gw.sse_url(&s.sid)), &[]).await;
+    assert_eq!(res.status(), 401);
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn sse_resumes_from_last_event_id_and_refuses_bad_tokens_with_json() {
     let fleet = Fleet::new().await;
     let gw = fleet.gateway().await;
