@@ -348,9 +348,14 @@ impl PlanningRules {
             .find(|r| r.to_state.eq_ignore_ascii_case(to_state.trim()))
     }
 
-    /// The subtasks `event` calls for (none when no rule matches its target state), limited to
-    /// `roles` when not empty, each with `extra` requirements appended.
+    /// The subtasks `event` calls for (none when no rule matches its target state, or for a
+    /// `DELETED` event), limited to `roles` when not empty, each with `extra` requirements
+    /// appended.
     pub fn derive(&self, event: &PlanningEvent, roles: &[&str], extra: &[String]) -> Vec<Subtask> {
+        // A deleted case calls for no work, whatever state the event names.
+        if event.event_type.eq_ignore_ascii_case("DELETED") {
+            return Vec::new();
+        }
         let Some(rule) = self.rule(&event.to_state) else {
             return Vec::new();
         };
@@ -594,6 +599,15 @@ mod tests {
             timestamp: String::new(),
             metadata: serde_json::Value::Null,
         }
+    }
+
+    #[test]
+    fn a_deleted_case_derives_nothing() {
+        let rules = PlanningRules::builtin();
+        let mut e = event("BUILD");
+        assert_eq!(rules.derive(&e, &[], &[]).len(), 3);
+        e.event_type = "deleted".into();
+        assert!(rules.derive(&e, &[], &[]).is_empty());
     }
 
     #[test]
