@@ -106,8 +106,9 @@ impl TokenSigner {
         format!("{payload}.{sig}")
     }
 
-    /// Checks `token` for `session_id` at time `now_ms`, in constant time for the signature.
-    pub fn verify(&self, token: &str, session_id: &str, now_ms: i64) -> Result<(), TokenError> {
+    /// Checks `token` for `session_id` at time `now_ms`, in constant time for the signature;
+    /// answers when it expires (ms since the Unix epoch).
+    pub fn verify(&self, token: &str, session_id: &str, now_ms: i64) -> Result<i64, TokenError> {
         let (payload, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
         let mut parts = payload.splitn(3, '.');
         let (Some("v1"), Some(sid), Some(exp)) = (parts.next(), parts.next(), parts.next()) else {
@@ -126,7 +127,7 @@ impl TokenSigner {
         if exp <= now_ms {
             return Err(TokenError::Expired);
         }
-        Ok(())
+        Ok(exp)
     }
 }
 
@@ -479,7 +480,7 @@ impl Chat {
     }
 
     /// Checks a bearer token for `sid`.
-    pub fn authorize(&self, sid: &str, token: &str) -> Result<(), TokenError> {
+    pub fn authorize(&self, sid: &str, token: &str) -> Result<i64, TokenError> {
         self.tokens.verify(token, sid, now_ms())
     }
 
@@ -838,7 +839,7 @@ mod tests {
     fn tokens_verify_only_for_their_session_and_time() {
         let signer = TokenSigner::new(b"secret");
         let token = signer.sign("s1", 2_000);
-        assert_eq!(signer.verify(&token, "s1", 1_000), Ok(()));
+        assert_eq!(signer.verify(&token, "s1", 1_000), Ok(2_000));
         assert_eq!(
             signer.verify(&token, "s2", 1_000),
             Err(TokenError::WrongSession)

@@ -65,7 +65,10 @@ fn session_event(sid: &str, event_id: StreamId, task_id: &str, json: &str) -> pb
 
 impl Orchestrator {
     fn authorize(&self, sid: &str, token: &str) -> Result<(), Status> {
-        self.chat.authorize(sid, token).map_err(error::token)
+        self.chat
+            .authorize(sid, token)
+            .map(drop)
+            .map_err(error::token)
     }
 
     #[tracing::instrument(skip_all, fields(session_id, task_id))]
