@@ -21,11 +21,11 @@ use tokio::process::Command;
 use crate::executor::{Emitter, Ending, StopWhen};
 
 /// Bytes of stderr kept for the error.
-const STDERR_TAIL: usize = 4096;
+pub(crate) const STDERR_TAIL: usize = 4096;
 
 /// Bytes of stdout a run may print: the result holds all of it (the same bound as command
 /// agents' output).
-const OUTPUT_LIMIT: usize = 1 << 20;
+pub(crate) const OUTPUT_LIMIT: usize = 1 << 20;
 
 /// Bytes of one stdout line, its newline excluded: each line is a chunk, one stream entry and
 /// one client event.
@@ -149,7 +149,7 @@ pub async fn run(
 }
 
 /// Reads `r` to its end and answers its last `keep` bytes, holding no more than that.
-async fn read_tail(mut r: impl AsyncRead + Unpin, keep: usize) -> Vec<u8> {
+pub(crate) async fn read_tail(mut r: impl AsyncRead + Unpin, keep: usize) -> Vec<u8> {
     let mut tail = VecDeque::with_capacity(keep);
     let mut buf = vec![0u8; 8192];
     loop {

@@ -16,11 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use super::answer::{self, ProposalAnswer, SelectionAnswer};
+use crate::command::{OUTPUT_LIMIT, STDERR_TAIL, read_tail};
 use crate::executor::StopWhen;
-
-/// Bytes of output kept.
-const OUTPUT_LIMIT: usize = 1 << 20;
-const STDERR_TAIL: usize = 4096;
 
 /// How a run ended.
 enum Run {
@@ -44,17 +41,22 @@ async fn run(program: &str, req: &AgentRequest, stop: &StopWhen) -> anyhow::Resu
     };
     let input = serde_json::to_vec(req)?;
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(&input).await;
+        // Written beside the reads below, so that a program that prints before it reads its
+        // input cannot deadlock against this.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&input).await;
+        });
     }
     let mut stdout = child
         .stdout
         .take()
         .expect("piped stdout")
         .take(OUTPUT_LIMIT as u64);
-    let mut stderr = child.stderr.take().expect("piped stderr");
+    let stderr = child.stderr.take().expect("piped stderr");
     let collect = async {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let _ = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        let mut out = Vec::new();
+        // Only stderr's tail is kept, however much the program writes there.
+        let (_, err) = tokio::join!(stdout.read_to_end(&mut out), read_tail(stderr, STDERR_TAIL));
         let status = child.wait().await;
         (out, err, status)
     };
@@ -65,13 +67,10 @@ async fn run(program: &str, req: &AgentRequest, stop: &StopWhen) -> anyhow::Resu
     let out = String::from_utf8_lossy(&out).into_owned();
     match status {
         Ok(s) if s.success() => Ok(Run::Ok(out)),
-        Ok(s) => {
-            let start = err.len().saturating_sub(STDERR_TAIL);
-            Ok(Run::Failed(format!(
-                "the command exited with {s}: {}",
-                String::from_utf8_lossy(&err[start..]).trim()
-            )))
-        }
+        Ok(s) => Ok(Run::Failed(format!(
+            "the command exited with {s}: {}",
+            String::from_utf8_lossy(&err).trim()
+        ))),
         Err(e) => Ok(Run::Failed(format!("waiting for the command failed: {e}"))),
     }
 }
