@@ -16,10 +16,15 @@ demo_only=false
 scripts/ensure-deps.sh
 dev="$root/.fleet-dev"
 mkdir -p "$dev/logs" "$dev/redis"
-pids=()
+pids=()     # the fleet's processes
+servers=()  # the redis-server and nats-server this script started
+# The fleet stops first, while Redis is still there for it to finish and ack what it has in
+# hand (with Redis gone, each process would wait out its shutdown grace); then the servers.
 cleanup() {
   trap - EXIT INT TERM
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for p in "${servers[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
@@ -41,7 +46,7 @@ if [ -z "${REDIS_URL:-}" ]; then
   redis_bin=$(command -v redis-server || echo /usr/sbin/redis-server)
   "$redis_bin" --port "$port" --bind 127.0.0.1 --dir "$dev/redis" --appendonly yes \
     --save "" --daemonize no --logfile "$dev/logs/redis.log" &
-  pids+=($!)
+  servers+=($!)
   export REDIS_URL="redis://127.0.0.1:$port"
   echo "started redis-server on $REDIS_URL (data in .fleet-dev/redis)"
 fi
@@ -50,7 +55,7 @@ if [ -z "${NATS_URL:-}" ]; then
   nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
   mkdir -p "$dev/nats"
   "$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$dev/nats" -l "$dev/logs/nats-server.log" &
-  pids+=($!)
+  servers+=($!)
   export NATS_URL="nats://127.0.0.1:$nats_port"
   echo "started nats-server with JetStream on $NATS_URL (data in .fleet-dev/nats)"
 fi
