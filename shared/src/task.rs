@@ -215,6 +215,9 @@ pub struct TaskOp {
     pub op: &'static str,
     pub attempt: Option<u32>,
     pub seq: Option<u32>,
+    /// Of an unordered op (`seq` 0): a key naming the delivery that carries it, so that the
+    /// same delivery applied twice (redelivered after it applied) is a duplicate.
+    pub once: Option<String>,
     /// The client event to append when the op applies ("" for none).
     pub event: String,
     pub content: Option<String>,
@@ -602,7 +605,10 @@ impl TaskStore {
                 op.task_id.as_str().into(),
                 op.op.into(),
                 op.attempt.map_or(Value::from(""), |a| i64::from(a).into()),
-                i64::from(op.seq.unwrap_or(0)).into(),
+                match (op.seq.unwrap_or(0), &op.once) {
+                    (0, Some(once)) => once.as_str().into(),
+                    (seq, _) => i64::from(seq).into(),
+                },
                 op.event.as_str().into(),
                 text(&op.content),
                 text(&op.error_type),

@@ -288,6 +288,71 @@ async fn unordered_callbacks_apply_on_arrival_while_the_task_is_open() {
     );
 }
 
+#[tokio::test]
+async fn an_unordered_callback_delivered_twice_applies_once() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let chunk = |once: &str, text: &str| {
+        let mut op = TaskOp::ordered(
+            "chunk",
+            &tid,
+            1,
+            0,
+            ServerMessage::streaming(&sid, &tid, 0, text, 0).to_json(),
+        );
+        op.once = Some(once.to_owned());
+        op
+    };
+    let first = f
+        .chat
+        .tasks
+        .apply(
+            &sid,
+            &[chunk("0190e0c2-0000-7000-8000-000000000001/0", "a")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.statuses, vec![OpStatus::Applied]);
+    // Its redelivery, alone and beside the next callback of the same entry and a new one.
+    let again = f
+        .chat
+        .tasks
+        .apply(
+            &sid,
+            &[
+                chunk("0190e0c2-0000-7000-8000-000000000001/0", "a"),
+                chunk("0190e0c2-0000-7000-8000-000000000001/1", "b"),
+                chunk("0190e0c2-0000-7000-8000-000000000002/0", "c"),
+                chunk("0190e0c2-0000-7000-8000-000000000002/0", "c"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again.statuses,
+        vec![
+            OpStatus::Duplicate,
+            OpStatus::Applied,
+            OpStatus::Applied,
+            OpStatus::Duplicate
+        ]
+    );
+    let streamed: Vec<String> = f
+        .log
+        .replay_after(&sid, None, None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let v: Json = serde_json::from_str(&e.json).ok()?;
+            Some(v["data"]["content"].as_str()?.to_owned())
+        })
+        .collect();
+    assert_eq!(streamed, ["a", "b", "c"]);
+    let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+    assert_eq!(task.chunks, 3);
+}
+
 fn ws(sid: &str, connections: u64, version: u64) -> WsPresence {
     WsPresence {
         session_id: sid.to_owned(),

@@ -117,6 +117,12 @@ pub fn op_for(cb: &Callback) -> Option<TaskOp> {
     })
 }
 
+/// The once-key of the `i`th callback of the entry whose envelope id is `id` (see
+/// [`TaskOp::once`]); never a number, which `apply` would read as a seq.
+pub fn once_key(id: uuid::Uuid, i: usize) -> String {
+    format!("{}/{i}", id.hyphenated())
+}
+
 /// Applies `ops` to session `sid` and fans out their events (a nudge when `nudge` and nothing
 /// new was logged), in the session's line of `order`.
 pub(crate) async fn apply_in_order(
@@ -288,8 +294,18 @@ impl CallbackHandler {
         // One op per task callback, a batch's included; the kind of each for its metrics.
         let (kinds, ops): (Vec<&'static str>, Vec<TaskOp>) = deliveries
             .iter()
-            .flat_map(|d| d.envelope.msg.unbatched())
-            .filter_map(|cb| op_for(cb).map(|op| (fleet::envelope::Message::kind(cb), op)))
+            .flat_map(|d| {
+                let unbatched = d.envelope.msg.unbatched().iter().enumerate();
+                unbatched.map(move |(i, cb)| (d.envelope.id, i, cb))
+            })
+            .filter_map(|(id, i, cb)| {
+                let mut op = op_for(cb)?;
+                if op.seq == Some(0) {
+                    // Unordered: only the entry's id tells a redelivery from a new callback.
+                    op.once = Some(once_key(id, i));
+                }
+                Some((fleet::envelope::Message::kind(cb), op))
+            })
             .unzip();
         let result = apply_in_order(&self.tasks, &self.log, &self.order, sid, &ops, redelivered)
             .instrument(span)

@@ -174,3 +174,90 @@ async fn a_malformed_task_callback_is_dead_lettered_alone_and_its_session_still_
     shutdown.cancel();
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn an_unordered_callback_written_twice_under_one_entry_id_streams_once() {
+    let (f, sid, tid) = session_with_task().await;
+    let (client, keys) = (&f.client, &f.keys);
+    // A NATS runner's unordered chunk, whose entry comes again (a redelivery after it applied:
+    // same envelope id), then its unordered answer.
+    let chunk = Envelope::new(Callback::Chunk(Chunk {
+        session_id: sid.clone(),
+        task_id: tid.clone(),
+        attempt: 1,
+        seq: 0,
+        index: 0,
+        content: "hel".into(),
+    }));
+    let answer = Envelope::new(Callback::Result(TaskResult {
+        session_id: sid.clone(),
+        task_id: tid.clone(),
+        attempt: 1,
+        seq: 0,
+        content: "hello".into(),
+        metadata: Json::Null,
+    }));
+    for env in [&chunk, &chunk] {
+        producer::send(client, &keys.callbacks(), None, env)
+            .await
+            .unwrap();
+    }
+
+    let args = [
+        "callback-worker",
+        "--redis-url",
+        &f.redis,
+        "--prefix",
+        keys.prefix(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--block-ms",
+        "100",
+    ];
+    let app = App::build(Config::try_parse_from(args).expect("config"))
+        .await
+        .expect("callback-worker builds");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    eventually(
+        Duration::from_secs(10),
+        "both chunk entries acked",
+        || async {
+            let g = groups::group(client, &keys.callbacks(), GROUP_CALLBACK_WORKERS)
+                .await
+                .unwrap()?;
+            (g.pending == 0 && g.lag == Some(0)).then_some(())
+        },
+    )
+    .await;
+    producer::send(client, &keys.callbacks(), None, &answer)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the task completed", || async {
+        let t = f.chat.tasks.get(&sid, &tid).await.unwrap()?;
+        (t.state() == Some(TaskState::Completed)).then_some(t)
+    })
+    .await;
+
+    let log = fleet::session_log::SessionLog::new(
+        client.clone(),
+        keys.clone(),
+        fleet::session_log::FanoutConfig::default(),
+    );
+    let kinds: Vec<String> = log
+        .replay_after(&sid, None, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.task_id == tid)
+        .map(|e| {
+            let v: Json = serde_json::from_str(&e.json).unwrap();
+            v["message_type"].as_str().unwrap().to_owned()
+        })
+        .filter(|kind| kind.starts_with("chat_"))
+        .collect();
+    assert_eq!(kinds, ["chat_streaming", "chat_response"], "the chunk once");
+
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}

@@ -1,7 +1,8 @@
 -- Apply a list of task operations of one session, in order, atomically.
 -- KEYS: 1 session, 2 session event log, 3.. task keys
 -- ARGV: 1 now_ms, 2 session ttl ms, 3 log max length, then 9 per op:
---   k (index into KEYS of the task key; 0: a session-level op), tid, op, a (attempt), s (seq),
+--   k (index into KEYS of the task key; 0: a session-level op), tid, op, a (attempt),
+--   s (seq; for an unordered op, its once-key instead: see below, '' or 0 for none),
 --   ev (client event JSON, '' for none), content, et (error type, '' for none), em (message)
 --   op: started | chunk | progress | result | error  (ordered by seq within (tid, attempt))
 --       cancel | timeout | fail                     (end any open task: cancelled,
@@ -11,7 +12,10 @@
 -- Seq-ordered ops apply strictly in seq order: a duplicate (seq <= applied) is dropped, an early
 -- one (seq > applied + 1) is parked in the task hash as p:<seq> (`parked` counts them) and
 -- applied when its predecessor arrives, so events reach the log in order whatever order the ops
--- came in. seq 0 means unordered: the op applies on arrival while the task is open.
+-- came in. seq 0 means unordered: the op applies on arrival while the task is open. An unordered
+-- op may carry a once-key (a string naming the delivery that carries it) in place of its seq: a
+-- second op with the same key is a duplicate (the task hash keeps `u:<key>`), so a callback
+-- redelivered after it applied is not applied twice.
 -- Redis charges each redis.call several times the command's own cost, so a call reads each hash
 -- once, writes each task hash once and the session hash at most twice (one HDEL of the ended
 -- tasks' `open:<tid>`, one HSET), whatever the number of ops. Each log entry keeps the id of the
@@ -158,6 +162,11 @@ local function apply_one(o)
   if t.attempt ~= o.a then return 'stale' end
   local seq = o.s
   if seq == 0 then
+    -- A result or error ends the task, so a second one is `terminal` without a key.
+    if o.once ~= '' and o.op ~= 'result' and o.op ~= 'error'
+      and redis.call('HSETNX', t.key, 'u:' .. o.once, 1) == 0 then
+      return 'duplicate'
+    end
     step(t, o)
     return 'applied'
   end
@@ -191,8 +200,9 @@ local statuses = {}
 local i, n = 4, 0
 while i + 8 <= #ARGV do
   n = n + 1
+  local s = tonumber(ARGV[i + 4])
   statuses[n] = apply_one({ k = tonumber(ARGV[i]), tid = ARGV[i + 1], op = ARGV[i + 2],
-    a = tonumber(ARGV[i + 3]), s = tonumber(ARGV[i + 4]) or 0, ev = ARGV[i + 5],
+    a = tonumber(ARGV[i + 3]), s = s or 0, once = s and '' or ARGV[i + 4], ev = ARGV[i + 5],
     content = ARGV[i + 6], et = ARGV[i + 7], em = ARGV[i + 8], source = n })
   i = i + 9
 end
