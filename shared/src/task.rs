@@ -324,6 +324,9 @@ pub struct EndedTask {
     pub pool: String,
 }
 
+/// The session hash's field listing the tasks its close cancelled (see `lua/apply.lua`).
+const CLOSE_CANCELLED_FIELD: &str = "close_cancelled";
+
 /// The task hash's field that marks a task its front door could not send on.
 const UNSENT_FIELD: &str = "unsent";
 
@@ -576,6 +579,24 @@ impl TaskStore {
         Ok(fields
             .into_iter()
             .filter_map(|f| f.strip_prefix(OPEN_FIELD_PREFIX).map(str::to_owned))
+            .collect())
+    }
+
+    /// The tasks that closing session `sid` cancelled, as `(task id, pool)`: the `apply` call
+    /// whose `close` op applied keeps them on the session hash.
+    pub async fn close_cancelled(&self, sid: &str) -> Result<Vec<(String, String)>, TaskError> {
+        let raw: Option<String> = self
+            .client
+            .hget(self.keys.session(sid), CLOSE_CANCELLED_FIELD)
+            .await?;
+        let Some(raw) = raw else {
+            return Ok(Vec::new());
+        };
+        let flat: Vec<String> = serde_json::from_str(&raw)
+            .map_err(|e| TaskError::Reply(format!("{CLOSE_CANCELLED_FIELD}: {e}")))?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
             .collect())
     }
 

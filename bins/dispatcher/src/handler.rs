@@ -487,15 +487,21 @@ impl Dispatcher {
         let first = self.tasks.apply(sid, &ops).await?;
         self.publish(sid, &first, redelivered).await?;
         let late = self.tasks.open_tasks(sid).await?;
+        let mut stop: Vec<(String, String)> = Vec::new();
+        if redelivered && first.statuses.last() == Some(&OpStatus::Terminal) {
+            // An earlier delivery closed it and may have died before telling the executors.
+            stop = self.tasks.close_cancelled(sid).await?;
+        }
         let mut ended = first.ended;
         if !late.is_empty() {
             let second = self.tasks.apply(sid, &cancel_ops(late)).await?;
             self.publish(sid, &second, false).await?;
             ended.extend(second.ended);
         }
-        for t in ended.iter().filter(|t| !t.pool.is_empty()) {
+        stop.extend(ended.into_iter().map(|t| (t.task_id, t.pool)));
+        for (tid, pool) in stop.iter().filter(|(_, pool)| !pool.is_empty()) {
             self.tasks
-                .cancel_on_executors(&t.pool, sid, &t.task_id, "the session was closed")
+                .cancel_on_executors(pool, sid, tid, "the session was closed")
                 .await?;
         }
         Ok(())

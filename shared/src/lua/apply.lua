@@ -8,7 +8,9 @@
 --       cancel | timeout | fail                     (end any open task: cancelled,
 --                                                    timed_out, failed)
 --       event                                       (append ev to the session log only)
---       close                                       (mark the session closed, append ev)
+--       close                                       (mark the session closed, append ev;
+--                                                    the tasks ended before it in this call
+--                                                    are kept as `close_cancelled`)
 -- Seq-ordered ops apply strictly in seq order: a duplicate (seq <= applied) is dropped, an early
 -- one (seq > applied + 1) is parked in the task hash as p:<seq> (`parked` counts them) and
 -- applied when its predecessor arrives, so events reach the log in order whatever order the ops
@@ -141,7 +143,18 @@ local function apply_one(o)
     local st = redis.call('HGET', skey, 'state')
     if not st then return 'missing' end
     if st == 'closed' then return 'terminal' end
-    redis.call('HSET', skey, 'state', 'closed', 'closed_ms', now)
+    -- The tasks this close ended, as { tid, pool, ... }: a redelivered close that finds the
+    -- session closed still tells their executors to stop.
+    local cancelled = {}
+    for j = 1, #ended, 4 do
+      cancelled[#cancelled + 1], cancelled[#cancelled + 2] = ended[j], ended[j + 3]
+    end
+    if #cancelled > 0 then
+      redis.call('HSET', skey, 'state', 'closed', 'closed_ms', now, 'close_cancelled',
+        cjson.encode(cancelled))
+    else
+      redis.call('HSET', skey, 'state', 'closed', 'closed_ms', now)
+    end
     touched = true
     emit('', o.ev, o.source)
     return 'applied'
