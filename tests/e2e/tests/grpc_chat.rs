@@ -269,3 +269,67 @@ async fn get_metrics_shows_chat_tasks_waiting_for_their_pool() {
     assert_eq!(after.dispatch_backlog, 0);
     fleet.stop().await;
 }
+
+#[tokio::test]
+async fn an_open_session_gets_a_fresh_token_and_a_closed_one_does_not() {
+    let fleet = DelibFleet::start(DelibOptions::default()).await;
+    let mut grpc = fleet.grpc(0).await;
+    let open = || pb::CreateSessionRequest {
+        agent_id: AGENT.into(),
+        ..Default::default()
+    };
+    let a = grpc.create_session(open()).await.unwrap().into_inner();
+    let b = grpc.create_session(open()).await.unwrap().into_inner();
+    let refresh = |sid: &str, token: &str| pb::RefreshSessionTokenRequest {
+        session_id: sid.into(),
+        session_token: token.into(),
+    };
+
+    // Another session's token, or none, gets nothing.
+    let err = grpc
+        .refresh_session_token(refresh(&a.session_id, &b.session_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = grpc
+        .refresh_session_token(refresh(&a.session_id, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let fresh = grpc
+        .refresh_session_token(refresh(&a.session_id, &a.session_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(fresh.expires_ms >= a.expires_ms, "{fresh:?} vs {a:?}");
+    // The fresh token is the session's: it submits, and it closes.
+    let submitted = grpc
+        .submit_task(pb::SubmitTaskRequest {
+            session_id: a.session_id.clone(),
+            session_token: fresh.session_token.clone(),
+            message: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!submitted.task_id.is_empty());
+    grpc.close_session(pb::CloseSessionRequest {
+        session_id: a.session_id.clone(),
+        session_token: fresh.session_token.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let closed =
+        fleet_test_support::eventually(Duration::from_secs(10), "the session closed", || {
+            let mut grpc = grpc.clone();
+            let req = refresh(&a.session_id, &fresh.session_token);
+            async move { grpc.refresh_session_token(req).await.err() }
+        })
+        .await;
+    assert_eq!(closed.code(), Code::FailedPrecondition, "{closed:?}");
+    assert!(closed.message().contains("closed"), "{}", closed.message());
+    fleet.stop().await;
+}

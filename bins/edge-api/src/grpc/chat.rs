@@ -211,6 +211,26 @@ impl Orchestrator {
     }
 
     #[tracing::instrument(skip_all, fields(session_id))]
+    pub async fn refresh_session_token_rpc(
+        &self,
+        req: Request<pb::RefreshSessionTokenRequest>,
+    ) -> Result<pb::RefreshSessionTokenResponse, Status> {
+        let token = token(&req, &req.get_ref().session_token)?;
+        let req = req.into_inner();
+        Span::current().record("session_id", req.session_id.as_str());
+        self.authorize(&req.session_id, &token)?;
+        let (session_token, expires_ms) = self
+            .chat
+            .refresh_token(&req.session_id)
+            .await
+            .map_err(error::chat)?;
+        Ok(pb::RefreshSessionTokenResponse {
+            session_token,
+            expires_ms,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id))]
     pub async fn stream_session_events_rpc(
         &self,
         req: Request<pb::StreamSessionEventsRequest>,

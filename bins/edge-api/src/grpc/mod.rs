@@ -7,7 +7,7 @@
 //! | [`deliberation`] | `Deliberate`, `Orchestrate`, `StreamDeliberation`, `GetDeliberationResult` |
 //! | [`planning`] | `DeriveSubtasks`, `ProcessPlanningEvent` |
 //! | [`councils`] | `RegisterAgent`, `UnregisterAgent`, `CreateCouncil`, `ListCouncils`, `DeleteCouncil` |
-//! | [`chat`] | `CreateSession`, `SubmitTask`, `GetTask`, `CancelTask`, `CloseSession`, `StreamSessionEvents` |
+//! | [`chat`] | `CreateSession`, `SubmitTask`, `GetTask`, `CancelTask`, `CloseSession`, `RefreshSessionToken`, `StreamSessionEvents` |
 //! | [`status`] | `GetStatus`, `GetMetrics` |
 //!
 //! No RPC keeps state in this process: a sync `Deliberate` follows the deliberation's event
@@ -341,6 +341,15 @@ impl OrchestratorService for Orchestrator {
         req: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         observe("CloseSession", self.close_session_rpc(req))
+            .await
+            .map(Response::new)
+    }
+
+    async fn refresh_session_token(
+        &self,
+        req: Request<pb::RefreshSessionTokenRequest>,
+    ) -> Result<Response<pb::RefreshSessionTokenResponse>, Status> {
+        observe("RefreshSessionToken", self.refresh_session_token_rpc(req))
             .await
             .map(Response::new)
     }
