@@ -7,6 +7,13 @@
 //! carry no `id`. A comment goes out every [`KEEP_ALIVE`] so that proxies keep the stream open.
 //! The stream ends on shutdown (the client's `EventSource` reconnects with `Last-Event-ID`).
 //!
+//! The token is checked once, at connect, and the stream ends when it expires, as a WebSocket is
+//! closed with 4001 then (REST and a reconnect refuse the token from that instant on): the last
+//! frame is an `error` message with `error_type` [`TOKEN_EXPIRED`], without an `id` (the client's
+//! resume point stays its last event), naming the route that hands out a fresh token. The
+//! client reconnects with that token and its last event id and misses nothing. One timer per
+//! stream, armed at connect; delivering an event does no extra work.
+//!
 //! When session storage is unavailable (at admission, or when the log cannot be read later),
 //! the answer is not a 503: an `EventSource` that gets any status but 200 fails for good (HTML,
 //! "Server-sent events"), so a Redis failover of a few seconds would stop every browser that
@@ -23,7 +30,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use fleet::events::{ServerMessage, message_type};
 use futures::StreamExt;
+use serde_json::json;
 
 use crate::access::{self, AccessQuery, Refusal};
 use crate::connection::{Delivery, Outgoing};
@@ -37,6 +46,9 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub const RETRY_MIN: Duration = Duration::from_millis(1000);
 /// The longest reconnection delay asked of a client the gateway cannot serve for now.
 pub const RETRY_MAX: Duration = Duration::from_millis(3000);
+
+/// `error_type` of the last message of a stream whose session token expired.
+pub const TOKEN_EXPIRED: &str = "token_expired";
 
 /// Counts an open SSE stream while it lives.
 struct StreamGuard;
@@ -96,23 +108,61 @@ pub async fn stream(
             return retry_later(LOG_UNAVAILABLE);
         }
     };
+    // The token was checked once, at admission; REST refuses it once it expires, so must this.
+    // One timer for the stream's life.
+    let expires_ms = admitted.token_expires_ms;
+    let expired = access::timer_until(expires_ms);
     // `None` once the stream has said its last word.
-    let events =
-        futures::stream::unfold(Some((delivery, StreamGuard::new())), |state| async move {
-            let (mut delivery, guard) = state?;
-            match delivery.next().await {
-                Ok(out) => {
-                    metrics::counter!("fleet_sse_messages_sent_total").increment(1);
-                    Some((Ok::<_, Infallible>(event(out)), Some((delivery, guard))))
+    let events = futures::stream::unfold(
+        Some((delivery, expired, StreamGuard::new())),
+        move |state| async move {
+            let (mut delivery, mut expired, guard) = state?;
+            tokio::select! {
+                // First: from the expiry on, nothing more goes out on this token.
+                biased;
+                () = expired.as_mut() => {
+                    tracing::debug!("session token expired; ending the stream");
+                    Some((Ok(token_expired(delivery.session_id(), expires_ms)), None))
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "session log unavailable; ending the stream");
-                    Some((Ok(retry_event(LOG_UNAVAILABLE)), None))
-                }
+                out = delivery.next() => match out {
+                    Ok(out) => {
+                        metrics::counter!("fleet_sse_messages_sent_total").increment(1);
+                        Some((Ok::<_, Infallible>(event(out)), Some((delivery, expired, guard))))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "session log unavailable; ending the stream");
+                        Some((Ok(retry_event(LOG_UNAVAILABLE)), None))
+                    }
+                },
             }
-        })
-        .take_until(gw.closing.clone().cancelled_owned());
+        },
+    )
+    .take_until(gw.closing.clone().cancelled_owned());
     respond(events)
+}
+
+/// The last frame of a stream whose token expired at `expires_ms`: an `error` message like
+/// `events_lost`, without an `id` so that the client's resume point stays its last event, and
+/// without an `event:` name so that `onmessage` sees it.
+fn token_expired(sid: &str, expires_ms: i64) -> Event {
+    let refresh = format!("POST /api/v1/chat/session/{sid}/token");
+    let msg = ServerMessage::new(
+        message_type::ERROR,
+        sid,
+        None,
+        json!({"error": {
+            "error_type": TOKEN_EXPIRED,
+            "message": format!(
+                "session token expired; get a fresh one with {refresh} and reconnect with it \
+                 and the last event id"
+            ),
+            "details": {
+                "expired_at": fleet::time::rfc3339_ms(expires_ms),
+                "refresh": refresh,
+            },
+        }}),
+    );
+    event(Outgoing::reply(&msg))
 }
 
 /// Why a stream ends when the session log cannot be read.

@@ -214,8 +214,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut heard, mut pinged) = (false, false);
     // The token was checked once, at admission; REST refuses it once it expires, so must this.
-    // Boxed, like the ping's timer: the connection's future stays small.
-    let mut expired = Box::pin(tokio::time::sleep(until_ms(admitted.token_expires_ms)));
+    let mut expired = access::timer_until(admitted.token_expires_ms);
     let end = loop {
         // Not `biased`: with the socket polled first, a client that sends without pause (one
         // submitting faster than the fleet answers) kept it ready and got none of its events
@@ -493,12 +492,6 @@ fn read_failed(e: &axum::Error) -> End {
     };
     tracing::debug!(error = %e, "websocket read failed");
     end
-}
-
-/// How long until `at_ms` (ms since the Unix epoch); zero once it has passed.
-fn until_ms(at_ms: i64) -> Duration {
-    let left = at_ms.saturating_sub(fleet::time::now_ms());
-    Duration::from_millis(u64::try_from(left).unwrap_or(0))
 }
 
 /// Sends one message.

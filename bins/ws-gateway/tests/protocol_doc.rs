@@ -44,3 +44,13 @@ fn the_doc_names_the_events_lost_error() {
         "docs/protocol.md never mentions {name}"
     );
 }
+
+#[test]
+fn the_doc_names_the_token_expired_error() {
+    let doc = protocol_doc();
+    let name = format!("`{}`", ws_gateway::sse::TOKEN_EXPIRED);
+    assert!(
+        doc.contains(&name),
+        "docs/protocol.md never mentions {name}"
+    );
+}
