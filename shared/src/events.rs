@@ -25,6 +25,8 @@ pub mod message_type {
     pub const CHAT_RESPONSE: &str = "chat_response";
     pub const CHAT_ERROR: &str = "chat_error";
     pub const TASK_PROGRESS: &str = "task_progress";
+    /// The task runs again from the start (a later attempt took it over): discard its chunks.
+    pub const TASK_RESTARTED: &str = "task_restarted";
     pub const TASK_QUEUED: &str = "task_queued";
     pub const SESSION_CLOSED: &str = "session_closed";
     pub const PONG: &str = "pong";
@@ -88,6 +90,21 @@ impl ServerMessage {
             data["metadata"] = metadata.clone();
         }
         Self::new(message_type::CHAT_RESPONSE, sid, Some(tid), data).with_seq(seq)
+    }
+
+    /// The task runs again from the start as `attempt`: what it streamed so far is void, and
+    /// its chunks come again from index 0.
+    pub fn task_restarted(sid: &str, tid: &str, attempt: u32) -> Self {
+        Self::new(
+            message_type::TASK_RESTARTED,
+            sid,
+            Some(tid),
+            json!({
+                "attempt": attempt,
+                "reason": "another executor took the task over and runs it again from the start; \
+                           discard what it streamed so far",
+            }),
+        )
     }
 
     /// The task ended without an answer (failed, cancelled, timed out).

@@ -238,6 +238,19 @@ impl TaskOp {
         }
     }
 
+    /// Attempt `attempt` takes open task `task_id` over (`op = "restart"`): it runs again from
+    /// the start, so its callbacks are numbered from 1 again and the earlier attempt's become
+    /// stale. `event` (a `task_restarted`) is logged when the earlier attempt had applied any.
+    pub fn restart(task_id: &str, attempt: u32, event: String) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            op: "restart",
+            attempt: Some(attempt),
+            event,
+            ..Default::default()
+        }
+    }
+
     /// Ends an open task as `cancelled` (`op = "cancel"`), `timed_out` (`op = "timeout"`) or
     /// `failed` (`op = "fail"`), whatever its attempt and seq.
     pub fn end(

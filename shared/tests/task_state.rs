@@ -353,6 +353,138 @@ async fn an_unordered_callback_delivered_twice_applies_once() {
     assert_eq!(task.chunks, 3);
 }
 
+#[tokio::test]
+async fn a_later_attempt_takes_the_task_over_and_the_earlier_one_is_stale() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let op = |kind: &'static str, attempt: u32, seq: u32, text: &str| {
+        let ev = match kind {
+            "chunk" => ServerMessage::streaming(&sid, &tid, seq, text, seq - 2),
+            _ => ServerMessage::response(&sid, &tid, seq, text, &Json::Null),
+        };
+        let mut op = TaskOp::ordered(kind, &tid, attempt, seq, ev.to_json());
+        if kind == "result" {
+            op.content = Some(text.to_owned());
+        }
+        op
+    };
+    let started = |attempt| TaskOp::ordered("started", &tid, attempt, 1, String::new());
+    let restart = |attempt| {
+        TaskOp::restart(
+            &tid,
+            attempt,
+            ServerMessage::task_restarted(&sid, &tid, attempt).to_json(),
+        )
+    };
+    // Attempt 1 streams a chunk; its fourth callback is parked waiting for its third.
+    let first = f
+        .chat
+        .tasks
+        .apply(
+            &sid,
+            &[
+                started(1),
+                op("chunk", 1, 2, "one"),
+                op("chunk", 1, 4, "lost"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        first.statuses,
+        [OpStatus::Applied, OpStatus::Applied, OpStatus::Buffered]
+    );
+
+    // Attempt 2 runs it again from the start: it takes the task over, once.
+    let second = f
+        .chat
+        .tasks
+        .apply(
+            &sid,
+            &[
+                restart(2),
+                started(2),
+                op("chunk", 1, 3, "late"),
+                restart(2),
+                op("chunk", 2, 2, "uno"),
+                restart(1),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        second.statuses,
+        [
+            OpStatus::Applied,
+            OpStatus::Applied,
+            OpStatus::Stale,
+            OpStatus::Duplicate,
+            OpStatus::Applied,
+            OpStatus::Stale
+        ]
+    );
+    let done = f
+        .chat
+        .tasks
+        .apply(&sid, &[op("result", 2, 3, "uno")])
+        .await
+        .unwrap();
+    assert_eq!(done.statuses, [OpStatus::Applied]);
+
+    let log: Vec<(String, Json)> = f
+        .log
+        .replay_after(&sid, None, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.task_id == tid)
+        .map(|e| {
+            let v: Json = serde_json::from_str(&e.json).unwrap();
+            (
+                v["message_type"].as_str().unwrap().to_owned(),
+                v["data"].clone(),
+            )
+        })
+        .filter(|(kind, _)| kind != "task_queued")
+        .collect();
+    let kinds: Vec<&str> = log.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "chat_streaming",
+            "task_restarted",
+            "chat_streaming",
+            "chat_response"
+        ]
+    );
+    assert_eq!(log[0].1["content"], "one");
+    assert_eq!(log[1].1["attempt"], 2);
+    assert_eq!(log[2].1["content"], "uno");
+    let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+    assert_eq!(task.state(), Some(TaskState::Completed));
+    assert_eq!((task.attempt, task.chunks), (2, 1));
+    assert_eq!(task.result.as_deref(), Some("uno"));
+    // The earlier attempt's parked callback went with it.
+    let parked: Option<String> = f.client.hget(f.keys.task(&sid, &tid), "p:4").await.unwrap();
+    assert_eq!(parked, None);
+}
+
+#[tokio::test]
+async fn a_restart_before_anything_streamed_tells_the_client_nothing() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let restart = TaskOp::restart(
+        &tid,
+        3,
+        ServerMessage::task_restarted(&sid, &tid, 3).to_json(),
+    );
+    let applied = f.chat.tasks.apply(&sid, &[restart]).await.unwrap();
+    assert_eq!(applied.statuses, [OpStatus::Applied]);
+    assert!(applied.events.is_empty(), "{:?}", applied.events);
+    let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+    assert_eq!(task.attempt, 3);
+}
+
 fn ws(sid: &str, connections: u64, version: u64) -> WsPresence {
     WsPresence {
         session_id: sid.to_owned(),

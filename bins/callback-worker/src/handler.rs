@@ -117,6 +117,36 @@ pub fn op_for(cb: &Callback) -> Option<TaskOp> {
     })
 }
 
+/// `ops` with a `restart` op before the first op of each attempt after the first: an executor
+/// that runs a task again from the start (one that took it over from an executor that died or
+/// stalled, and whose output may differ) numbers its callbacks as a later attempt, which takes
+/// the task over from the earlier one ([`TaskOp::restart`]). Restarting to an attempt that
+/// already holds the task is a no-op, so each of its callbacks can carry one.
+pub fn with_restarts(
+    sid: &str,
+    kinds: Vec<&'static str>,
+    ops: Vec<TaskOp>,
+) -> (Vec<&'static str>, Vec<TaskOp>) {
+    let mut seen: Vec<(String, u32)> = Vec::new();
+    let mut out = (
+        Vec::with_capacity(kinds.len() + 1),
+        Vec::with_capacity(ops.len() + 1),
+    );
+    for (kind, op) in kinds.into_iter().zip(ops) {
+        if let Some(a) = op.attempt.filter(|&a| a > 1)
+            && !seen.iter().any(|(t, s)| *t == op.task_id && *s == a)
+        {
+            seen.push((op.task_id.clone(), a));
+            let ev = ServerMessage::task_restarted(sid, &op.task_id, a);
+            out.0.push("restart");
+            out.1.push(TaskOp::restart(&op.task_id, a, ev.to_json()));
+        }
+        out.0.push(kind);
+        out.1.push(op);
+    }
+    out
+}
+
 /// The once-key of the `i`th callback of the entry whose envelope id is `id` (see
 /// [`TaskOp::once`]); never a number, which `apply` would read as a seq.
 pub fn once_key(id: uuid::Uuid, i: usize) -> String {
@@ -292,7 +322,7 @@ impl CallbackHandler {
             }
         }
         // One op per task callback, a batch's included; the kind of each for its metrics.
-        let (kinds, ops): (Vec<&'static str>, Vec<TaskOp>) = deliveries
+        let (mut kinds, mut ops): (Vec<&'static str>, Vec<TaskOp>) = deliveries
             .iter()
             .flat_map(|d| {
                 let unbatched = d.envelope.msg.unbatched().iter().enumerate();
@@ -307,6 +337,9 @@ impl CallbackHandler {
                 Some((fleet::envelope::Message::kind(cb), op))
             })
             .unzip();
+        if ops.iter().any(|op| op.attempt > Some(1)) {
+            (kinds, ops) = with_restarts(sid, kinds, ops);
+        }
         let result = apply_in_order(&self.tasks, &self.log, &self.order, sid, &ops, redelivered)
             .instrument(span)
             .await;

@@ -261,3 +261,120 @@ async fn an_unordered_callback_written_twice_under_one_entry_id_streams_once() {
     shutdown.cancel();
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_run_again_from_the_start_replaces_what_the_earlier_run_streamed() {
+    let (f, sid, tid) = session_with_task().await;
+    let (client, keys) = (&f.client, &f.keys);
+    let started = |attempt| {
+        Callback::Started(Started {
+            session_id: sid.clone(),
+            task_id: tid.clone(),
+            attempt,
+            seq: 1,
+            executor: format!("run-{attempt}"),
+        })
+    };
+    let chunk = |attempt, content: &str| {
+        Callback::Chunk(Chunk {
+            session_id: sid.clone(),
+            task_id: tid.clone(),
+            attempt,
+            seq: 2,
+            index: 0,
+            content: content.into(),
+        })
+    };
+    // The first run streamed a chunk and died; a peer runs the task again as attempt 2 (its
+    // answer differs), while a late callback of the first run still comes in.
+    let result = Callback::Result(TaskResult {
+        session_id: sid.clone(),
+        task_id: tid.clone(),
+        attempt: 2,
+        seq: 3,
+        content: "hi there".into(),
+        metadata: Json::Null,
+    });
+    let late = Callback::Result(TaskResult {
+        session_id: sid.clone(),
+        task_id: tid.clone(),
+        attempt: 1,
+        seq: 3,
+        content: "hello".into(),
+        metadata: Json::Null,
+    });
+    let entries = [
+        started(1),
+        chunk(1, "hel"),
+        started(2),
+        chunk(2, "hi there"),
+        late,
+        result,
+    ];
+    for cb in entries {
+        producer::send(client, &keys.callbacks(), None, &Envelope::new(cb))
+            .await
+            .unwrap();
+    }
+
+    let args = [
+        "callback-worker",
+        "--redis-url",
+        &f.redis,
+        "--prefix",
+        keys.prefix(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--block-ms",
+        "100",
+    ];
+    let app = App::build(Config::try_parse_from(args).expect("config"))
+        .await
+        .expect("callback-worker builds");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+    let task = eventually(Duration::from_secs(10), "the task completed", || async {
+        let t = f.chat.tasks.get(&sid, &tid).await.unwrap()?;
+        (t.state() == Some(TaskState::Completed)).then_some(t)
+    })
+    .await;
+    assert_eq!(task.result.as_deref(), Some("hi there"));
+    assert_eq!(task.attempt, 2);
+
+    let log = fleet::session_log::SessionLog::new(
+        client.clone(),
+        keys.clone(),
+        fleet::session_log::FanoutConfig::default(),
+    );
+    let events: Vec<(String, Json)> = log
+        .replay_after(&sid, None, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.task_id == tid)
+        .map(|e| {
+            let v: Json = serde_json::from_str(&e.json).unwrap();
+            (
+                v["message_type"].as_str().unwrap().to_owned(),
+                v["data"].clone(),
+            )
+        })
+        .filter(|(kind, _)| kind != "task_queued")
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "chat_streaming",
+            "task_restarted",
+            "chat_streaming",
+            "chat_response"
+        ]
+    );
+    assert_eq!(events[0].1["content"], "hel");
+    assert_eq!(events[2].1["content"], "hi there");
+    assert_eq!(events[3].1["content"], "hi there");
+
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}

@@ -38,6 +38,9 @@ pub enum Ending {
 pub struct Emitter<'a> {
     producer: &'a Producer,
     req: &'a ExecRequest,
+    /// The attempt its callbacks name: the request's, or a later one for a run again from the
+    /// start ([`Emitter::rerun`]).
+    attempt: u32,
     seq: u32,
     chunks: u32,
     /// Callbacks kept back to be written as one entry (`batch` mode).
@@ -50,11 +53,25 @@ impl<'a> Emitter<'a> {
         Self {
             producer,
             req,
+            attempt: req.attempt,
             seq: 0,
             chunks: 0,
             held: Vec::new(),
             batch,
         }
+    }
+
+    /// For a request delivered `deliveries` times: its callbacks name attempt `attempt +
+    /// deliveries - 1`. Each delivery after the first runs the task again from the start (the
+    /// executor that had it died, stalled or could not report), and an executor whose output may
+    /// differ between runs must not have its callbacks mixed with the earlier run's: the later
+    /// attempt takes the task over, and the client is told to discard what it streamed.
+    pub fn rerun(mut self, deliveries: u32) -> Self {
+        self.attempt = self
+            .req
+            .attempt
+            .saturating_add(deliveries.saturating_sub(1));
+        self
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -90,7 +107,7 @@ impl<'a> Emitter<'a> {
         self.emit(Callback::Started(Started {
             session_id: r.session_id.clone(),
             task_id: r.task_id.clone(),
-            attempt: r.attempt,
+            attempt: self.attempt,
             seq,
             executor: executor.to_owned(),
         }))
@@ -105,7 +122,7 @@ impl<'a> Emitter<'a> {
         self.emit(Callback::Chunk(Chunk {
             session_id: r.session_id.clone(),
             task_id: r.task_id.clone(),
-            attempt: r.attempt,
+            attempt: self.attempt,
             seq,
             index,
             content: content.to_owned(),
@@ -121,7 +138,7 @@ impl<'a> Emitter<'a> {
                 self.emit(Callback::Result(TaskResult {
                     session_id: r.session_id.clone(),
                     task_id: r.task_id.clone(),
-                    attempt: r.attempt,
+                    attempt: self.attempt,
                     seq,
                     content,
                     metadata: Json::Null,
@@ -133,7 +150,7 @@ impl<'a> Emitter<'a> {
                 self.emit(Callback::Error(TaskFailure {
                     session_id: r.session_id.clone(),
                     task_id: r.task_id.clone(),
-                    attempt: r.attempt,
+                    attempt: self.attempt,
                     seq,
                     error_type,
                     message,
@@ -170,7 +187,7 @@ impl Executor {
         );
         fleet::telemetry::continue_from(&span, d.envelope.tp.as_deref(), d.deliveries > 1);
         let started = std::time::Instant::now();
-        let result = self.execute(&req).instrument(span).await;
+        let result = self.execute(&req, d.deliveries).instrument(span).await;
         self.cancellations.finish(&req.task_id);
         metrics::histogram!("fleet_exec_seconds", "mode" => format!("{:?}", self.mode).to_lowercase())
             .record(started.elapsed().as_secs_f64());
@@ -183,7 +200,7 @@ impl Executor {
         }
     }
 
-    async fn execute(&self, req: &ExecRequest) -> anyhow::Result<()> {
+    async fn execute(&self, req: &ExecRequest, deliveries: u32) -> anyhow::Result<()> {
         let Some(cancel) = self.cancellations.start(&req.task_id) else {
             tracing::info!("task was cancelled before it started");
             return Ok(());
@@ -205,6 +222,11 @@ impl Executor {
             .unwrap_or(self.echo_delay);
         let batch = self.mode == Mode::Echo && delay.is_zero();
         let mut emit = Emitter::new(&self.callbacks, req, batch);
+        if self.mode != Mode::Echo {
+            // Echo answers the same each run: a run again resumes where the last one's
+            // callbacks stopped. A program's answer may differ: a run again starts over.
+            emit = emit.rerun(deliveries);
+        }
         emit.started(&self.name).await?;
         let ending = match self.mode {
             Mode::Echo => crate::echo::run(req, delay, &mut emit, &stop).await?,

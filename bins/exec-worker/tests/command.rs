@@ -34,14 +34,21 @@ struct Worker {
 }
 
 async fn start() -> Worker {
+    start_with(&[]).await
+}
+
+async fn start_with(extra: &[&str]) -> Worker {
+    start_on(&fleet_test_support::prefix(), extra).await
+}
+
+async fn start_on(prefix: &str, extra: &[&str]) -> Worker {
     let redis = fleet_test_support::redis();
-    let prefix = fleet_test_support::prefix();
-    let args = [
+    let mut args = vec![
         "exec-worker",
         "--redis-url",
         &redis,
         "--prefix",
-        &prefix,
+        prefix,
         "--admin-addr",
         "127.0.0.1:0",
         "--block-ms",
@@ -51,6 +58,7 @@ async fn start() -> Worker {
         "--command",
         PROGRAM,
     ];
+    args.extend(extra);
     let app = App::build(Config::try_parse_from(args).expect("config"))
         .await
         .expect("exec-worker builds");
@@ -58,7 +66,7 @@ async fn start() -> Worker {
     let running = tokio::spawn(app.run(shutdown.clone()));
     Worker {
         client: fleet::redis::connect(&redis).await.unwrap(),
-        keys: Keys::new(&prefix),
+        keys: Keys::new(prefix),
         shutdown,
         running,
     }
@@ -68,26 +76,12 @@ impl Worker {
     /// Runs a task with `message` and answers its callbacks, the last (`result` or `error`)
     /// included.
     async fn run(&self, message: &str) -> Vec<Callback> {
-        let task_id = format!("t-{message}");
-        let req = ExecRequest {
-            session_id: "s1".into(),
-            task_id: task_id.clone(),
-            attempt: 1,
-            agent_id: "cmd".into(),
-            message: message.into(),
-            metadata: Json::Null,
-            params: Json::Null,
-            deadline_ms: now_ms() + 60_000,
-        };
-        producer::send(
-            &self.client,
-            &self.keys.exec(fleet::agent::DEFAULT_POOL),
-            None,
-            &Envelope::new(ExecMessage::Request(req)),
-        )
-        .await
-        .unwrap();
+        send(&self.client, &self.keys, message).await;
+        self.callbacks_of(&format!("t-{message}")).await
+    }
 
+    /// The callbacks of task `task_id`, the last (`result` or `error`) included.
+    async fn callbacks_of(&self, task_id: &str) -> Vec<Callback> {
         let reader = self.client.clone_new();
         reader.init().await.unwrap();
         let mut last = StreamId::ZERO.to_string();
@@ -123,6 +117,28 @@ impl Worker {
         self.shutdown.cancel();
         self.running.await.unwrap().unwrap();
     }
+}
+
+/// Sends task `t-<message>` to the default pool.
+async fn send(client: &Client, keys: &Keys, message: &str) {
+    let req = ExecRequest {
+        session_id: "s1".into(),
+        task_id: format!("t-{message}"),
+        attempt: 1,
+        agent_id: "cmd".into(),
+        message: message.into(),
+        metadata: Json::Null,
+        params: Json::Null,
+        deadline_ms: now_ms() + 60_000,
+    };
+    producer::send(
+        client,
+        &keys.exec(fleet::agent::DEFAULT_POOL),
+        None,
+        &Envelope::new(ExecMessage::Request(req)),
+    )
+    .await
+    .unwrap();
 }
 
 fn error_of(cbs: &[Callback]) -> &fleet::envelope::TaskFailure {
@@ -177,5 +193,43 @@ async fn a_command_that_prints_too_much_ends_with_a_bounded_error() {
     assert_eq!(tail.len(), 4096);
     assert!(tail.ends_with("eeethe-end"), "{}", &tail[tail.len() - 20..]);
 
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_taken_over_from_an_executor_that_died_runs_as_a_later_attempt() {
+    // An executor read the request and died: it stays pending, delivered once.
+    let prefix = fleet_test_support::prefix();
+    let keys = Keys::new(&prefix);
+    let client = fleet::redis::connect(&fleet_test_support::redis())
+        .await
+        .unwrap();
+    let stream = keys.exec(fleet::agent::DEFAULT_POOL);
+    fleet::stream::groups::ensure_group(&client, &stream, fleet::keys::GROUP_EXECUTORS)
+        .await
+        .unwrap();
+    send(&client, &keys, "again").await;
+    let read: Value = client
+        .xreadgroup(
+            fleet::keys::GROUP_EXECUTORS,
+            "died",
+            None,
+            None,
+            false,
+            &stream,
+            ">",
+        )
+        .await
+        .unwrap();
+    assert!(!read.is_null(), "the dead executor holds the request");
+
+    // A peer takes it over and runs the program again: its answer may differ from the first
+    // run's, so its callbacks name attempt 2, which replaces whatever the first run streamed.
+    let worker = start_on(&prefix, &["--claim-idle-ms", "100"]).await;
+    let cbs = worker.callbacks_of("t-again").await;
+    let attempts: Vec<u32> = cbs.iter().map(|c| c.position().2).collect();
+    assert!(!attempts.is_empty());
+    assert!(attempts.iter().all(|&a| a == 2), "{cbs:?}");
+    assert!(matches!(cbs.last(), Some(Callback::Result(_))), "{cbs:?}");
     worker.stop().await;
 }

@@ -145,6 +145,14 @@ async fn chat(api: &str, agent: &str, message: &str, as_json: bool) -> anyhow::R
                     out.flush()?;
                 }
             }
+            "task_restarted" if mine => {
+                // The task runs again from the start: what was printed is void.
+                chunks = 0;
+                if !as_json {
+                    println!();
+                    eprintln!("[the task restarted on another executor; its answer follows anew]");
+                }
+            }
             "chat_response" if mine => {
                 if !as_json {
                     println!();

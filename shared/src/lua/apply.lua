@@ -7,6 +7,10 @@
 --   op: started | chunk | progress | result | error  (ordered by seq within (tid, attempt))
 --       cancel | timeout | fail                     (end any open task: cancelled,
 --                                                    timed_out, failed)
+--       restart                                     (attempt a takes the open task over:
+--                                                    its seq and chunks start again, parked
+--                                                    ops of the earlier attempt are dropped,
+--                                                    ev is appended if that had applied any)
 --       event                                       (append ev to the session log only)
 --       close                                       (mark the session closed, append ev;
 --                                                    the tasks ended before it in this call
@@ -162,7 +166,27 @@ local function apply_one(o)
   local t = task(o.k)
   if not t.state then return 'missing' end
   if TERMINAL[t.state] then return 'terminal' end
-  if o.op == 'cancel' then
+  if o.op == 'restart' then
+    if o.a == t.attempt then return 'duplicate' end
+    if o.a < t.attempt then return 'stale' end
+    if t.parked > 0 then
+      local drop = {}
+      for _, f in ipairs(redis.call('HKEYS', t.key)) do
+        if string.sub(f, 1, 2) == 'p:' then drop[#drop + 1] = f end
+      end
+      if #drop > 0 then redis.call('HDEL', t.key, unpack(drop)) end
+      t.parked = 0
+      set(t, 'parked', 0)
+    end
+    local streamed = t.seq > 0
+    t.attempt, t.seq, t.chunks = o.a, 0, 0
+    set(t, 'attempt', o.a)
+    set(t, 'seq', 0)
+    set(t, 'chunks', 0)
+    set(t, 'updated_ms', now)
+    if streamed then emit(o.tid, o.ev, o.source) end
+    return 'applied'
+  elseif o.op == 'cancel' then
     finish(t, o, 'cancelled')
     return 'applied'
   elseif o.op == 'timeout' then

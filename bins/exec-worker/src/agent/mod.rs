@@ -184,7 +184,7 @@ impl AgentWorker {
         let started = std::time::Instant::now();
         let key = cancel_key(&req);
         self.busy.fetch_add(1, Ordering::Relaxed);
-        let result = self.answer(&req, &key).instrument(span).await;
+        let result = self.answer(&req, &key, d.deliveries).instrument(span).await;
         self.busy.fetch_sub(1, Ordering::Relaxed);
         self.cancellations.finish(&key);
         metrics::histogram!("fleet_agent_request_seconds", "mode" => self.mode.as_str(), "action" => req.action.as_str())
@@ -203,7 +203,12 @@ impl AgentWorker {
     }
 
     /// Answers one request. Returns the outcome label: answered, cancelled, expired, failed.
-    async fn answer(&self, req: &AgentRequest, key: &str) -> anyhow::Result<&'static str> {
+    async fn answer(
+        &self,
+        req: &AgentRequest,
+        key: &str,
+        deliveries: u32,
+    ) -> anyhow::Result<&'static str> {
         let Some(cancel) = self.cancellations.start(key) else {
             tracing::info!("request cancelled before it started");
             return Ok("cancelled");
@@ -289,7 +294,8 @@ impl AgentWorker {
                     params: serde_json::Value::Null,
                     deadline_ms: req.deadline_ms,
                 };
-                let mut emit = Emitter::new(&self.callbacks, &exec, false);
+                // A model answers differently each run: a run again starts over.
+                let mut emit = Emitter::new(&self.callbacks, &exec, false).rerun(deliveries);
                 emit.started(&self.name).await?;
                 let ending = self.backend.subtask(req, &exec, &mut emit, &stop).await?;
                 if matches!(ending, Ending::Stopped) && self.shutdown.is_cancelled() {
