@@ -46,8 +46,9 @@ pub struct ServerMessage {
     pub session_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
-    /// Position of the event among its task's callbacks: a client that has seen `seq` for a
-    /// task never needs an event with a smaller one.
+    /// Position of the event among its task attempt's callbacks: a client that has seen `seq`
+    /// for a task never needs an event with a smaller one, until a `task_restarted` (a later
+    /// attempt numbers its callbacks from 1 again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u32>,
     pub data: Json,
