@@ -6,20 +6,42 @@
 //! lists the subtasks it calls for: a role, an action, a description, dependencies on other
 //! actions of the same rule, a priority.
 //!
-//! * Each subtask's id is deterministic: UUIDv5 of `case_id/plan_id/to_state/role/action`
-//!   ([`subtask_id`]). It is created as a task of the case's planning session `plan-<case_id>`
-//!   (session type `planning`, created on first use), so REST `GET /api/v1/chat/{sid}/tasks/{tid}`,
-//!   gRPC `StreamSessionEvents` and the deadline sweeper work on subtasks unchanged.
+//! * Each subtask's id is deterministic: UUIDv5 of `case_id/plan_id/to_state/role/action/
+//!   transition` ([`subtask_id`]), where `transition` identifies the transition the event
+//!   reports ([`transition_id`]). It is created as a task of the case's planning session
+//!   `plan-<case_id>` (session type `planning`, created on first use), so REST
+//!   `GET /api/v1/chat/{sid}/tasks/{tid}`, gRPC `StreamSessionEvents` and the deadline sweeper
+//!   work on subtasks unchanged.
 //! * The task itself is the "derived" record: creating an existing task id is refused, so a
-//!   replayed event derives nothing twice, and the `queued -> dispatched` compare-and-set sends
+//!   copy of an event derives nothing twice, and the `queued -> dispatched` compare-and-set sends
 //!   each subtask to agents once (a redelivered command re-sends what an earlier delivery
 //!   dispatched, as for chat tasks).
+//! * **Which events are the same transition.** Copies of one transition must get the same ids,
+//!   a later transition into the same state (rework: BUILD -> TEST -> BUILD) new ones. Copies
+//!   come from a NATS redelivery (same message, same `event_id`), a publisher retrying the
+//!   publish (without a `Nats-Msg-Id` the bridge gives it a new `event_id`,
+//!   `<stream>:<sequence>:<stored at>`, but the payload, its `timestamp` included, is the same),
+//!   or a gRPC retry (the same request). So the transition is keyed by the event's content with
+//!   its `timestamp`, the Planning service's time of the transition, when it has one, and by its
+//!   `event_id` only when it has none. Before, the ids left the transition out, so a case
+//!   re-entering a state derived the ids of its first entry and got no new work while those
+//!   tasks lived (the session's TTL, sliding). A publisher should therefore stamp each
+//!   transition with a time fine enough to tell a case's transitions apart (two events with the
+//!   same type, states and timestamp are one transition), or, without a timestamp, give each
+//!   its own `Nats-Msg-Id` / gRPC `event_id` and repeat it on retries. How long copies are
+//!   recognised is unchanged: while the first copy's tasks (or deliberations) exist.
+//! * A `DeriveSubtasks` preview has no transition yet: its ids are those of the preview itself
+//!   (stable for the same request), not those an event will create; `ProcessPlanningEvent`
+//!   answers the event's own ids.
+//! * Dependencies name the ids of the same transition, so a rework's QA `test` depends on the
+//!   rework's DEV `implement`, never on the first entry's.
 //! * A subtask goes to `fleet:agents:<role>` as an `agent.request` (action `subtask`) and to NATS
 //!   `agent.requests` through `fleet:outbound` ([`AgentRequestPayload`]). Answers come back as
 //!   ordinary callbacks (`result` / `error`, `seq` 0 from NATS-side runners).
 //! * A subtask whose rule sets `council = N` runs instead as a **deliberation** of N members of
 //!   its role (an async deliberation, queryable with `GetDeliberationResult` under the subtask
-//!   id); creating it is idempotent too. The built-in DESIGN rule does this for the architecture.
+//!   id); creating it is idempotent too, and a re-entry into the state starts a new one. The
+//!   built-in DESIGN rule does this for the architecture.
 //!
 //! Rules file (TOML; YAML with the same shape from `.yaml` / `.yml`):
 //!
@@ -75,18 +97,50 @@ pub fn session_id(case_id: &str) -> String {
     format!("plan-{case_id}")
 }
 
-/// The deterministic id of a subtask.
+/// The deterministic id of a subtask: UUIDv5 of `case_id/plan_id/TO_STATE/role/action/transition`,
+/// where `transition` is the [`transition_id`] of the event that derived it.
 pub fn subtask_id(
     case_id: &str,
     plan_id: &str,
     to_state: &str,
     role: &str,
     action: &str,
+    transition: &str,
 ) -> String {
     let name = format!(
-        "{case_id}/{plan_id}/{}/{role}/{action}",
+        "{case_id}/{plan_id}/{}/{role}/{action}/{transition}",
         to_state.to_ascii_uppercase()
     );
+    Uuid::new_v5(&SUBTASK_NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// The identity of the transition `event` reports (a UUIDv5): the same for every copy of one
+/// transition, different for a later transition of the case into the same state. The subtask
+/// ids of the event are derived from it ([`subtask_id`]).
+///
+/// * With a `timestamp` (the Planning service's time of the transition): the transition's
+///   content, `EVENT_TYPE/case_id/plan_id/FROM_STATE/TO_STATE/timestamp` (types and states
+///   upper-cased, the timestamp trimmed). `event_id` is left out on purpose: a publisher that
+///   retries a publish without a `Nats-Msg-Id` gets a new `<stream>:<sequence>:<stored at>`
+///   from nats-bridge, yet repeats the timestamp; a rework (BUILD -> TEST -> BUILD) is a new
+///   transition with a new time. `metadata` is left out too (a retry may rewrite it).
+/// * Without one: the `event_id`, the only thing that tells two such events apart (a NATS
+///   redelivery keeps it; gRPC callers resend it, or leave it empty for [`event_id_of`]).
+/// * With neither: the content, as with a timestamp.
+pub fn transition_id(event: &PlanningEvent) -> String {
+    let timestamp = event.timestamp.trim();
+    let name = if timestamp.is_empty() && !event.event_id.is_empty() {
+        format!("transition/event/{}", event.event_id)
+    } else {
+        format!(
+            "transition/at/{}/{}/{}/{}/{}/{timestamp}",
+            event.event_type.trim().to_ascii_uppercase(),
+            event.case_id,
+            event.plan_id,
+            event.from_state.trim().to_ascii_uppercase(),
+            event.to_state.trim().to_ascii_uppercase(),
+        )
+    };
     Uuid::new_v5(&SUBTASK_NAMESPACE, name.as_bytes()).to_string()
 }
 
@@ -360,8 +414,16 @@ impl PlanningRules {
             return Vec::new();
         };
         let to_state = rule.to_state.to_ascii_uppercase();
+        let transition = transition_id(event);
         let id_of = |role: &str, action: &str| {
-            subtask_id(&event.case_id, &event.plan_id, &to_state, role, action)
+            subtask_id(
+                &event.case_id,
+                &event.plan_id,
+                &to_state,
+                role,
+                action,
+                &transition,
+            )
         };
         let fill = |t: &str| {
             t.replace("{case_id}", &event.case_id)
@@ -391,6 +453,7 @@ impl PlanningRules {
                 case_id: event.case_id.clone(),
                 plan_id: event.plan_id.clone(),
                 to_state: to_state.clone(),
+                transition_id: transition.clone(),
                 council: s.council,
             })
             .collect()
@@ -413,6 +476,9 @@ pub struct Subtask {
     pub case_id: String,
     pub plan_id: String,
     pub to_state: String,
+    /// The [`transition_id`] of the event that derived it.
+    #[serde(default)]
+    pub transition_id: String,
     /// Members of the deliberation it runs as (0: a plain task for one agent).
     pub council: u32,
 }
@@ -440,6 +506,7 @@ impl Subtask {
                 ("action", self.action.clone()),
                 ("to_state", self.to_state.clone()),
                 ("event_id", event_id.to_owned()),
+                ("transition_id", self.transition_id.clone()),
                 ("session_id", self.session_id.clone()),
             ]
             .into_iter()
@@ -572,6 +639,7 @@ pub fn task_metadata(s: &Subtask, event_id: &str) -> serde_json::Value {
         "plan_id": s.plan_id,
         "to_state": s.to_state,
         "event_id": event_id,
+        "transition_id": s.transition_id,
     })
 }
 
@@ -639,6 +707,34 @@ mod tests {
         let spec = design[0].deliberation_spec("e1", 1_000);
         assert_eq!(spec.deliberation_id, design[0].task_id);
         spec.validate().unwrap();
+    }
+
+    #[test]
+    fn ids_are_those_the_docs_show() {
+        // docs/grpc.md's grpcurl session: a preview, and an event without a timestamp.
+        let rules = PlanningRules::builtin();
+        let preview = PlanningEvent {
+            event_id: String::new(),
+            event_type: "PREVIEW".into(),
+            case_id: "US-123".into(),
+            plan_id: "P-9".into(),
+            from_state: String::new(),
+            to_state: "BUILD".into(),
+            timestamp: String::new(),
+            metadata: serde_json::Value::Null,
+        };
+        let p = rules.derive(&preview, &["DEV", "QA"], &[]);
+        assert_eq!(p[0].task_id, "7a2da2e3-13d4-5ff9-a6d5-d02252ba0932");
+        assert_eq!(p[1].task_id, "59a6f2a1-b230-54af-a960-9052807c6e9c");
+        let e = PlanningEvent {
+            event_id: "AGILE:1001:1733500000000000000".into(),
+            event_type: "TRANSITION".into(),
+            from_state: "DESIGN".into(),
+            ..preview
+        };
+        let d = rules.derive(&e, &[], &[]);
+        assert_eq!(d[0].task_id, "5abf75d1-c30a-5fed-9ed7-6107c61cd3e4");
+        assert_eq!(d[0].transition_id, transition_id(&e));
     }
 
     #[test]

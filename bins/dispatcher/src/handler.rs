@@ -147,7 +147,9 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Derives the subtasks of a planning event and sends each one, once.
+    /// Derives the subtasks of a planning event and sends each one, once per transition: a copy
+    /// of the event derives the same ids (nothing new), a later transition into the same state
+    /// fresh ones ([`planning::transition_id`]).
     async fn planning_event(&self, e: PlanningEvent, redelivered: bool) -> Result<()> {
         planning::validate_event(&e)
             .map_err(|err| DispatchError::Invalid(format!("invalid planning event: {err}")))?;
@@ -189,7 +191,8 @@ impl Dispatcher {
             sent += usize::from(dispatched);
         }
         metrics::counter!("fleet_subtasks_derived_total").increment(derived as u64);
-        tracing::info!(case_id = %e.case_id, to_state = %e.to_state, derived, sent, of = subtasks.len(), "planning event handled");
+        let transition = subtasks.first().map_or("", |s| s.transition_id.as_str());
+        tracing::info!(case_id = %e.case_id, to_state = %e.to_state, transition, derived, sent, of = subtasks.len(), "planning event handled");
         Ok(())
     }
 
@@ -288,6 +291,7 @@ impl Dispatcher {
                 ("plan_id", s.plan_id.clone()),
                 ("to_state", s.to_state.clone()),
                 ("event_id", e.event_id.clone()),
+                ("transition_id", s.transition_id.clone()),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))

@@ -1,6 +1,8 @@
-//! `DeriveSubtasks` (a preview from the rules, nothing written) and `ProcessPlanningEvent` (the
-//! same path as NATS `agile.events`: a `planning.event` on `fleet:tasks`; the dispatchers derive,
-//! create and send the subtasks, once).
+//! `DeriveSubtasks` (a preview from the rules, nothing written; its ids are the preview's own,
+//! as it has no transition) and `ProcessPlanningEvent` (the same path as NATS `agile.events`: a
+//! `planning.event` on `fleet:tasks`; the dispatchers derive, create and send the subtasks, once
+//! per transition, see [`planning::transition_id`]). The answer's ids are those the dispatchers
+//! derive from the same event, `event_id` filled in first.
 
 use fleet::envelope::{Envelope, PlanningEvent, TaskCommand};
 use fleet::planning::{self, DEFAULT_STRATEGY};

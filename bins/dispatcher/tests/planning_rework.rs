@@ -1,0 +1,277 @@
+//! dispatcher in-process on a real redis-server: planning events derive their subtasks once per
+//! transition. Copies of one event (as nats-bridge writes a redelivered message, or a publisher
+//! retry stored under another sequence, or a gRPC retry) derive nothing twice; a case that
+//! re-enters a state (BUILD -> TEST -> BUILD) gets fresh subtasks, whose dependencies point to
+//! the fresh ids, and a fresh deliberation for a council subtask.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use clap::Parser;
+use dispatcher::{App, Config};
+use fleet::Keys;
+use fleet::envelope::{AgentMessage, AgentRequest, Envelope, PlanningEvent, TaskCommand};
+use fleet::keys::GROUP_DISPATCHERS;
+use fleet::stream::{entry, groups, producer};
+use fleet_test_support::eventually;
+use fred::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+const CASE: &str = "US-314";
+
+fn event(event_id: &str, from: &str, to: &str, timestamp: &str) -> PlanningEvent {
+    PlanningEvent {
+        event_id: event_id.into(),
+        event_type: "TRANSITION".into(),
+        case_id: CASE.into(),
+        plan_id: "P-5".into(),
+        from_state: from.into(),
+        to_state: to.into(),
+        timestamp: timestamp.into(),
+        metadata: serde_json::Value::Null,
+    }
+}
+
+struct Env {
+    client: Client,
+    keys: Keys,
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let redis = fleet_test_support::redis();
+        let client = fleet::redis::connect(&redis).await.unwrap();
+        let keys = Keys::new(&fleet_test_support::prefix());
+        groups::ensure_group(&client, &keys.tasks(), GROUP_DISPATCHERS)
+            .await
+            .unwrap();
+        let args = [
+            "dispatcher",
+            "--redis-url",
+            &redis,
+            "--prefix",
+            keys.prefix(),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--block-ms",
+            "100",
+        ];
+        let app = App::build(Config::try_parse_from(args).expect("config"))
+            .await
+            .expect("dispatcher builds");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(app.run(shutdown.clone()));
+        Env {
+            client,
+            keys,
+            shutdown,
+            running,
+        }
+    }
+
+    /// Writes `e` to `fleet:tasks` as a new entry (what nats-bridge or edge-api write for
+    /// each copy) and waits until the dispatcher has handled and acked it.
+    async fn send(&self, e: PlanningEvent) {
+        let env = Envelope::new(TaskCommand::PlanningEvent(e));
+        let id = producer::send(&self.client, &self.keys.tasks(), None, &env)
+            .await
+            .unwrap();
+        let (client, tasks) = (&self.client, self.keys.tasks());
+        eventually(Duration::from_secs(10), "the event handled", || async {
+            let g = groups::group(client, &tasks, GROUP_DISPATCHERS)
+                .await
+                .ok()??;
+            (g.last_delivered == id && g.pending == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// Every agent request sent to `role`'s agents, in order.
+    async fn requests(&self, role: &str) -> Vec<AgentRequest> {
+        let v: Value = self
+            .client
+            .xrange(self.keys.agents(role), "-", "+", None)
+            .await
+            .unwrap();
+        entry::parse_entries(v)
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let AgentMessage::Request(r) = Envelope::<AgentMessage>::from_fields(&e.fields)
+                    .unwrap()
+                    .msg;
+                r
+            })
+            .collect()
+    }
+
+    async fn tasks_total(&self) -> i64 {
+        let n: Option<i64> = self
+            .client
+            .hget(self.keys.session(&format!("plan-{CASE}")), "tasks_total")
+            .await
+            .unwrap();
+        n.unwrap_or(0)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.running.await.unwrap().unwrap();
+    }
+}
+
+/// The subtask requests of one role, by task id.
+fn by_task(reqs: &[AgentRequest]) -> BTreeMap<String, &AgentRequest> {
+    reqs.iter().map(|r| (r.task_id.clone(), r)).collect()
+}
+
+#[tokio::test]
+async fn a_case_re_entering_build_gets_fresh_subtasks_and_copies_derive_nothing() {
+    let env = Env::start().await;
+    let build = event(
+        "AGILE:101:1767261600000000001",
+        "DESIGN",
+        "BUILD",
+        "2026-01-01T10:00:00.000Z",
+    );
+    env.send(build.clone()).await;
+    assert_eq!(env.tasks_total().await, 3);
+    let dev = env.requests("DEV").await;
+    assert_eq!(dev.len(), 1);
+    let first_dev = dev[0].task_id.clone();
+
+    // The same message again (its marker expired, or a replayed durable), and a publisher retry
+    // that JetStream stored under another sequence: the same transition.
+    env.send(build.clone()).await;
+    let mut retry = build.clone();
+    retry.event_id = "AGILE:102:1767261600500000000".into();
+    env.send(retry).await;
+    assert_eq!(env.tasks_total().await, 3, "a copy derives nothing");
+    assert_eq!(env.requests("DEV").await.len(), 1);
+    assert_eq!(env.requests("QA").await.len(), 1);
+
+    // BUILD -> TEST -> BUILD: the rework gets its own DEV, QA and DEVOPS subtasks.
+    env.send(event(
+        "AGILE:103:1767348000000000000",
+        "BUILD",
+        "TEST",
+        "2026-01-02T10:00:00.000Z",
+    ))
+    .await;
+    assert_eq!(env.tasks_total().await, 5);
+    let rework = event(
+        "AGILE:104:1767434400000000000",
+        "TEST",
+        "BUILD",
+        "2026-01-03T10:00:00.000Z",
+    );
+    env.send(rework.clone()).await;
+    assert_eq!(
+        env.tasks_total().await,
+        8,
+        "the rework derives three new subtasks"
+    );
+    let dev = env.requests("DEV").await;
+    let qa = env.requests("QA").await;
+    let devops = env.requests("DEVOPS").await;
+    assert_eq!((dev.len(), qa.len(), devops.len()), (2, 3, 3));
+    let second_dev = dev[1].task_id.clone();
+    assert_ne!(second_dev, first_dev);
+    // QA `test` of each BUILD depends on that BUILD's `implement`.
+    let tests: Vec<&AgentRequest> = qa.iter().filter(|r| r.task_action == "test").collect();
+    assert_eq!(tests.len(), 2);
+    assert_eq!(tests[0].dependencies, [first_dev]);
+    assert_eq!(tests[1].dependencies, std::slice::from_ref(&second_dev));
+    assert_ne!(
+        tests[0].metadata["transition_id"],
+        tests[1].metadata["transition_id"]
+    );
+
+    // A redelivered copy of the rework derives nothing more.
+    env.send(rework.clone()).await;
+    let mut retry = rework;
+    retry.event_id = "AGILE:105:1767434400900000000".into();
+    env.send(retry).await;
+    assert_eq!(env.tasks_total().await, 8);
+    assert_eq!(env.requests("DEV").await.len(), 2);
+
+    // Every subtask is a task of the planning session, once, with its transition recorded.
+    let all: BTreeSet<String> = by_task(&dev)
+        .into_keys()
+        .chain(by_task(&qa).into_keys())
+        .chain(by_task(&devops).into_keys())
+        .collect();
+    assert_eq!(all.len(), 8);
+    let sid = format!("plan-{CASE}");
+    let meta: Option<String> = env
+        .client
+        .hget(env.keys.task(&sid, &second_dev), "metadata")
+        .await
+        .unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta.expect("a task")).unwrap();
+    assert_eq!(meta["event_id"], "AGILE:104:1767434400000000000");
+    assert_eq!(
+        meta["transition_id"],
+        dev[1].metadata["transition_id"].as_str()
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn events_without_a_timestamp_are_told_apart_by_their_event_id() {
+    let env = Env::start().await;
+    env.send(event("plan-evt-1", "DESIGN", "BUILD", "")).await;
+    env.send(event("plan-evt-1", "DESIGN", "BUILD", "")).await;
+    assert_eq!(env.tasks_total().await, 3);
+    env.send(event("plan-evt-2", "BUILD", "TEST", "")).await;
+    env.send(event("plan-evt-3", "TEST", "BUILD", "")).await;
+    env.send(event("plan-evt-3", "TEST", "BUILD", "")).await;
+    assert_eq!(env.tasks_total().await, 8);
+    assert_eq!(env.requests("DEV").await.len(), 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_case_re_entering_design_gets_a_fresh_council_deliberation() {
+    let env = Env::start().await;
+    let design = event("AGILE:7:1", "DRAFT", "DESIGN", "1767261600000");
+    env.send(design.clone()).await;
+    env.send(design.clone()).await;
+    let mut retry = design;
+    retry.event_id = "AGILE:8:2".into();
+    env.send(retry).await;
+    let councils = |reqs: Vec<AgentRequest>| -> BTreeSet<String> {
+        reqs.into_iter().map(|r| r.deliberation_id).collect()
+    };
+    let first = councils(env.requests("ARCHITECT").await);
+    assert_eq!(first.len(), 1, "one deliberation for every copy");
+    assert_eq!(
+        env.requests("ARCHITECT").await.len(),
+        3,
+        "three members asked once"
+    );
+    assert_eq!(env.requests("DATA").await.len(), 1);
+
+    env.send(event("AGILE:9:3", "DESIGN", "BUILD", "1767348000000"))
+        .await;
+    let rework = event("AGILE:10:4", "BUILD", "DESIGN", "1767434400000");
+    env.send(rework.clone()).await;
+    env.send(rework).await;
+    let both = councils(env.requests("ARCHITECT").await);
+    assert_eq!(both.len(), 2, "the re-entry runs a new deliberation");
+    assert_eq!(env.requests("ARCHITECT").await.len(), 6);
+    let second: String = both.difference(&first).next().unwrap().clone();
+    let status: Option<String> = env
+        .client
+        .hget(env.keys.deliberation(&second), "status")
+        .await
+        .unwrap();
+    assert!(status.is_some(), "the new deliberation exists under its id");
+    // The re-entry's DATA data model depends on the re-entry's design.
+    let data = env.requests("DATA").await;
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[1].dependencies, [second]);
+    env.stop().await;
+}
