@@ -15,13 +15,21 @@
 //!    * otherwise (a gap: a fan-out entry was lost; or a nudge without payload): read the log
 //!      after `last` up to `event_id` inclusive and hand those out. This is a *gap fill*.
 //! 3. A client whose subscription overflowed is told the newest dropped id and gap-fills up to it.
+//! 4. A client whose fan-out shard was trimmed past its reader's position (the reader lost
+//!    entries of unknown sessions, [`crate::fanout`]) is told to *resync*: it reads the log after
+//!    `last` to its end, as the replay on connect does.
 //!
-//! When `last_event_id` is older than the oldest event still in the log, what is left is
-//! delivered after an `error` message with `error_type` `events_lost`.
+//! Every read of the log (the replay, a gap fill, a resync) goes through one page reader, which
+//! checks each entry's `p` (the session's event before it): an entry whose `p` is after `last`
+//! means the log itself no longer holds the events between them. When `last_event_id` is older
+//! than the oldest event still in the log, or any later read finds such a hole, what is left is
+//! delivered after an `error` message with `error_type` `events_lost`; so is a gap fill that finds
+//! the event it was sent for gone from the log.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use fleet::Keys;
 use fleet::events::{ServerMessage, with_event_id};
 use fleet::session_log::SessionLog;
 use fleet::stream::entry::StreamId;
@@ -99,36 +107,48 @@ impl Delivery {
         resume: Resume,
     ) -> Result<Delivery, fred::error::Error> {
         // Live events first, so that nothing logged after the replay's read can slip by.
-        let live = registry.subscribe(sid, transport);
-        let mut pending = VecDeque::new();
-        if let Some(after) = resume.after {
-            let lost = match log.oldest(sid).await? {
-                Some(oldest) if oldest.lost_since(after) => Some(format!(
-                    "events before {} are no longer in the session log; events between \
-                     {after} and {} are lost",
-                    oldest.event_id, oldest.event_id
-                )),
-                None if resume.session_last.is_some_and(|l| l > after) => Some(format!(
-                    "the session log no longer holds the events after {after}; they are lost"
-                )),
-                _ => None,
-            };
-            if let Some(message) = lost {
-                metrics::counter!("fleet_ws_events_lost_total").increment(1);
-                pending.push_back(Outgoing::reply(&ServerMessage::error(
-                    sid,
-                    EVENTS_LOST,
-                    &message,
-                )));
-            }
-        }
-        Ok(Delivery {
+        let shard = Keys::fanout_shard(sid, log.fanout_config().shards);
+        let live = registry.subscribe_on_shard(sid, transport, shard);
+        let mut d = Delivery {
             log,
             live,
             last: resume.after,
-            pending,
+            pending: VecDeque::new(),
             catch_up: Some(Target::End),
-        })
+        };
+        if let Some(after) = resume.after {
+            // Told here, before anything is sent; `last` then moves past what is gone so that
+            // the replay's reads do not tell it again.
+            match d.log.oldest(sid).await? {
+                Some(oldest) if oldest.lost_since(after) => {
+                    d.lost(&format!(
+                        "events before {} are no longer in the session log; events between \
+                         {after} and {} are lost",
+                        oldest.event_id, oldest.event_id
+                    ));
+                    d.last = oldest.prev;
+                }
+                None if resume.session_last.is_some_and(|l| l > after) => {
+                    d.lost(&format!(
+                        "the session log no longer holds the events after {after}; they are lost"
+                    ));
+                    d.last = resume.session_last;
+                }
+                _ => {}
+            }
+        }
+        Ok(d)
+    }
+
+    /// Queues the `events_lost` error: events after `last` that the log no longer holds.
+    fn lost(&mut self, message: &str) {
+        metrics::counter!("fleet_ws_events_lost_total").increment(1);
+        self.pending
+            .push_back(Outgoing::reply(&ServerMessage::error(
+                self.live.session_id(),
+                EVENTS_LOST,
+                message,
+            )));
     }
 
     pub fn session_id(&self) -> &str {
@@ -186,6 +206,12 @@ impl Delivery {
         match signal {
             Signal::Live(live) => self.on_live(&live),
             Signal::Lagged(until) => self.gap_fill(until),
+            Signal::Resync => {
+                metrics::counter!("fleet_ws_resyncs_total").increment(1);
+                // To the end: which entries were lost is not known, but their events were
+                // logged before the reader noticed, so before this read of the log.
+                self.catch_up = Some(Target::End);
+            }
         }
     }
 
@@ -234,17 +260,34 @@ impl Delivery {
             .await?;
         let more = page.len() as u64 >= PAGE;
         for entry in page {
-            if self.last.is_none_or(|l| entry.event_id > l) {
-                self.pending
-                    .push_back(Outgoing::event(entry.event_id, &entry.json));
-                self.last = Some(entry.event_id);
+            if let Some(l) = self.last {
+                if entry.event_id <= l {
+                    continue;
+                }
+                if entry.lost_since(l) {
+                    // The log was trimmed past `last`: the events between are gone.
+                    self.lost(&format!(
+                        "events between {l} and {} are no longer in the session log; they are \
+                         lost",
+                        entry.event_id
+                    ));
+                }
             }
+            self.pending
+                .push_back(Outgoing::event(entry.event_id, &entry.json));
+            self.last = Some(entry.event_id);
         }
         if !more {
             self.catch_up = None;
-            if let Some(u) = until {
-                // Whatever the log no longer holds up to `u` is gone; do not ask again.
-                self.last = Some(self.last.map_or(u, |l| l.max(u)));
+            if let Some(u) = until
+                && self.last.is_none_or(|l| l < u)
+            {
+                // `u` names an event the log held (a live entry, a nudge, a dropped entry); the
+                // log no longer holds it, nor what came before it. Gone: do not ask again.
+                self.lost(&format!(
+                    "the session log no longer holds the events up to {u}; they are lost"
+                ));
+                self.last = Some(u);
             }
         }
         Ok(())
@@ -336,6 +379,20 @@ mod tests {
         assert_eq!(d.ready(), None);
         assert_eq!(d.catch_up, Some(Target::Upto(id(9))));
         assert_eq!(d.last_event_id(), Some(id(7)));
+    }
+
+    #[tokio::test]
+    async fn a_resync_reads_the_log_to_its_end() {
+        let (mut d, registry) = delivery(Some(5)).await;
+        assert_eq!(registry.resync(None), 1);
+        assert_eq!(d.ready(), None);
+        assert_eq!(d.catch_up, Some(Target::End));
+
+        // It covers a gap fill under way.
+        let (mut d, _r) = delivery(Some(5)).await;
+        d.gap_fill(id(7));
+        d.on_signal(Signal::Resync);
+        assert_eq!(d.catch_up, Some(Target::End));
     }
 
     #[tokio::test]

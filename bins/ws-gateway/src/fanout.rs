@@ -7,14 +7,27 @@
 //! clients through their replay of the session log. Entries of sessions without a client here
 //! are skipped without being decoded further than their session id.
 //!
-//! A reader that fails (Redis restarting) retries with backoff from the id it last read; entries
-//! trimmed meanwhile are caught up by the gap rule of [`crate::connection`].
+//! A reader that fails (Redis restarting) retries with backoff from the id it last read.
+//!
+//! The shards are capped (`MAXLEN ~`): a reader that falls a whole shard behind (a long Redis
+//! outage, a stalled process) finds the entries after its position trimmed, and XREAD silently
+//! starts from the oldest entry left. The gap rule of [`crate::connection`] would catch up a
+//! session only when its next entry arrives, if one ever does; so the reader checks, and when the
+//! shard has lost entries to trimming and its oldest entry left is after the position the reader
+//! read from, has every client of the shard read its session log to the end
+//! ([`Registry::resync`]); a client whose log lost events too gets `events_lost` first. The
+//! check (one `XINFO STREAM`) runs only after a read that could have skipped entries: the first
+//! read after connecting or after fred reconnected (fred retries a read cut by a dropped
+//! connection, so it succeeds across an outage), a read after a failed one, and a full read
+//! ([`READ_COUNT`] entries). Any other read returned fewer entries than a shard keeps (at least
+//! its `MAXLEN`, far more than [`READ_COUNT`]), so nothing after its position had been trimmed.
+//! Delivering an entry costs no Redis call.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet::session_log::FanoutEntry;
-use fleet::stream::entry::{StreamId, parse_entries, xread};
+use fleet::stream::entry::{StreamId, parse_entries, parse_id, xread};
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +53,76 @@ pub async fn start_ids(client: &Client, keys: &[String]) -> Result<Vec<StreamId>
         ids.push(newest);
     }
     Ok(ids)
+}
+
+/// When entries of stream `key` after `from` may have been trimmed: the id of its oldest entry
+/// left. Trimming removes the oldest entries, so that is when the oldest left is after `from`
+/// and the stream ever lost an entry (`entries-added` above `length`: without it, a reader that
+/// started on an empty shard, at `0-0`, would take every first read for a loss).
+async fn trimmed_past(
+    client: &Client,
+    key: &str,
+    from: StreamId,
+) -> Result<Option<StreamId>, Error> {
+    let reply: Value = match client.xinfo_stream(key, false, None).await {
+        Ok(reply) => reply,
+        // Nothing was ever written, or the stream is gone with everything in it.
+        Err(e) if e.details().contains("no such key") => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let (mut length, mut added, mut oldest) = (None, None, None);
+    let mut field = |name: &[u8], value: Value| match name {
+        b"length" => length = value.as_u64(),
+        b"entries-added" => added = value.as_u64(),
+        b"first-entry" => {
+            oldest = value
+                .into_array()
+                .into_iter()
+                .next()
+                .and_then(|id| parse_id(id).ok());
+        }
+        _ => {}
+    };
+    match reply {
+        Value::Map(map) => {
+            for (name, value) in map.inner() {
+                field(name.as_bytes(), value);
+            }
+        }
+        reply => {
+            let mut flat = reply.into_array().into_iter();
+            while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+                if let Some(name) = name.as_bytes() {
+                    field(name, value);
+                }
+            }
+        }
+    }
+    // A Redis without `entries-added` (before 7.0) cannot tell: the oldest entry decides.
+    let ever_trimmed = match (added, length) {
+        (Some(added), Some(length)) => added > length,
+        _ => true,
+    };
+    Ok(oldest.filter(|&o| ever_trimmed && o > from))
+}
+
+/// The shard number of fan-out stream `key` (`<prefix>:fanout:<n>`); `None` when it does not
+/// end in one.
+fn shard_of(key: &str) -> Option<u32> {
+    key.rsplit_once(':')?.1.parse().ok()
+}
+
+/// Whether `reconnects` heard of a reconnection since last asked (fred retries a command cut by
+/// a dropped connection on the new one, so a read can succeed across an outage). Never waits.
+fn reconnected<T: Clone>(reconnects: &mut tokio::sync::broadcast::Receiver<T>) -> bool {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut any = false;
+    loop {
+        match reconnects.try_recv() {
+            Ok(_) | Err(TryRecvError::Lagged(_)) => any = true,
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return any,
+        }
+    }
 }
 
 /// Reads fan-out stream `key` after `after` until `stop`, dispatching to `registry`.
@@ -69,7 +152,13 @@ pub async fn read_shard(
     }
     tracing::info!(stream = %key, after = %after, "fan-out reader started");
     backoff = BACKOFF_MIN;
+    let shard = shard_of(&key);
+    let mut reconnects = reader.reconnect_rx();
+    // The position after which the shard may have lost entries unread: set by a read that could
+    // have skipped some (see the module docs), cleared by the check. The first read is one.
+    let mut unchecked = Some(after);
     loop {
+        let before = after;
         let reply = tokio::select! {
             r = xread(&reader, Some(READ_COUNT), Some(BLOCK_MS), &key, after) => r,
             () = stop.cancelled() => break,
@@ -78,6 +167,7 @@ pub async fn read_shard(
             Ok(Ok(streams)) => streams,
             Ok(Err(shape)) => {
                 tracing::error!(stream = %key, error = %shape, "unreadable XREAD reply");
+                unchecked.get_or_insert(before);
                 if pause(&stop, &mut backoff).await {
                     break;
                 }
@@ -85,6 +175,7 @@ pub async fn read_shard(
             }
             Err(e) => {
                 tracing::warn!(stream = %key, error = %e, "fan-out read failed; retrying");
+                unchecked.get_or_insert(before);
                 if pause(&stop, &mut backoff).await {
                     break;
                 }
@@ -92,6 +183,12 @@ pub async fn read_shard(
             }
         };
         backoff = BACKOFF_MIN;
+        let read: usize = streams.iter().map(|(_, entries)| entries.len()).sum();
+        // Asked every time, so that a reconnection is not counted again at a later read.
+        let reconnected = reconnected(&mut reconnects);
+        if read as u64 >= READ_COUNT || reconnected {
+            unchecked.get_or_insert(before);
+        }
         for (_, entries) in streams {
             for entry in entries {
                 after = after.max(entry.id);
@@ -108,6 +205,33 @@ pub async fn read_shard(
                     && let Some(tp) = entry.get_str("tp")
                 {
                     delivered_span(&key, sid, tp, queued);
+                }
+            }
+        }
+        if let Some(from) = unchecked {
+            let trimmed = tokio::select! {
+                r = trimmed_past(&reader, &key, from) => r,
+                () = stop.cancelled() => break,
+            };
+            match trimmed {
+                Ok(trimmed) => {
+                    unchecked = None;
+                    if let Some(oldest) = trimmed {
+                        let clients = registry.resync(shard);
+                        metrics::counter!("fleet_ws_fanout_trimmed_total").increment(1);
+                        tracing::warn!(
+                            stream = %key,
+                            read_after = %from,
+                            oldest = %oldest,
+                            clients,
+                            "fan-out shard trimmed past this reader; its clients catch up from \
+                             their session logs"
+                        );
+                    }
+                }
+                // Checked after the next read, from the same position.
+                Err(e) => {
+                    tracing::warn!(stream = %key, error = %e, "cannot check the fan-out shard")
                 }
             }
         }
@@ -139,5 +263,42 @@ async fn pause(stop: &CancellationToken, backoff: &mut Duration) -> bool {
     tokio::select! {
         () = tokio::time::sleep(wait) => false,
         () = stop.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet::Keys;
+    use fleet::session_log::FanoutConfig;
+
+    use super::*;
+
+    #[test]
+    fn a_read_that_skipped_trimmed_entries_is_a_full_one() {
+        // Only full reads are checked: a read after entries were trimmed past its position
+        // finds at least a shard's MAXLEN entries after it.
+        assert!(FanoutConfig::default().maxlen >= READ_COUNT);
+    }
+
+    #[test]
+    fn the_shard_is_read_from_the_key() {
+        let keys = Keys::new("fleet:test");
+        assert_eq!(shard_of(&keys.fanout(0)), Some(0));
+        assert_eq!(shard_of(&keys.fanout(17)), Some(17));
+        assert_eq!(shard_of("fanout"), None);
+    }
+
+    #[test]
+    fn every_reconnection_since_the_last_look_counts_once() {
+        let (tx, mut rx) = tokio::sync::broadcast::channel(2);
+        assert!(!reconnected(&mut rx));
+        tx.send(()).unwrap();
+        assert!(reconnected(&mut rx));
+        assert!(!reconnected(&mut rx));
+        for _ in 0..5 {
+            tx.send(()).unwrap(); // more than the channel holds: lagged still counts
+        }
+        assert!(reconnected(&mut rx));
+        assert!(!reconnected(&mut rx));
     }
 }

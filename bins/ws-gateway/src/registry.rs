@@ -9,6 +9,10 @@
 //! and marks the client *lagging* up to that event id ([`Slot::mark_lagged`]); the client then
 //! reads what it missed from the session log (see [`crate::connection`]). The per-client cost is
 //! one slot (a channel of [`CHANNEL_CAPACITY`] pointers, a lag mark and a wake-up) and a map entry.
+//!
+//! A reader that finds its fan-out shard trimmed past the last entry it read has lost entries of
+//! unknown sessions: it marks every client of that shard *resyncing* ([`Registry::resync`]), and
+//! each reads its session log to the end (the same marks and wake-up as a lag).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,25 +69,49 @@ pub enum Transport {
 pub struct Slot {
     id: u64,
     transport: Transport,
+    /// The fan-out shard its session's entries come through; `None`: not known, any.
+    fanout_shard: Option<u32>,
     tx: mpsc::Sender<Arc<Live>>,
-    /// The newest event dropped because the channel was full.
-    lagged_until: Mutex<Option<StreamId>>,
+    /// What the client missed outside its channel.
+    behind: Mutex<Behind>,
     wake: Notify,
+}
+
+/// What a client missed outside its channel, told on its next receive.
+#[derive(Debug, Default)]
+struct Behind {
+    /// The newest event dropped because the channel was full.
+    lagged_until: Option<StreamId>,
+    /// The fan-out lost entries that may be the session's.
+    resync: bool,
 }
 
 impl Slot {
     /// Records that `event_id` could not be queued and wakes the client.
     pub fn mark_lagged(&self, event_id: StreamId) {
         {
-            let mut lag = self.lagged_until.lock().expect("lag lock");
-            *lag = Some(lag.map_or(event_id, |l| l.max(event_id)));
+            let mut behind = self.behind.lock().expect("lag lock");
+            behind.lagged_until = Some(behind.lagged_until.map_or(event_id, |l| l.max(event_id)));
         }
         // A permit is stored when the client is not waiting: the mark is never missed.
         self.wake.notify_one();
     }
 
-    fn take_lag(&self) -> Option<StreamId> {
-        self.lagged_until.lock().expect("lag lock").take()
+    /// Records that fan-out entries of unknown sessions were lost and wakes the client.
+    fn mark_resync(&self) {
+        self.behind.lock().expect("lag lock").resync = true;
+        self.wake.notify_one();
+    }
+
+    fn take_behind(&self) -> Option<Signal> {
+        let mut behind = self.behind.lock().expect("lag lock");
+        if std::mem::take(&mut behind.resync) {
+            // Reading the log to its end covers the lag too: a dropped event was logged before
+            // its fan-out entry was read, so before the mark is taken.
+            behind.lagged_until = None;
+            return Some(Signal::Resync);
+        }
+        behind.lagged_until.take().map(Signal::Lagged)
     }
 }
 
@@ -114,6 +142,8 @@ pub enum Signal {
     Live(Arc<Live>),
     /// Entries up to this id were dropped while the channel was full.
     Lagged(StreamId),
+    /// The fan-out lost entries that may be the session's: read the session log to its end.
+    Resync,
 }
 
 impl Registry {
@@ -122,13 +152,37 @@ impl Registry {
     }
 
     /// Registers a client of session `sid`; it is removed when the subscription is dropped.
+    /// Its fan-out shard is not known: a loss on any shard resyncs it
+    /// ([`Registry::subscribe_on_shard`] tells it).
     pub fn subscribe(self: &Arc<Self>, sid: &str, transport: Transport) -> Subscription {
+        self.subscribe_to(sid, transport, None)
+    }
+
+    /// Registers a client of session `sid`, whose entries come through fan-out shard
+    /// `fanout_shard` ([`fleet::Keys::fanout_shard`]); it is removed when the subscription is
+    /// dropped.
+    pub fn subscribe_on_shard(
+        self: &Arc<Self>,
+        sid: &str,
+        transport: Transport,
+        fanout_shard: u32,
+    ) -> Subscription {
+        self.subscribe_to(sid, transport, Some(fanout_shard))
+    }
+
+    fn subscribe_to(
+        self: &Arc<Self>,
+        sid: &str,
+        transport: Transport,
+        fanout_shard: Option<u32>,
+    ) -> Subscription {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let slot = Arc::new(Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             transport,
+            fanout_shard,
             tx,
-            lagged_until: Mutex::new(None),
+            behind: Mutex::default(),
             wake: Notify::new(),
         });
         let sid: Arc<str> = Arc::from(sid);
@@ -181,6 +235,28 @@ impl Registry {
             }
         }
         queued
+    }
+
+    /// Tells every client whose session's entries come through fan-out shard `fanout_shard`
+    /// (every client, when `None`) to read its session log to the end: the shard's reader lost
+    /// entries it cannot name. Returns the number of clients told. Rare (a reader that fell a
+    /// whole shard behind); it walks every client.
+    pub fn resync(&self, fanout_shard: Option<u32>) -> usize {
+        let mut told = 0;
+        for shard in self.shards.iter() {
+            let shard = shard.lock().expect("registry lock");
+            for slot in shard.values().flatten() {
+                let on_it = match (fanout_shard, slot.fanout_shard) {
+                    (Some(lost), Some(own)) => lost == own,
+                    _ => true,
+                };
+                if on_it {
+                    slot.mark_resync();
+                    told += 1;
+                }
+            }
+        }
+        told
     }
 
     /// How many WebSockets of session `sid` are registered here now, numbered so that of two
@@ -245,7 +321,7 @@ impl Subscription {
         &self.sid
     }
 
-    /// The next live entry, or the news that some were dropped. Cancel-safe.
+    /// The next live entry, or the news that some were dropped or lost. Cancel-safe.
     pub async fn recv(&mut self) -> Signal {
         loop {
             if let Some(signal) = self.try_recv() {
@@ -267,8 +343,8 @@ impl Subscription {
     /// What [`Subscription::recv`] would return now, without waiting: `None` when nothing is
     /// queued.
     pub fn try_recv(&mut self) -> Option<Signal> {
-        if let Some(until) = self.slot.take_lag() {
-            return Some(Signal::Lagged(until));
+        if let Some(signal) = self.slot.take_behind() {
+            return Some(signal);
         }
         self.rx.try_recv().ok().map(Signal::Live)
     }
@@ -330,5 +406,33 @@ mod tests {
             Signal::Live(l) => assert_eq!(l.event_id.ms, 1),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_resync_reaches_the_clients_of_its_fan_out_shard_and_covers_a_lag() {
+        let reg = Arc::new(Registry::default());
+        let mut on_2 = reg.subscribe_on_shard("a", Transport::WebSocket, 2);
+        let mut also_on_2 = reg.subscribe_on_shard("b", Transport::Sse, 2);
+        let mut on_3 = reg.subscribe_on_shard("c", Transport::WebSocket, 3);
+        let mut unknown = reg.subscribe("d", Transport::WebSocket);
+        on_2.slot.mark_lagged(StreamId { ms: 7, seq: 0 });
+        assert_eq!(reg.dispatch("b", || live(1, None)), 1);
+
+        assert_eq!(
+            reg.resync(Some(2)),
+            3,
+            "shard 2's clients and the one of no known shard"
+        );
+        // Reading the log to its end covers the lag: one signal.
+        assert!(matches!(on_2.recv().await, Signal::Resync));
+        assert!(on_2.try_recv().is_none());
+        // Told before what is queued, like a lag.
+        assert!(matches!(also_on_2.recv().await, Signal::Resync));
+        assert!(matches!(also_on_2.recv().await, Signal::Live(_)));
+        assert!(matches!(unknown.recv().await, Signal::Resync));
+        assert!(on_3.try_recv().is_none());
+
+        assert_eq!(reg.resync(None), 4);
+        assert!(matches!(on_3.recv().await, Signal::Resync));
     }
 }
