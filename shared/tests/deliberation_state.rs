@@ -3,6 +3,7 @@
 
 use fleet::Keys;
 use fleet::council::{Councils, Registration};
+use fleet::deliberation::engine::Expired;
 use fleet::deliberation::store::DeliberationStore;
 use fleet::deliberation::{Check, Checks, DeliberationSpec, Engine, EngineConfig, Status, kind};
 use fleet::envelope::{
@@ -247,8 +248,15 @@ async fn the_deadline_applies_the_quorum_and_cancels_stragglers() {
         .on_proposal(&proposal("d3", "DEV-3", 1, 0.5), false)
         .await
         .unwrap();
-    assert!(f.engine.expire("d3").await.unwrap());
-    assert!(!f.engine.expire("d3").await.unwrap(), "ends once");
+    assert_eq!(
+        f.engine.expire("d3").await.unwrap(),
+        Expired::Ended(Status::Completed)
+    );
+    assert_eq!(
+        f.engine.expire("d3").await.unwrap(),
+        Expired::NotOpen,
+        "ends once"
+    );
     let view = f.engine.store.get("d3").await.unwrap().unwrap();
     assert_eq!(view.status, Status::Completed);
     assert_eq!(view.ranked.len(), 2);
@@ -471,8 +479,12 @@ async fn a_sweep_that_loses_the_race_to_an_architect_step_leaves_the_deadline_fo
         f.engine.store.get("d8").await.unwrap().unwrap().status,
         Status::Selecting
     );
-    // The sweep goes on with what it read: its end is refused.
-    f.engine.expire_as_read(as_swept).await.unwrap();
+    // The sweep goes on with what it read: its end is refused, and it says so (it ended
+    // nothing, so it counts nothing).
+    assert_eq!(
+        f.engine.expire_as_read(as_swept).await.unwrap(),
+        Expired::Refused(Status::Selecting)
+    );
     assert_eq!(
         f.engine.store.get("d8").await.unwrap().unwrap().status,
         Status::Selecting,
@@ -485,8 +497,12 @@ async fn a_sweep_that_loses_the_race_to_an_architect_step_leaves_the_deadline_fo
         "still open: the deadline stays for the next sweep"
     );
 
-    // The architect never answers; the next sweep finds it selecting and ends it.
-    assert!(f.engine.expire("d8").await.unwrap());
+    // The architect never answers; the next sweep finds it selecting and ends it: the one
+    // sweep that counts it as expired.
+    assert_eq!(
+        f.engine.expire("d8").await.unwrap(),
+        Expired::Ended(Status::Completed)
+    );
     let view = f.engine.store.get("d8").await.unwrap().unwrap();
     assert_eq!(view.status, Status::Completed);
     assert_eq!(view.winner.as_deref(), Some("DEV-2"));
@@ -497,5 +513,75 @@ async fn a_sweep_that_loses_the_race_to_an_architect_step_leaves_the_deadline_fo
     );
     let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), "d:d8").await.unwrap();
     assert_eq!(deadline, None, "ended: nothing left to sweep");
-    assert!(!f.engine.expire("d8").await.unwrap(), "ends once");
+    assert_eq!(
+        f.engine.expire("d8").await.unwrap(),
+        Expired::NotOpen,
+        "ends once"
+    );
+}
+
+/// What a sweeper counting [`Expired::Ended`] counts: of every sweep that saw one overdue
+/// deliberation, exactly one, whichever way the others lost.
+#[tokio::test]
+async fn of_the_sweeps_that_see_a_deliberation_overdue_exactly_one_ends_it() {
+    let f = fixture().await;
+    // Two sweepers read it at once (quorum reached: it completes; no quorum: it times out; never
+    // started: it times out); both go on with what they read.
+    for (id, answers, quorum, want) in [
+        ("e1", 2, 2, Status::Completed),
+        ("e2", 1, 2, Status::TimedOut),
+        ("e3", 0, 2, Status::TimedOut),
+    ] {
+        let s = spec(id, 3, quorum, 1);
+        f.engine.accept(&s).await.unwrap();
+        if id != "e3" {
+            f.engine.dispatch(&s, "", false).await.unwrap();
+        }
+        for m in ["DEV-1", "DEV-2"].into_iter().take(answers) {
+            f.engine
+                .on_proposal(&proposal(id, m, 1, 1.0), false)
+                .await
+                .unwrap();
+        }
+        let first = f.engine.store.get(id).await.unwrap().unwrap();
+        let second = first.clone();
+        let outcomes = [
+            f.engine.expire_as_read(first).await.unwrap(),
+            f.engine.expire_as_read(second).await.unwrap(),
+            f.engine.expire(id).await.unwrap(),
+        ];
+        assert_eq!(
+            outcomes,
+            [Expired::Ended(want), Expired::NotOpen, Expired::NotOpen],
+            "{id}"
+        );
+        let view = f.engine.store.get(id).await.unwrap().unwrap();
+        assert_eq!(view.status, want, "{id}");
+        let deadline: Option<f64> = f
+            .client
+            .zscore(f.keys.deadlines(), format!("d:{id}"))
+            .await
+            .unwrap();
+        assert_eq!(deadline, None, "{id}: nothing left to sweep");
+    }
+
+    // A deliberation that ends by its own steps past its deadline (the last proposal lands as the
+    // sweep reads it) expired nothing: the sweep that read it open counts nothing.
+    let s = spec("e4", 1, 1, 1);
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    let as_swept = f.engine.store.get("e4").await.unwrap().unwrap();
+    f.engine
+        .on_proposal(&proposal("e4", "DEV-1", 1, 1.0), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.engine.expire_as_read(as_swept).await.unwrap(),
+        Expired::NotOpen
+    );
+    assert_eq!(
+        f.engine.store.get("e4").await.unwrap().unwrap().selected_by,
+        "score",
+        "ended by its last proposal, not by the deadline"
+    );
 }

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleet::deliberation::Engine;
+use fleet::deliberation::engine::Expired;
 use fleet::events::ServerMessage;
 use fleet::keys::DELIBERATION_DEADLINE_PREFIX;
 use fleet::session_log::{PublishOrder, SessionLog};
@@ -69,10 +70,13 @@ impl Sweeper {
         for m in &deliberations {
             let id = &m[DELIBERATION_DEADLINE_PREFIX.len()..];
             match self.engine.expire(id).await {
-                Ok(true) => {
+                // Counted by the one call that ended it: a sweep whose end was refused (it stays
+                // for the next one) or that found it ended elsewhere counts nothing.
+                Ok(Expired::Ended(_)) => {
                     metrics::counter!("fleet_deliberations_expired_total").increment(1);
                 }
-                Ok(false) => {
+                Ok(Expired::Refused(_)) => {}
+                Ok(Expired::NotOpen) => {
                     // Ended meanwhile (or unknown): nothing to wait for.
                     let _: i64 = client.zrem(&key, m.as_str()).await?;
                 }

@@ -374,3 +374,135 @@ async fn oversized_or_badly_named_fields_get_invalid_argument_and_change_nothing
     assert_eq!(app.keys_written().await, before, "nothing written");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_same_task_id_with_another_spec_is_already_exists_and_starts_nothing() {
+    let mut app = spawn(&[]).await;
+    // The first call creates it (a stream, so the call returns at once).
+    let mut first = app
+        .grpc
+        .stream_deliberation(deliberate("dup", 3))
+        .await
+        .expect("the first call starts it")
+        .into_inner();
+    let pending = first.message().await.unwrap().expect("the pending update");
+    assert_eq!(pending.status, pb::UpdateStatus::Pending as i32);
+
+    // The same request again attaches to it: a `Deliberate` waits on it until its own deadline.
+    let mut retry = tonic::Request::new(deliberate("dup", 3));
+    retry.set_timeout(Duration::from_millis(1_000));
+    let err = app.grpc.deliberate(retry).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "attached: {err:?}");
+    assert!(err.message().contains("still pending"), "{}", err.message());
+
+    let hash_before: std::collections::HashMap<String, String> = app
+        .redis
+        .hgetall(app.keys.deliberation("dup"))
+        .await
+        .unwrap();
+    let commands_before = app.task_commands().await;
+    let events_before: u64 = app
+        .redis
+        .xlen(app.keys.deliberation_events("dup"))
+        .await
+        .unwrap();
+
+    // Another spec under the id, through every front door: refused before anything is written.
+    let changed = |f: fn(&mut pb::DeliberateRequest)| {
+        let mut r = deliberate("dup", 3);
+        f(&mut r);
+        r
+    };
+    let others = [
+        changed(|r| r.task_description = "Delete the test suite".into()),
+        changed(|r| r.num_agents = 5),
+        changed(|r| r.role = "QA".into()),
+        changed(|r| r.rounds = 2),
+        changed(|r| {
+            r.constraints = Some(pb::DeliberationConstraints {
+                timeout_seconds: 600,
+                rubric: Some(pb::Rubric {
+                    description: "security first".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        }),
+    ];
+    // (A deadline on each call: one wrongly attached would wait for the deliberation's end.)
+    let bounded = |req: pb::DeliberateRequest| {
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(Duration::from_secs(5));
+        req
+    };
+    for req in others {
+        for stream in [false, true] {
+            let err = if stream {
+                app.grpc
+                    .stream_deliberation(bounded(req.clone()))
+                    .await
+                    .map(|_| ())
+                    .unwrap_err()
+            } else {
+                app.grpc
+                    .deliberate(bounded(req.clone()))
+                    .await
+                    .map(|_| ())
+                    .unwrap_err()
+            };
+            assert_eq!(err.code(), Code::AlreadyExists, "{req:?}: {err:?}");
+            assert!(
+                err.message().contains("`dup`") && err.message().contains("spec differs"),
+                "{}",
+                err.message()
+            );
+        }
+    }
+    // An orchestration is another request too, even with the same task.
+    let mut orchestrate = tonic::Request::new(pb::OrchestrateRequest {
+        task_id: "dup".into(),
+        task_description: "Implement authentication for the API".into(),
+        role: "DEV".into(),
+        constraints: Some(pb::DeliberationConstraints {
+            timeout_seconds: 600,
+            ..Default::default()
+        }),
+        options: Some(pb::OrchestrationOptions {
+            num_agents: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    orchestrate.set_timeout(Duration::from_secs(5));
+    let err = app.grpc.orchestrate(orchestrate).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    // Nothing changed: the stored deliberation, its log, the commands to the dispatchers (the
+    // first call's and the retry's, each with the stored spec).
+    let hash_after: std::collections::HashMap<String, String> = app
+        .redis
+        .hgetall(app.keys.deliberation("dup"))
+        .await
+        .unwrap();
+    assert_eq!(hash_after, hash_before);
+    let events_after: u64 = app
+        .redis
+        .xlen(app.keys.deliberation_events("dup"))
+        .await
+        .unwrap();
+    assert_eq!(events_after, events_before);
+    let commands = app.task_commands().await;
+    assert_eq!(commands.len(), commands_before.len());
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    let stored = app.engine().store.get("dup").await.unwrap().unwrap().spec;
+    for c in commands {
+        let TaskCommand::Deliberate(s) = c else {
+            panic!("unexpected command {c:?}")
+        };
+        assert_eq!(s, stored);
+    }
+    assert_eq!(stored.description, "Implement authentication for the API");
+    assert_eq!(stored.num_agents, 3);
+    drop(first);
+    app.stop().await;
+}

@@ -57,9 +57,16 @@ pub const DECISIONS_MAXLEN: u64 = 100_000;
 /// Durations kept per kind for the latency percentiles (about; the stream is trimmed with `~`).
 pub const LATENCY_SAMPLES: i64 = 1_000;
 
-/// Errors of a deliberation step. All are transient (storage): the step can run again.
+/// Errors of a deliberation step. All but [`EngineError::SpecConflict`] are transient
+/// (storage): the step can run again.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// [`Engine::accept`]: a deliberation with this id exists with another spec (it is
+    /// `status`); nothing was changed or started. Not transient: the same call is refused again.
+    #[error(
+        "task_id `{id}` names an existing deliberation ({status}) whose spec differs from this request's; send the same request to attach to it, or use another task_id"
+    )]
+    SpecConflict { id: String, status: Status },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -85,6 +92,20 @@ pub struct Accepted {
     /// A new deliberation (false: one with this id existed).
     pub created: bool,
     pub status: Status,
+}
+
+/// What [`Engine::expire`] did with an overdue deliberation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expired {
+    /// This call ended it at its deadline, `completed` (a quorum of proposals) or `timed_out`.
+    /// Exactly one call answers this per deliberation: the one to count.
+    Ended(Status),
+    /// Its end was refused: another step moved it on meanwhile and it is still open, in this
+    /// state. Its deadline entry stays; a later sweep ends it.
+    Refused(Status),
+    /// Nothing to end: it had ended already (by its deadline elsewhere, or by its own steps),
+    /// or is unknown.
+    NotOpen,
 }
 
 /// How a callback fared, for metrics and logs.
@@ -168,19 +189,34 @@ impl Engine {
 
     /// Front doors: creates the deliberation (unless one with its id exists), registers its
     /// deadline and asks the dispatchers to start it. A deliberation still `pending` is asked
-    /// for again (its first writer may have died before asking); the dispatchers start it once.
+    /// for again (its first writer may have died before asking), with its stored spec; the
+    /// dispatchers start it once. One with this id and another spec is
+    /// [`EngineError::SpecConflict`], and nothing is written.
     pub async fn accept(&self, spec: &DeliberationSpec) -> Result<Accepted> {
         let created = self.store.create(spec).await?;
         let status = match created {
             Created::New => Status::Pending,
             Created::Exists(s) => s,
+            Created::Conflict(status) => {
+                return Err(EngineError::SpecConflict {
+                    id: spec.deliberation_id.clone(),
+                    status,
+                });
+            }
         };
         if status == Status::Pending {
+            // A retry asks with the spec stored (one stored without a fingerprint may differ
+            // from this one), unless it vanished meanwhile: then this one creates it anew.
+            let stored = match created {
+                Created::New => None,
+                _ => self.store.get(&spec.deliberation_id).await?.map(|v| v.spec),
+            };
             let pipeline = self.client().pipeline();
             if created == Created::New {
                 self.queue_created(&pipeline, spec).await?;
             }
-            let env = Envelope::new(TaskCommand::Deliberate(spec.clone()));
+            let command = stored.unwrap_or_else(|| spec.clone());
+            let env = Envelope::new(TaskCommand::Deliberate(command));
             producer::queue(&pipeline, &self.keys().tasks(), None, &env).await?;
             let _: Vec<Value> = pipeline.all().await?;
         }
@@ -194,6 +230,10 @@ impl Engine {
     /// [`Councils::pick`]), moves it `pending -> generating` and sends round 1. A redelivered
     /// command finding round 1 under way sends it again (the earlier delivery may have died
     /// before sending).
+    ///
+    /// Everything it does follows the spec stored with the deliberation, never the command's:
+    /// a command whose spec conflicts with the stored one starts nothing
+    /// (`Dropped("conflict")`).
     pub async fn dispatch(
         &self,
         spec: &DeliberationSpec,
@@ -201,11 +241,29 @@ impl Engine {
         redelivered: bool,
     ) -> Result<Handled> {
         let id = &spec.deliberation_id;
-        if self.store.create(spec).await? == Created::New {
-            let pipeline = self.client().pipeline();
-            self.queue_created(&pipeline, spec).await?;
-            let _: Vec<Value> = pipeline.all().await?;
+        match self.store.create(spec).await? {
+            Created::New => {
+                let pipeline = self.client().pipeline();
+                self.queue_created(&pipeline, spec).await?;
+                let _: Vec<Value> = pipeline.all().await?;
+            }
+            Created::Exists(_) => {}
+            Created::Conflict(status) => {
+                // Not from a front door (they refuse such a request before sending it): say a
+                // copy of a planning event under another event id. The stored spec is the one
+                // that runs, started by the command that created it.
+                tracing::info!(
+                    deliberation_id = %id,
+                    %status,
+                    "a deliberation with this id exists with another spec; this command starts nothing"
+                );
+                return Ok(Handled::Dropped("conflict"));
+            }
         }
+        let Some(mut view) = self.store.get(id).await? else {
+            return Ok(Handled::Dropped("missing"));
+        };
+        let spec = view.spec.clone();
         let members = self.councils.pick(&spec.role, spec.num_agents).await?;
         let registered = members.iter().filter(|m| m.registered).count();
         let step = format!(
@@ -215,9 +273,20 @@ impl Engine {
             members.len() - registered
         );
         match self.store.start(id, &members, context, &step).await? {
-            Started::Moved => {}
+            Started::Moved => {
+                // What the start script stored.
+                view.status = Status::Generating;
+                view.round = 1;
+                view.members = members;
+                view.context = context.to_owned();
+            }
             Started::NotPending(Status::Generating, 1) if redelivered => {
                 tracing::info!(deliberation_id = %id, "re-sending round 1 an earlier delivery started");
+                // The members and context the earlier delivery stored.
+                let Some(now) = self.store.get(id).await? else {
+                    return Ok(Handled::Dropped("missing"));
+                };
+                view = now;
             }
             Started::NotPending(status, _) => {
                 tracing::debug!(deliberation_id = %id, %status, "already started");
@@ -225,9 +294,6 @@ impl Engine {
             }
             Started::Missing => return Ok(Handled::Dropped("missing")),
         }
-        let Some(view) = self.store.get(id).await? else {
-            return Ok(Handled::Dropped("missing"));
-        };
         // On a re-send, members that already answered are not asked again.
         let answered = if redelivered {
             self.answered(id, 1).await?
@@ -410,15 +476,16 @@ impl Engine {
             &view.spec.rubric,
         );
         if ranked.is_empty() {
-            return self
-                .end_unsuccessfully(&view, Status::Failed, "no proposals to score".into())
-                .await;
+            self.end_unsuccessfully(&view, Status::Failed, "no proposals to score".into())
+                .await?;
+            return Ok(());
         }
         if candidates(&ranked, view.spec.architect_top_k) >= 2 {
             return self.select(view, ranked).await;
         }
         self.complete(&view, ranked, 0, "score".into(), &[Status::Scoring])
-            .await
+            .await?;
+        Ok(())
     }
 
     /// Asks an ARCHITECT agent to choose among the top candidates.
@@ -495,7 +562,8 @@ impl Engine {
         Ok(Handled::Applied("selected"))
     }
 
-    /// Completes with `ranked[winner]` as the winner.
+    /// Completes with `ranked[winner]` as the winner. True when this call ended it (false: it
+    /// was not in a state of `from` any more).
     async fn complete(
         &self,
         view: &DeliberationView,
@@ -503,7 +571,7 @@ impl Engine {
         winner: usize,
         selected_by: String,
         from: &[Status],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let id = &view.spec.deliberation_id;
         let w = &ranked[winner];
         let winner_id = w.proposal.id(id);
@@ -531,21 +599,23 @@ impl Engine {
         t.agent = w.proposal.member.clone();
         t.received = ranked.len() as u32;
         t.data = serde_json::to_string(&result).expect("a result serializes");
-        if self.store.transition(id, &t).await? == Moved::Applied
-            && let Some(done) = self.store.get(id).await?
-        {
+        if self.store.transition(id, &t).await? != Moved::Applied {
+            return Ok(false);
+        }
+        if let Some(done) = self.store.get(id).await? {
             self.after_end(&done).await?;
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Ends it `timed_out` or `failed` with what came in, ranked, and no winner.
+    /// Ends it `timed_out` or `failed` with what came in, ranked, and no winner. True when this
+    /// call ended it (false: it had ended already).
     async fn end_unsuccessfully(
         &self,
         view: &DeliberationView,
         status: Status,
         error: String,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let id = &view.spec.deliberation_id;
         let ranked = rank(
             latest_per_member(self.store.proposals(id).await?),
@@ -566,12 +636,13 @@ impl Engine {
             .field("error", error);
         t.received = ranked.len() as u32;
         t.data = serde_json::to_string(&result).expect("a result serializes");
-        if self.store.transition(id, &t).await? == Moved::Applied
-            && let Some(done) = self.store.get(id).await?
-        {
+        if self.store.transition(id, &t).await? != Moved::Applied {
+            return Ok(false);
+        }
+        if let Some(done) = self.store.get(id).await? {
             self.after_end(&done).await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Redelivery repair: re-runs whatever step the deliberation's state says is due.
@@ -613,38 +684,40 @@ impl Engine {
     /// times out. Members that had not answered the current round (or the architect) get an
     /// `agent.cancel` first, so whoever sees the end sees the cancels too.
     ///
-    /// Returns false when there was nothing to do (it had ended already, or is unknown), true
-    /// when it was still open: ended now, or, when another step moved it meanwhile and its end
-    /// was refused, left in the deadline set for the next sweep (see [`Engine::expire_as_read`]).
-    pub async fn expire(&self, id: &str) -> Result<bool> {
+    /// Says what happened ([`Expired`]): only the call whose compare-and-set ended it answers
+    /// [`Expired::Ended`], so counting those counts each expired deliberation once, however
+    /// many sweeps (or sweepers) saw it overdue.
+    pub async fn expire(&self, id: &str) -> Result<Expired> {
         let Some(view) = self.store.get(id).await? else {
-            return Ok(false);
+            return Ok(Expired::NotOpen);
         };
         self.expire_as_read(view).await
     }
 
     /// [`Engine::expire`] on the deliberation as read in `view`, which may be stale by the time
     /// its compare-and-set runs: a callback-worker can move it on meanwhile (say the last
-    /// proposal arrives at the deadline and scoring hands it to an architect, `selecting`). The
-    /// refused end then leaves it open, and its deadline entry is what brings the sweeper back
-    /// to end it (the architect request is already past its deadline, so no answer will). The
-    /// entry is removed only once the deliberation is seen to have ended. Public so tests can
-    /// replay that race.
+    /// proposal arrives at the deadline and scoring hands it to an architect, `selecting`), or
+    /// another sweeper end it. The refused end then leaves it open ([`Expired::Refused`]), and
+    /// its deadline entry is what brings the sweeper back to end it (the architect request is
+    /// already past its deadline, so no answer will). The entry is removed only once the
+    /// deliberation is seen to have ended. Public so tests can replay those races.
     #[doc(hidden)]
-    pub async fn expire_as_read(&self, view: DeliberationView) -> Result<bool> {
+    pub async fn expire_as_read(&self, view: DeliberationView) -> Result<Expired> {
         let id = view.spec.deliberation_id.as_str();
         let spec = &view.spec;
         let before = view.status;
-        match view.status {
-            s if s.is_terminal() => return Ok(false),
-            Status::Pending => {
-                self.end_unsuccessfully(
+        let timed_out = Expired::Ended(Status::TimedOut);
+        let completed = Expired::Ended(Status::Completed);
+        let ended_here = match view.status {
+            s if s.is_terminal() => return Ok(Expired::NotOpen),
+            Status::Pending => self
+                .end_unsuccessfully(
                     &view,
                     Status::TimedOut,
                     "no dispatcher started the deliberation before its deadline".into(),
                 )
-                .await?;
-            }
+                .await?
+                .then_some(timed_out),
             Status::Selecting => {
                 let architect = view.architect.clone().unwrap_or_default();
                 // Stop the straggler first: when the end is visible, so is the cancel.
@@ -663,7 +736,8 @@ impl Engine {
                     format!("score (architect {architect} did not answer before the deadline)"),
                     &[Status::Selecting],
                 )
-                .await?;
+                .await?
+                .then_some(completed)
             }
             _ => {
                 let latest = latest_per_member(self.store.proposals(id).await?);
@@ -698,7 +772,10 @@ impl Engine {
                             "score (quorum at the deadline)".into(),
                             &[Status::Scoring],
                         )
-                        .await?;
+                        .await?
+                        .then_some(completed)
+                    } else {
+                        None
                     }
                 } else {
                     self.end_unsuccessfully(
@@ -711,34 +788,39 @@ impl Engine {
                             spec.quorum
                         ),
                     )
-                    .await?;
+                    .await?
+                    .then_some(timed_out)
                 }
             }
+        };
+        // An end applied here already dropped the deadline (`after_end`).
+        if let Some(ended) = ended_here {
+            return Ok(ended);
         }
-        // An end applied here already dropped the deadline (`after_end`); one that was refused
-        // leaves the entry for the next sweep unless another step ended it meanwhile (its
-        // `after_end` may not have run yet if it crashed: drop it here then).
-        let ended = self
-            .store
-            .get(id)
-            .await?
-            .is_none_or(|v| v.status.is_terminal());
-        if ended {
-            let _: i64 = self
-                .client()
-                .zrem(
-                    self.keys().deadlines(),
-                    Keys::deliberation_deadline_member(id),
-                )
-                .await?;
-        } else {
-            tracing::info!(
-                deliberation_id = %id,
-                was = %before,
-                "the deadline's end was refused (another step moved it on); the next sweep ends it"
-            );
+        // One that was refused leaves the entry for the next sweep unless another step ended it
+        // meanwhile (its `after_end` may not have run yet if it crashed: drop it here then).
+        let now = self.store.get(id).await?;
+        match now.map(|v| v.status) {
+            Some(status) if !status.is_terminal() => {
+                tracing::info!(
+                    deliberation_id = %id,
+                    was = %before,
+                    %status,
+                    "the deadline's end was refused (another step moved it on); the next sweep ends it"
+                );
+                Ok(Expired::Refused(status))
+            }
+            _ => {
+                let _: i64 = self
+                    .client()
+                    .zrem(
+                        self.keys().deadlines(),
+                        Keys::deliberation_deadline_member(id),
+                    )
+                    .await?;
+                Ok(Expired::NotOpen)
+            }
         }
-        Ok(!before.is_terminal())
     }
 
     /// Tells `members` of `role` to stop working on deliberation `id`.

@@ -10,7 +10,10 @@
 //!
 //! Who moves it:
 //! * edge-api (`Deliberate`, `Orchestrate`, `StreamDeliberation`) creates the hash (`pending`)
-//!   and sends `task.deliberate` to `fleet:tasks` ([`store::DeliberationStore::create`]).
+//!   and sends `task.deliberate` to `fleet:tasks` ([`store::DeliberationStore::create`]). A
+//!   request under an existing id attaches to it when it asks for the same thing (equal
+//!   [`DeliberationSpec::fingerprint`]s) and is refused otherwise
+//!   ([`engine::EngineError::SpecConflict`]); every later step follows the stored spec.
 //! * the dispatcher picks the members ([`crate::council`]) and sends one `agent.request` per
 //!   member: registered members on their own stream `<p>:agents:<role>:member:<id>`, pool seats
 //!   (`DEV-2`, ...) on the role's shared stream `<p>:agents:<role>` ([`engine::Engine::dispatch`]).
@@ -432,6 +435,70 @@ impl DeliberationSpec {
     pub fn majority(n: u32) -> u32 {
         n / 2 + 1
     }
+
+    /// A fingerprint of what this spec asks for: the SHA-256 (hex) of its canonical encoding.
+    /// Two requests for one deliberation id are the same request (a retry) exactly when their
+    /// fingerprints are equal; it is stored with the deliberation (`spec_fp`) and compared by
+    /// the create script.
+    ///
+    /// Every field counts except those that legitimately differ between retries of one request:
+    /// the id (the key itself), `created_ms`, and the absolute `deadline_ms`, which counts as the
+    /// timeout it was made from (`deadline_ms - created_ms`). Deterministic across processes and
+    /// versions: a field added to the spec must leave the encoding of specs that do not use it
+    /// unchanged (skip it when it has its default), or a retry across an upgrade would conflict.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        #[derive(Serialize)]
+        struct Canonical<'a> {
+            v: u32,
+            kind: &'a str,
+            role: &'a str,
+            description: &'a str,
+            num_agents: u32,
+            quorum: u32,
+            rounds: u32,
+            timeout_ms: i64,
+            rubric_description: &'a str,
+            rubric_weights: Vec<(&'a str, f64)>,
+            self_score_weight: f64,
+            requirements: &'a [String],
+            metadata: &'a BTreeMap<String, String>,
+            architect_top_k: u32,
+            case_id: &'a str,
+            story_id: &'a str,
+            plan_id: &'a str,
+        }
+        // -0.0 and 0.0 weigh the same; `+ 0.0` makes them encode the same too.
+        let canonical = Canonical {
+            v: 1,
+            kind: &self.kind,
+            role: &self.role,
+            description: &self.description,
+            num_agents: self.num_agents,
+            quorum: self.quorum,
+            rounds: self.rounds,
+            timeout_ms: self.deadline_ms.saturating_sub(self.created_ms),
+            rubric_description: &self.rubric.description,
+            rubric_weights: self
+                .rubric
+                .weights
+                .iter()
+                .map(|(k, w)| (k.as_str(), w + 0.0))
+                .collect(),
+            self_score_weight: self.rubric.self_score_weight + 0.0,
+            requirements: &self.requirements,
+            metadata: &self.metadata,
+            architect_top_k: self.architect_top_k,
+            case_id: &self.case_id,
+            story_id: &self.story_id,
+            plan_id: &self.plan_id,
+        };
+        let bytes = serde_json::to_vec(&canonical).expect("a spec always serializes");
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// Checks the entries of a key/value map passed to the agents (`field` names it in the message):
@@ -595,6 +662,81 @@ mod tests {
         s.metadata
             .insert("k".repeat(128), "v".repeat(MAX_METADATA_VALUE_BYTES));
         assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_timestamps_and_nothing_else() {
+        let base = spec();
+        let fp = base.fingerprint();
+        // Pinned: fingerprints are stored, so a change of the encoding would make every retry
+        // across an upgrade a conflict.
+        assert_eq!(
+            fp,
+            "87593723889642e63f976c46ea3869276d8b6b500c1357047d186960287e3f4b"
+        );
+        // A retry made later: the same timeout from another start.
+        let mut retry = base.clone();
+        retry.created_ms += 5_000;
+        retry.deadline_ms += 5_000;
+        assert_eq!(retry.fingerprint(), fp);
+        // A weight of -0.0 is the weight 0.0.
+        let (mut zero, mut negative_zero) = (base.clone(), base.clone());
+        zero.rubric.weights.insert("lint".into(), 0.0);
+        negative_zero.rubric.weights.insert("lint".into(), -0.0);
+        assert_eq!(zero.fingerprint(), negative_zero.fingerprint());
+        // Any other field is another request.
+        type Change = Box<dyn Fn(&mut DeliberationSpec)>;
+        let changes: Vec<(&str, Change)> = vec![
+            ("kind", Box::new(|s| s.kind = kind::ORCHESTRATE.into())),
+            ("role", Box::new(|s| s.role = "QA".into())),
+            ("description", Box::new(|s| s.description.push('!'))),
+            ("num_agents", Box::new(|s| s.num_agents = 4)),
+            ("quorum", Box::new(|s| s.quorum = 3)),
+            ("rounds", Box::new(|s| s.rounds = 2)),
+            ("timeout", Box::new(|s| s.deadline_ms += 1)),
+            (
+                "rubric description",
+                Box::new(|s| s.rubric.description = "short".into()),
+            ),
+            (
+                "rubric weights",
+                Box::new(|s| {
+                    s.rubric.weights.insert("lint".into(), 1.0);
+                }),
+            ),
+            (
+                "self_score_weight",
+                Box::new(|s| s.rubric.self_score_weight = 0.5),
+            ),
+            (
+                "requirements",
+                Box::new(|s| s.requirements = vec!["fast".into()]),
+            ),
+            (
+                "metadata",
+                Box::new(|s| {
+                    s.metadata.insert("lang".into(), "rust".into());
+                }),
+            ),
+            ("architect_top_k", Box::new(|s| s.architect_top_k = 2)),
+            ("case_id", Box::new(|s| s.case_id = "US-2".into())),
+            ("story_id", Box::new(|s| s.story_id = "S-2".into())),
+            ("plan_id", Box::new(|s| s.plan_id = "P-2".into())),
+        ];
+        let mut seen = std::collections::BTreeSet::from([fp.clone()]);
+        for (what, change) in changes {
+            let mut s = base.clone();
+            change(&mut s);
+            assert!(
+                seen.insert(s.fingerprint()),
+                "{what} changes the fingerprint"
+            );
+        }
+        // Requirements in another order are another request (the agents see them in order).
+        let (mut ab, mut ba) = (base.clone(), base);
+        ab.requirements = vec!["a".into(), "b".into()];
+        ba.requirements = vec!["b".into(), "a".into()];
+        assert_ne!(ab.fingerprint(), ba.fingerprint());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<p>:{d:<id>}` | hash, TTL | `spec` (JSON), `kind`, `role`, `n`, `quorum`, `rounds`, `deadline_ms`, `architect_top_k`, `case_id`, `story_id`, `plan_id`, `status`, `round`, `members` (JSON), `member_ids`, `received:<round>`, `context`, `ranked` (JSON, once scored), `winner`, `winner_id`, `selected_by`, `architect`, `error`, `created_ms`, `started_ms`, `updated_ms`, `finished_ms` |
+//! | `<p>:{d:<id>}` | hash, TTL | `spec` (JSON), `spec_fp` ([`DeliberationSpec::fingerprint`]), `kind`, `role`, `n`, `quorum`, `rounds`, `deadline_ms`, `architect_top_k`, `case_id`, `story_id`, `plan_id`, `status`, `round`, `members` (JSON), `member_ids`, `received:<round>`, `context`, `ranked` (JSON, once scored), `winner`, `winner_id`, `selected_by`, `architect`, `error`, `created_ms`, `started_ms`, `updated_ms`, `finished_ms` |
 //! | `<p>:{d:<id>}:proposals` | hash, TTL | `<round>:<member>` -> [`Proposal`] JSON |
 //! | `<p>:{d:<id>}:events` | stream, capped, TTL | one [`Update`] per state change or proposal |
 
@@ -62,8 +62,11 @@ pub enum StoreError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Created {
     New,
-    /// A deliberation with this id exists, in this state.
+    /// A deliberation with this id and the same spec (fingerprint) exists, in this state: a
+    /// retry. One stored before fingerprints were has none and matches any spec.
     Exists(Status),
+    /// A deliberation with this id exists, in this state, with another spec. Nothing changed.
+    Conflict(Status),
 }
 
 /// What `start` did.
@@ -366,10 +369,12 @@ impl DeliberationStore {
         ]
     }
 
-    /// Creates the deliberation as `pending`, unless one with its id exists.
+    /// Creates the deliberation as `pending`, unless one with its id exists; then compares
+    /// their specs' fingerprints ([`DeliberationSpec::fingerprint`]), atomically.
     pub async fn create(&self, spec: &DeliberationSpec) -> Result<Created, StoreError> {
         let id = &spec.deliberation_id;
         let mut args = self.head(now_ms());
+        args.push(spec.fingerprint().into());
         let spec_json = serde_json::to_string(spec).expect("a spec always serializes");
         let fields: [(&str, String); 12] = [
             ("spec", spec_json),
@@ -402,6 +407,7 @@ impl DeliberationStore {
         match reply.first().map(String::as_str) {
             Some("created") => Ok(Created::New),
             Some("exists") => Ok(Created::Exists(status_of(reply.get(1))?)),
+            Some("conflict") => Ok(Created::Conflict(status_of(reply.get(1))?)),
             other => Err(StoreError::Reply(format!("create: {other:?}"))),
         }
     }

@@ -3,7 +3,8 @@
 //! A request becomes a [`DeliberationSpec`] (validated: every bad field is INVALID_ARGUMENT with
 //! a message, and nothing is written), the call takes a connection of its own for waiting (one of
 //! `max_waiters`; none free: RESOURCE_EXHAUSTED, still before anything is written),
-//! [`fleet::deliberation::Engine::accept`] creates it (or finds the one with the same task id)
+//! [`fleet::deliberation::Engine::accept`] creates it (or finds the one with the same task id
+//! and the same spec: a retry; one with another spec is ALREADY_EXISTS, and nothing is started)
 //! and asks the dispatchers to start it, and the call follows `<p>:{d:<id>}:events` on that
 //! connection until the final update, the client's deadline (DEADLINE_EXCEEDED; the
 //! deliberation goes on) or the client going away. A stream whose log expired under it ends
@@ -148,7 +149,8 @@ impl Orchestrator {
         }
     }
 
-    /// Creates the deliberation (or finds the one with its id) and asks for it to start.
+    /// Creates the deliberation (or finds the one with its id and spec) and asks for it to
+    /// start; ALREADY_EXISTS when its id names a deliberation with another spec.
     async fn accept(&self, spec: &DeliberationSpec) -> Result<(), Status> {
         self.chat.backpressure.check().map_err(error::chat)?;
         let accepted = self.engine.accept(spec).await.map_err(error::engine)?;

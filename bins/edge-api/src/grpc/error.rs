@@ -46,6 +46,7 @@ pub fn council(e: CouncilError) -> Status {
 pub fn engine(e: EngineError) -> Status {
     match e {
         EngineError::Council(c) => council(c),
+        e @ EngineError::SpecConflict { .. } => Status::already_exists(e.to_string()),
         other => unavailable(other),
     }
 }
@@ -93,5 +94,12 @@ mod tests {
             council(CouncilError::Exists("DEV".into())).code(),
             Code::AlreadyExists
         );
+        let s = engine(EngineError::SpecConflict {
+            id: "auth-42".into(),
+            status: fleet::deliberation::Status::Generating,
+        });
+        assert_eq!(s.code(), Code::AlreadyExists);
+        assert!(s.message().contains("`auth-42`"), "{}", s.message());
+        assert!(s.message().contains("spec differs"), "{}", s.message());
     }
 }
