@@ -484,12 +484,10 @@ pub struct Subtask {
 }
 
 impl Subtask {
-    /// The deliberation this subtask runs as (when its rule asks for a council).
-    pub fn deliberation_spec(
-        &self,
-        event_id: &str,
-        now_ms: i64,
-    ) -> crate::deliberation::DeliberationSpec {
+    /// The deliberation this subtask runs as (when its rule asks for a council). Every copy of
+    /// its transition asks for the same spec (the deliberation's fingerprint), so its metadata
+    /// names the transition, not the event id, which differs between copies.
+    pub fn deliberation_spec(&self, now_ms: i64) -> crate::deliberation::DeliberationSpec {
         let n = self.council.max(1);
         crate::deliberation::DeliberationSpec {
             deliberation_id: self.task_id.clone(),
@@ -505,7 +503,6 @@ impl Subtask {
             metadata: [
                 ("action", self.action.clone()),
                 ("to_state", self.to_state.clone()),
-                ("event_id", event_id.to_owned()),
                 ("transition_id", self.transition_id.clone()),
                 ("session_id", self.session_id.clone()),
             ]
@@ -704,7 +701,7 @@ mod tests {
             (design[0].role.as_str(), design[0].council),
             ("ARCHITECT", 3)
         );
-        let spec = design[0].deliberation_spec("e1", 1_000);
+        let spec = design[0].deliberation_spec(1_000);
         assert_eq!(spec.deliberation_id, design[0].task_id);
         spec.validate().unwrap();
     }

@@ -115,11 +115,17 @@ fn a_council_subtask_re_entered_is_a_new_deliberation() {
     let first = derive(&transition("AGILE:5:1", "DRAFT", "DESIGN", "1767261600000"));
     let copy = derive(&transition("AGILE:6:2", "DRAFT", "DESIGN", "1767261600000"));
     let rework = derive(&transition("AGILE:9:3", "BUILD", "DESIGN", "1767348000000"));
-    let design = |s: &[Subtask]| s[0].deliberation_spec("e", 1_000).deliberation_id;
+    let design = |s: &[Subtask]| s[0].deliberation_spec(1_000).deliberation_id;
     assert_eq!(first[0].council, 3);
     assert_eq!(design(&copy), design(&first));
     assert_ne!(design(&rework), design(&first));
+    // A copy under another event id asks for the same deliberation, not a conflicting one: it
+    // can start the deliberation if the first copy's dispatcher died before doing so.
+    assert_eq!(
+        copy[0].deliberation_spec(2_000).fingerprint(),
+        first[0].deliberation_spec(1_000).fingerprint()
+    );
     // DATA's data model waits on its own transition's design.
     assert_eq!(rework[1].dependencies, [design(&rework)]);
-    rework[0].deliberation_spec("e", 1_000).validate().unwrap();
+    rework[0].deliberation_spec(1_000).validate().unwrap();
 }

@@ -204,7 +204,7 @@ impl Dispatcher {
         s: &Subtask,
         redelivered: bool,
     ) -> Result<(bool, bool)> {
-        let spec = s.deliberation_spec(&e.event_id, now_ms());
+        let spec = s.deliberation_spec(now_ms());
         let existed = self
             .engine
             .store
