@@ -183,7 +183,7 @@ impl Dispatcher {
         let (mut derived, mut sent) = (0, 0);
         for s in &subtasks {
             let (new, dispatched) = if s.council > 0 {
-                self.council_subtask(&e, s, redelivered).await?
+                self.council_subtask(s, redelivered).await?
             } else {
                 self.subtask(&e, s, redelivered).await?
             };
@@ -198,12 +198,7 @@ impl Dispatcher {
 
     /// Runs subtask `s` as a deliberation of `s.council` members (id: the subtask id), once.
     /// Returns (created now, started now).
-    async fn council_subtask(
-        &self,
-        e: &PlanningEvent,
-        s: &Subtask,
-        redelivered: bool,
-    ) -> Result<(bool, bool)> {
+    async fn council_subtask(&self, s: &Subtask, redelivered: bool) -> Result<(bool, bool)> {
         let spec = s.deliberation_spec(now_ms());
         let existed = self
             .engine
