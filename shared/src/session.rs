@@ -140,8 +140,6 @@ pub enum ChatError {
     NotFound { what: &'static str, id: String },
     #[error("session `{0}` is closed")]
     SessionClosed(String),
-    #[error("task `{0}` already exists")]
-    Conflict(String),
     #[error("the fleet is overloaded ({backlog} tasks waiting); retry later")]
     Overloaded { backlog: u64 },
     #[error("storage unavailable: {0}")]

@@ -34,8 +34,6 @@ pub enum ApiError {
     #[error("{0}")]
     SessionClosed(String),
     #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
     Overloaded(String),
@@ -52,7 +50,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::SessionClosed(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::SessionClosed(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -69,7 +67,6 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::SessionClosed(_) => "session_closed",
-            ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
@@ -117,7 +114,6 @@ impl From<ChatError> for ApiError {
             ChatError::Invalid(m) => ApiError::Invalid(m),
             e @ ChatError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             e @ ChatError::SessionClosed(_) => ApiError::SessionClosed(e.to_string()),
-            e @ ChatError::Conflict(_) => ApiError::Conflict(e.to_string()),
             e @ ChatError::Overloaded { .. } => ApiError::Overloaded(e.to_string()),
             ChatError::Unavailable(detail) => ApiError::Unavailable(detail),
         }
@@ -187,7 +183,6 @@ mod tests {
                 "not_found",
             ),
             (ChatError::SessionClosed("s".into()), 409, "session_closed"),
-            (ChatError::Conflict("t".into()), 409, "conflict"),
             (ChatError::Overloaded { backlog: 9 }, 429, "overloaded"),
             (ChatError::Unavailable("boom".into()), 503, "unavailable"),
         ];

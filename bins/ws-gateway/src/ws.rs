@@ -467,7 +467,6 @@ pub fn submit_error(e: &ChatError) -> (&'static str, String) {
         ChatError::Invalid(m) => ("invalid_request", m.clone()),
         ChatError::NotFound { .. } => ("not_found", e.to_string()),
         ChatError::SessionClosed(_) => ("session_closed", e.to_string()),
-        ChatError::Conflict(_) => ("conflict", e.to_string()),
         ChatError::Overloaded { .. } => ("overloaded", e.to_string()),
         ChatError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "submit failed");

@@ -19,7 +19,6 @@ pub fn chat(e: ChatError) -> Status {
         ChatError::Invalid(m) => Status::invalid_argument(m),
         e @ ChatError::NotFound { .. } => Status::not_found(e.to_string()),
         e @ ChatError::SessionClosed(_) => Status::failed_precondition(e.to_string()),
-        e @ ChatError::Conflict(_) => Status::already_exists(e.to_string()),
         e @ ChatError::Overloaded { .. } => Status::resource_exhausted(e.to_string()),
         ChatError::Unavailable(detail) => unavailable(detail),
     }
