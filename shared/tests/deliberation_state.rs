@@ -585,3 +585,66 @@ async fn of_the_sweeps_that_see_a_deliberation_overdue_exactly_one_ends_it() {
         "ended by its last proposal, not by the deadline"
     );
 }
+
+/// A deliberation ended by a step that died before what follows an end (its decision, its
+/// count, its deadline entry): the redelivery of its callback or the sweep finishes that, and
+/// each part happens once however often they run.
+#[tokio::test]
+async fn what_follows_an_end_is_finished_by_a_redelivery_or_a_sweep_once() {
+    let f = fixture().await;
+    let counted = || async {
+        let n: Option<i64> = f
+            .client
+            .hget(f.keys.stats(), "deliberations_completed")
+            .await
+            .unwrap();
+        n.unwrap_or(0)
+    };
+    for (id, by_sweep) in [("s1", true), ("s2", false)] {
+        let s = spec(id, 1, 1, 1);
+        f.engine.accept(&s).await.unwrap();
+        f.engine.dispatch(&s, "", false).await.unwrap();
+        let p = proposal(id, "DEV-1", 1, 1.0);
+        f.engine.on_proposal(&p, false).await.unwrap();
+        let before = counted().await;
+        // Undo what followed the end, as if the step had died right after ending it.
+        let member = format!("d:{id}");
+        let _: i64 = f
+            .client
+            .hdel(f.keys.deliberation(id), "settled_ms")
+            .await
+            .unwrap();
+        let _: i64 = f
+            .client
+            .zadd(
+                f.keys.deadlines(),
+                None,
+                None,
+                false,
+                false,
+                (s.deadline_ms as f64, member.as_str()),
+            )
+            .await
+            .unwrap();
+        let _: i64 = f.client.del(f.keys.decisions()).await.unwrap();
+        let _: i64 = f
+            .client
+            .hincrby(f.keys.stats(), "deliberations_completed", -1)
+            .await
+            .unwrap();
+
+        for _ in 0..2 {
+            if by_sweep {
+                assert_eq!(f.engine.expire(id).await.unwrap(), Expired::NotOpen);
+                f.engine.settle(id).await.unwrap();
+            } else {
+                f.engine.on_proposal(&p, true).await.unwrap();
+            }
+        }
+        let decisions: Vec<DecisionMessage> = entries(&f, &f.keys.decisions()).await;
+        assert_eq!(decisions.len(), 1, "{id}: the decision is published, once");
+        assert_eq!(counted().await, before, "{id}: counted once");
+        let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), &member).await.unwrap();
+        assert_eq!(deadline, None, "{id}: nothing left to sweep");
+    }
+}

@@ -77,8 +77,11 @@ impl Sweeper {
                 }
                 Ok(Expired::Refused(_)) => {}
                 Ok(Expired::NotOpen) => {
-                    // Ended meanwhile (or unknown): nothing to wait for.
-                    let _: i64 = client.zrem(&key, m.as_str()).await?;
+                    // Ended elsewhere (or unknown): nothing to wait for, but what ended it may
+                    // have died before what follows an end, which its entry being here says.
+                    if let Err(e) = self.engine.settle(id).await {
+                        tracing::warn!(deliberation_id = %id, error = %e, "settling an ended deliberation failed; will retry");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(deliberation_id = %id, error = %e, "ending an overdue deliberation failed; will retry")

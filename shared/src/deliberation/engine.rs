@@ -419,7 +419,11 @@ impl Engine {
             RecordOutcome::RoundComplete => {
                 self.complete_round(id, rec.round).await?;
             }
-            RecordOutcome::Duplicate | RecordOutcome::Stale if redelivered => {
+            // An earlier delivery may have died before the step this one would have taken, or
+            // before what follows the end it made.
+            RecordOutcome::Duplicate | RecordOutcome::Stale | RecordOutcome::Terminal
+                if redelivered =>
+            {
                 self.resume(id).await?;
             }
             _ => {}
@@ -661,7 +665,8 @@ impl Engine {
                 }
             }
             Status::Scoring => self.finalize(view).await?,
-            Status::Completed => self.emit_decision(&view).await?,
+            // Whatever ended it may have died before what follows an end.
+            s if s.is_terminal() && !view.settled => self.after_end(&view).await?,
             _ => {}
         }
         Ok(())
@@ -677,6 +682,27 @@ impl Engine {
             .filter(|p| p.round == round)
             .map(|p| p.member)
             .collect())
+    }
+
+    /// Sweeper: deliberation `id` is overdue but no longer open ([`Expired::NotOpen`]). Whatever
+    /// ended it may have died before what follows an end (its deadline entry, still there, says
+    /// so): that is finished here, each part once. One settled already, or unknown, only loses
+    /// its entry.
+    pub async fn settle(&self, id: &str) -> Result<()> {
+        match self.store.get(id).await? {
+            Some(view) if view.status.is_terminal() && !view.settled => self.after_end(&view).await,
+            _ => {
+                let _: i64 = self
+                    .client()
+                    .zrem(
+                        self.keys().deadlines(),
+                        Keys::deliberation_deadline_member(id),
+                    )
+                    .await
+                    .map_err(StoreError::from)?;
+                Ok(())
+            }
+        }
     }
 
     /// Sweeper: deliberation `id` reached its deadline. With at least `quorum` proposals it
@@ -857,83 +883,99 @@ impl Engine {
         Ok(())
     }
 
-    /// What follows an end: the deadline is dropped, counters and latency recorded, the decision
-    /// (or the failure) published.
+    /// What follows an end, each part once however often this runs (a step that died halfway
+    /// through it is finished by its redelivery, [`Engine::resume`], or by the sweeper,
+    /// [`Engine::settle`]): the decision (or the failure) is published first, under
+    /// deterministic envelope ids (a repeat is recognisable), then the first call to mark it
+    /// settled counts it in the stats and latency, and last its deadline entry is dropped, so a
+    /// failure anywhere before leaves the entry that brings the sweeper back.
     async fn after_end(&self, view: &DeliberationView) -> Result<()> {
         let keys = self.keys();
         let spec = &view.spec;
+        if view.status == Status::Completed {
+            self.emit_decision(view).await?;
+        } else {
+            self.emit_failure(view).await?;
+        }
+        let first = !view.settled && self.store.settle(&spec.deliberation_id).await?;
         let duration = view.duration_ms();
         let pipeline = self.client().pipeline();
+        if first {
+            let _: () = pipeline
+                .hincrby(
+                    keys.stats(),
+                    format!("deliberations_{}", view.status.as_str()),
+                    1,
+                )
+                .await?;
+            let latency = keys.stats_latency(if spec.kind == kind::ORCHESTRATE {
+                kind::ORCHESTRATE
+            } else {
+                kind::DELIBERATE
+            });
+            let _: () = pipeline
+                .xadd(
+                    &latency,
+                    false,
+                    fred::types::streams::XCap::try_from(("MAXLEN", "~", LATENCY_SAMPLES))?,
+                    "*",
+                    vec![
+                        ("ms", duration.to_string()),
+                        ("status", view.status.as_str().to_owned()),
+                    ],
+                )
+                .await?;
+        }
         let _: () = pipeline
             .zrem(
                 keys.deadlines(),
                 Keys::deliberation_deadline_member(&spec.deliberation_id),
             )
             .await?;
-        let _: () = pipeline
-            .hincrby(
-                keys.stats(),
-                format!("deliberations_{}", view.status.as_str()),
-                1,
-            )
-            .await?;
-        let latency = keys.stats_latency(if spec.kind == kind::ORCHESTRATE {
-            kind::ORCHESTRATE
-        } else {
-            kind::DELIBERATE
-        });
-        let _: () = pipeline
-            .xadd(
-                &latency,
-                false,
-                fred::types::streams::XCap::try_from(("MAXLEN", "~", LATENCY_SAMPLES))?,
-                "*",
-                vec![
-                    ("ms", duration.to_string()),
-                    ("status", view.status.as_str().to_owned()),
-                ],
-            )
-            .await?;
-        if view.status != Status::Completed {
-            let payload = json!({
-                "event_type": format!("deliberation.{}", view.status.as_str()),
-                "deliberation_id": spec.deliberation_id,
-                "kind": spec.kind,
-                "role": spec.role,
-                "status": view.status.as_str(),
-                "case_id": spec.case_id,
-                "story_id": spec.story_id,
-                "plan_id": spec.plan_id,
-                "error": view.error,
-                "proposals_received": view.ranked.len(),
-                "duration_ms": duration,
-            });
-            let env = Envelope::with_id(
-                Uuid::new_v5(
-                    &ID_NAMESPACE,
-                    format!("outbound:{}", spec.deliberation_id).as_bytes(),
-                ),
-                Outbound::Publish(NatsPublish {
-                    subject: SUBJECT_ORCHESTRATOR_EVENTS.into(),
-                    payload: payload.to_string(),
-                    headers: Default::default(),
-                }),
-            );
-            producer::queue(&pipeline, &keys.outbound(), None, &env).await?;
-        }
         let _: Vec<Value> = pipeline.all().await?;
-        metrics::histogram!("fleet_deliberation_duration_seconds", "outcome" => view.status.as_str())
-            .record(duration as f64 / 1000.0);
-        tracing::info!(
-            deliberation_id = %spec.deliberation_id,
-            status = %view.status,
-            winner = view.winner.as_deref().unwrap_or(""),
-            duration_ms = duration,
-            "deliberation ended"
-        );
-        if view.status == Status::Completed {
-            self.emit_decision(view).await?;
+        if first {
+            metrics::histogram!("fleet_deliberation_duration_seconds", "outcome" => view.status.as_str())
+                .record(duration as f64 / 1000.0);
+            tracing::info!(
+                deliberation_id = %spec.deliberation_id,
+                status = %view.status,
+                winner = view.winner.as_deref().unwrap_or(""),
+                duration_ms = duration,
+                "deliberation ended"
+            );
         }
+        Ok(())
+    }
+
+    /// Publishes to NATS `orchestrator.events` that a deliberation ended without a winner
+    /// (deterministic envelope id: a repeat is recognisable).
+    async fn emit_failure(&self, view: &DeliberationView) -> Result<()> {
+        let spec = &view.spec;
+        let payload = json!({
+            "event_type": format!("deliberation.{}", view.status.as_str()),
+            "deliberation_id": spec.deliberation_id,
+            "kind": spec.kind,
+            "role": spec.role,
+            "status": view.status.as_str(),
+            "case_id": spec.case_id,
+            "story_id": spec.story_id,
+            "plan_id": spec.plan_id,
+            "error": view.error,
+            "proposals_received": view.ranked.len(),
+            "duration_ms": view.duration_ms(),
+        });
+        let env = Envelope::with_id(
+            Uuid::new_v5(
+                &ID_NAMESPACE,
+                format!("outbound:{}", spec.deliberation_id).as_bytes(),
+            ),
+            Outbound::Publish(NatsPublish {
+                subject: SUBJECT_ORCHESTRATOR_EVENTS.into(),
+                payload: payload.to_string(),
+                headers: Default::default(),
+            }),
+        );
+        producer::send(self.client(), &self.keys().outbound(), None, &env).await?;
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<p>:{d:<id>}` | hash, TTL | `spec` (JSON), `spec_fp` ([`DeliberationSpec::fingerprint`]), `kind`, `role`, `n`, `quorum`, `rounds`, `deadline_ms`, `architect_top_k`, `case_id`, `story_id`, `plan_id`, `status`, `round`, `members` (JSON), `member_ids`, `received:<round>`, `context`, `ranked` (JSON, once scored), `winner`, `winner_id`, `selected_by`, `architect`, `error`, `created_ms`, `started_ms`, `updated_ms`, `finished_ms` |
+//! | `<p>:{d:<id>}` | hash, TTL | `spec` (JSON), `spec_fp` ([`DeliberationSpec::fingerprint`]), `kind`, `role`, `n`, `quorum`, `rounds`, `deadline_ms`, `architect_top_k`, `case_id`, `story_id`, `plan_id`, `status`, `round`, `members` (JSON), `member_ids`, `received:<round>`, `context`, `ranked` (JSON, once scored), `winner`, `winner_id`, `selected_by`, `architect`, `error`, `created_ms`, `started_ms`, `updated_ms`, `finished_ms`, `settled_ms` (once what follows its end is done: [`DeliberationStore::settle`]) |
 //! | `<p>:{d:<id>}:proposals` | hash, TTL | `<round>:<member>` -> [`Proposal`] JSON |
 //! | `<p>:{d:<id>}:events` | stream, capped, TTL | one [`Update`] per state change or proposal |
 
@@ -189,6 +189,8 @@ pub struct DeliberationView {
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
     pub updated_ms: i64,
+    /// What follows its end (counted in the stats, deadline dropped) was done.
+    pub settled: bool,
 }
 
 impl DeliberationView {
@@ -232,6 +234,7 @@ impl DeliberationView {
             started_ms: int("started_ms"),
             finished_ms: int("finished_ms"),
             updated_ms: int("updated_ms").unwrap_or(0),
+            settled: h.contains_key("settled_ms"),
             spec,
         }))
     }
@@ -537,6 +540,15 @@ impl DeliberationStore {
     }
 
     /// Reads a deliberation.
+    /// Marks ended deliberation `id` settled: true for the one call that marked it, so that what
+    /// follows an end is counted once however many steps (a redelivery, a sweep) run it.
+    pub async fn settle(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .client
+            .hsetnx(self.keys.deliberation(id), "settled_ms", now_ms())
+            .await?)
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<DeliberationView>, StoreError> {
         let h: HashMap<String, String> = self.client.hgetall(self.keys.deliberation(id)).await?;
         DeliberationView::from_hash(id, h)
