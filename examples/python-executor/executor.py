@@ -89,7 +89,13 @@ def dead_letter(r: redis.Redis, entry_id: bytes, fields: dict, reason: str) -> N
 
 
 def run_task(r: redis.Redis, req: dict, tp: str) -> None:
-    """Streams the message's words in reverse order; all callbacks of a task in one pipeline."""
+    """Streams the message's words in reverse order; all callbacks of a task in one pipeline.
+
+    The answer is the same each run, so a request taken over from a dead executor runs again
+    under the request's own attempt, numbered as before: what was applied already is dropped
+    (docs/protocol.md, "Runs again"; an executor whose answer may differ would write
+    attempt + deliveries - 1).
+    """
     task = {"session_id": req["session_id"], "task_id": req["task_id"], "attempt": req["attempt"]}
     words = req["message"].split()[::-1]
     answer = " ".join(words)
