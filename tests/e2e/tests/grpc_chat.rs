@@ -333,3 +333,61 @@ async fn an_open_session_gets_a_fresh_token_and_a_closed_one_does_not() {
     assert!(closed.message().contains("closed"), "{}", closed.message());
     fleet.stop().await;
 }
+
+#[tokio::test]
+async fn a_session_event_stream_ends_when_its_token_expires() {
+    let fleet = DelibFleet::start(DelibOptions::default()).await;
+    let mut grpc = fleet.grpc(0).await;
+    let s = grpc
+        .create_session(pb::CreateSessionRequest {
+            agent_id: AGENT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let expires_ms = fleet::time::now_ms() + 1_500;
+    let short = fleet::session::TokenSigner::new(fleet_e2e::SECRET.as_bytes())
+        .sign(&s.session_id, expires_ms);
+    let mut events = grpc
+        .stream_session_events(pb::StreamSessionEventsRequest {
+            session_id: s.session_id.clone(),
+            session_token: short.clone(),
+            last_event_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Nothing to read: the stream waits for events until the token expires, then ends.
+    let end = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("the stream ends at the token's expiry")
+        .unwrap_err();
+    assert!(fleet::time::now_ms() >= expires_ms);
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert!(
+        end.message().contains("RefreshSessionToken"),
+        "{}",
+        end.message()
+    );
+    // Calling again with it is refused; with a fresh token it is served.
+    let again = |token: &str| pb::StreamSessionEventsRequest {
+        session_id: s.session_id.clone(),
+        session_token: token.into(),
+        last_event_id: String::new(),
+    };
+    let err = grpc.stream_session_events(again(&short)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let fresh = grpc
+        .refresh_session_token(pb::RefreshSessionTokenRequest {
+            session_id: s.session_id.clone(),
+            session_token: s.session_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    grpc.stream_session_events(again(&fresh.session_token))
+        .await
+        .unwrap();
+    fleet.stop().await;
+}

@@ -239,7 +239,7 @@ impl Orchestrator {
         let req = req.into_inner();
         let sid = req.session_id;
         Span::current().record("session_id", sid.as_str());
-        self.authorize(&sid, &token)?;
+        let expires_ms = self.chat.authorize(&sid, &token).map_err(error::token)?;
         let after: Option<StreamId> = if req.last_event_id.is_empty() {
             None
         } else {
@@ -257,6 +257,9 @@ impl Orchestrator {
             replaying: bool,
             pending: VecDeque<pb::SessionEvent>,
             done: bool,
+            /// When the token expires (ms since the epoch), and a timer for it.
+            expires_ms: i64,
+            expired: std::pin::Pin<Box<tokio::time::Sleep>>,
         }
         let state = State {
             me: self.clone(),
@@ -266,11 +269,21 @@ impl Orchestrator {
             replaying: true,
             pending: VecDeque::new(),
             done: false,
+            expires_ms,
+            expired: Box::pin(tokio::time::sleep(std::time::Duration::from_millis(
+                u64::try_from(expires_ms - fleet::time::now_ms()).unwrap_or(0),
+            ))),
         };
         let stream = futures::stream::unfold(state, |mut st| async move {
             loop {
                 if st.done {
                     return None;
+                }
+                // The token was checked once, at the call; from its expiry on, nothing more
+                // goes out on it (as a WebSocket closes with 4001 and an SSE stream ends).
+                if fleet::time::now_ms() >= st.expires_ms {
+                    st.done = true;
+                    return Some((Err(token_expired()), st));
                 }
                 if let Some(ev) = st.pending.pop_front() {
                     st.done = ev.message_type == fleet::events::message_type::SESSION_CLOSED;
@@ -308,6 +321,7 @@ impl Orchestrator {
                 let read = tokio::select! {
                     r = st.reader.client.xread::<Value, _, _>(Some(PAGE), Some(READ_BLOCK.as_millis() as u64), key, from) => r,
                     _ = st.me.shutdown.cancelled() => continue,
+                    () = st.expired.as_mut() => continue,
                 };
                 match read.map(parse_read) {
                     Ok(Ok(streams)) => {
@@ -334,4 +348,12 @@ impl Orchestrator {
         });
         Ok(Box::pin(stream))
     }
+}
+
+/// How a session-events stream ends when its token expires.
+fn token_expired() -> Status {
+    Status::unauthenticated(
+        "session token expired; get a fresh one with RefreshSessionToken and call again with \
+         your last event_id",
+    )
 }
