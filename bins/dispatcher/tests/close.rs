@@ -1,7 +1,8 @@
 //! dispatcher in-process on a real redis-server: a `session.close` whose first delivery closed
 //! the session and died before telling the executors still stops their tasks when it is
-//! delivered again.
+//! delivered again, the tasks its late cancel ended included.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use clap::Parser;
@@ -19,8 +20,17 @@ use fred::prelude::*;
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test]
-async fn a_redelivered_close_tells_the_executors_of_the_tasks_it_cancelled() {
+struct Fixture {
+    redis: String,
+    client: Client,
+    keys: Keys,
+    chat: Chat,
+    sid: String,
+}
+
+/// A session of agent `echo` (pool `default`) with `tasks` submitted tasks, sent straight to the
+/// pool: an executor of `default` may be running each.
+async fn session_with_tasks(tasks: usize) -> (Fixture, Vec<String>) {
     let redis = fleet_test_support::redis();
     let client = fleet::redis::connect(&redis).await.unwrap();
     let keys = Keys::new(&fleet_test_support::prefix());
@@ -52,113 +62,177 @@ async fn a_redelivered_close_tells_the_executors_of_the_tasks_it_cancelled() {
         .await
         .unwrap()
         .session_id;
-    // Sent straight to the agent's pool: an executor of `default` may be running it.
-    let tid = chat
-        .submit(
-            &sid,
-            SubmitMessage {
-                message: "hello".into(),
-                source: "rest",
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .task_id;
+    let mut tids = Vec::new();
+    for i in 0..tasks {
+        let t = chat
+            .submit(
+                &sid,
+                SubmitMessage {
+                    message: format!("hello {i}"),
+                    source: "rest",
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        tids.push(t.task_id);
+    }
+    let f = Fixture {
+        redis,
+        client,
+        keys,
+        chat,
+        sid,
+    };
+    (f, tids)
+}
 
-    // The close's first delivery: a dispatcher read it, cancelled the task and closed the
-    // session, then died before writing `exec.cancel` and before acking.
-    let close = Envelope::new(TaskCommand::SessionClose(SessionClose {
-        session_id: sid.clone(),
-        reason: String::new(),
-    }));
-    groups::ensure_group(&client, &keys.tasks(), GROUP_DISPATCHERS)
-        .await
-        .unwrap();
-    producer::send(&client, &keys.tasks(), None, &close)
-        .await
-        .unwrap();
-    let read: Value = client
-        .xreadgroup(
-            GROUP_DISPATCHERS,
-            "died",
-            None,
-            None,
-            false,
-            keys.tasks(),
-            ">",
-        )
-        .await
-        .unwrap();
-    assert!(!read.is_null(), "the dead dispatcher holds the close");
-    let cancel = TaskOp::end(
-        "cancel",
-        &tid,
-        "cancelled",
-        "the session was closed",
-        ServerMessage::chat_error(
-            &sid,
-            &tid,
+impl Fixture {
+    /// Puts a `session.close` on the tasks stream, read by a dispatcher that then died: it stays
+    /// pending, delivered once.
+    async fn close_read_by_a_dead_dispatcher(&self) {
+        let close = Envelope::new(TaskCommand::SessionClose(SessionClose {
+            session_id: self.sid.clone(),
+            reason: String::new(),
+        }));
+        groups::ensure_group(&self.client, &self.keys.tasks(), GROUP_DISPATCHERS)
+            .await
+            .unwrap();
+        producer::send(&self.client, &self.keys.tasks(), None, &close)
+            .await
+            .unwrap();
+        let read: Value = self
+            .client
+            .xreadgroup(
+                GROUP_DISPATCHERS,
+                "died",
+                None,
+                None,
+                false,
+                self.keys.tasks(),
+                ">",
+            )
+            .await
+            .unwrap();
+        assert!(!read.is_null(), "the dead dispatcher holds the close");
+    }
+
+    /// What the close's handler applies to cancel task `tid`.
+    fn cancel(&self, tid: &str) -> TaskOp {
+        let ev = ServerMessage::chat_error(
+            &self.sid,
+            tid,
             None,
             "cancelled",
             "the session was closed",
             &Json::Null,
+        );
+        TaskOp::end(
+            "cancel",
+            tid,
+            "cancelled",
+            "the session was closed",
+            ev.to_json(),
         )
-        .to_json(),
-    );
-    let applied = chat
+    }
+
+    /// Runs a dispatcher until the close is acked; answers the tasks told to stop.
+    async fn redeliver(&self) -> BTreeSet<String> {
+        let args = [
+            "dispatcher",
+            "--redis-url",
+            &self.redis,
+            "--prefix",
+            self.keys.prefix(),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--block-ms",
+            "100",
+            "--claim-idle-ms",
+            "100",
+        ];
+        let app = App::build(Config::try_parse_from(args).expect("config"))
+            .await
+            .expect("dispatcher builds");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(app.run(shutdown.clone()));
+        let g = eventually(Duration::from_secs(10), "the close acked", || async {
+            let g = groups::group(&self.client, &self.keys.tasks(), GROUP_DISPATCHERS)
+                .await
+                .unwrap()?;
+            (g.pending == 0).then_some(g)
+        })
+        .await;
+        assert_eq!(g.lag, Some(0));
+        shutdown.cancel();
+        running.await.unwrap().unwrap();
+
+        // The cancels are written before the close is acked.
+        let v: Value = self
+            .client
+            .xrange(self.keys.exec_control("default"), "-", "+", None)
+            .await
+            .unwrap();
+        entry::parse_entries(v)
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let ExecControl::Cancel(c) =
+                    Envelope::<ExecControl>::from_fields(&e.fields).unwrap().msg;
+                assert_eq!(c.session_id, self.sid);
+                assert_eq!(c.reason, "the session was closed");
+                c.task_id
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_redelivered_close_tells_the_executors_of_the_tasks_it_cancelled() {
+    let (f, tids) = session_with_tasks(1).await;
+    // The close's first delivery: a dispatcher read it, cancelled the task and closed the
+    // session, then died before writing `exec.cancel` and before acking.
+    f.close_read_by_a_dead_dispatcher().await;
+    let applied = f
+        .chat
         .tasks
-        .apply(&sid, &[cancel, TaskOp::session("close", String::new())])
+        .apply(
+            &f.sid,
+            &[f.cancel(&tids[0]), TaskOp::session("close", String::new())],
+        )
         .await
         .unwrap();
     assert_eq!(applied.statuses, vec![OpStatus::Applied; 2]);
 
-    let args = [
-        "dispatcher",
-        "--redis-url",
-        &redis,
-        "--prefix",
-        keys.prefix(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--block-ms",
-        "100",
-        "--claim-idle-ms",
-        "100",
-    ];
-    let app = App::build(Config::try_parse_from(args).expect("config"))
-        .await
-        .expect("dispatcher builds");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
-
-    // The dispatcher takes the close over and tells the pool's executors to stop the task.
-    let control = keys.exec_control("default");
-    let stop = eventually(Duration::from_secs(10), "an exec.cancel", || async {
-        let v: Value = client.xrange(&control, "-", "+", None).await.unwrap();
-        let entries = entry::parse_entries(v).unwrap();
-        let e = entries.first()?;
-        Some(Envelope::<ExecControl>::from_fields(&e.fields).unwrap())
-    })
-    .await;
-    let ExecControl::Cancel(c) = stop.msg;
-    assert_eq!(
-        (c.session_id.as_str(), c.task_id.as_str()),
-        (sid.as_str(), tid.as_str())
-    );
-    assert_eq!(c.reason, "the session was closed");
-
-    let g = eventually(Duration::from_secs(5), "the close acked", || async {
-        let g = groups::group(&client, &keys.tasks(), GROUP_DISPATCHERS)
-            .await
-            .unwrap()?;
-        (g.pending == 0).then_some(g)
-    })
-    .await;
-    assert_eq!(g.lag, Some(0));
-    let task = chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+    // A dispatcher takes the close over and tells the pool's executors to stop the task.
+    assert_eq!(f.redeliver().await, BTreeSet::from([tids[0].clone()]));
+    let task = f.chat.tasks.get(&f.sid, &tids[0]).await.unwrap().unwrap();
     assert_eq!(task.state(), Some(TaskState::Cancelled));
+}
 
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+#[tokio::test]
+async fn a_redelivered_close_also_stops_the_tasks_its_late_cancel_ended() {
+    let (f, tids) = session_with_tasks(2).await;
+    // The first delivery read one open task; the second was created before its close applied,
+    // so a second apply cancelled it; then the dispatcher died.
+    f.close_read_by_a_dead_dispatcher().await;
+    let first = f
+        .chat
+        .tasks
+        .apply(
+            &f.sid,
+            &[f.cancel(&tids[0]), TaskOp::session("close", String::new())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.statuses, vec![OpStatus::Applied; 2]);
+    let late = f
+        .chat
+        .tasks
+        .apply(&f.sid, &[f.cancel(&tids[1])])
+        .await
+        .unwrap();
+    assert_eq!(late.statuses, vec![OpStatus::Applied]);
+
+    assert_eq!(f.redeliver().await, tids.iter().cloned().collect());
 }

@@ -13,8 +13,10 @@
 --                                                    ev is appended if that had applied any)
 --       event                                       (append ev to the session log only)
 --       close                                       (mark the session closed, append ev;
---                                                    the tasks ended before it in this call
---                                                    are kept as `close_cancelled`)
+--                                                    the tasks ended before it in this call,
+--                                                    and those a later cancel ends in the
+--                                                    closed session, are kept as
+--                                                    `close_cancelled`)
 -- Seq-ordered ops apply strictly in seq order: a duplicate (seq <= applied) is dropped, an early
 -- one (seq > applied + 1) is parked in the task hash as p:<seq> (`parked` counts them) and
 -- applied when its predecessor arrives, so events reach the log in order whatever order the ops
@@ -45,6 +47,11 @@ local ends = { completed = session[4], failed = session[5], cancelled = session[
 local ended_now = {}
 local events, ended, closed_fields = {}, {}, {}
 local touched = false
+-- The session's state, read only by a cancel op (nil until then); and the tasks cancel ops of
+-- this call ended in a closed session, as { tid, pool, ... }: a close's late cancels (tasks
+-- created between its read of the open tasks and its apply), kept with the close's own.
+local session_state
+local late = {}
 
 -- Appends one client event to the session log.
 local function emit(tid, json, source)
@@ -159,6 +166,7 @@ local function apply_one(o)
     else
       redis.call('HSET', skey, 'state', 'closed', 'closed_ms', now)
     end
+    session_state = 'closed'
     touched = true
     emit('', o.ev, o.source)
     return 'applied'
@@ -188,6 +196,10 @@ local function apply_one(o)
     return 'applied'
   elseif o.op == 'cancel' then
     finish(t, o, 'cancelled')
+    if not session_state then session_state = redis.call('HGET', skey, 'state') or '' end
+    if session_state == 'closed' then
+      late[#late + 1], late[#late + 2] = o.tid, t.pool or ''
+    end
     return 'applied'
   elseif o.op == 'timeout' then
     finish(t, o, 'timed_out')
@@ -253,6 +265,12 @@ for _, t in ipairs(dirty) do
   redis.call('HSET', t.key, unpack(fields))
 end
 if #closed_fields > 0 then redis.call('HDEL', skey, unpack(closed_fields)) end
+if #late > 0 then
+  local prior = redis.call('HGET', skey, 'close_cancelled')
+  local all = prior and cjson.decode(prior) or {}
+  for _, v in ipairs(late) do all[#all + 1] = v end
+  redis.call('HSET', skey, 'close_cancelled', cjson.encode(all))
+end
 local fields = {}
 if #events > 0 then
   fields[#fields + 1], fields[#fields + 2] = 'last_eid', last_eid
