@@ -12,6 +12,14 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// A timer that fires at `at_ms` (ms since the Unix epoch; at once if that has passed), e.g. a
+/// session token's expiry; boxed so that a connection's future stays small and a stream's
+/// state can move it.
+pub fn timer_until(at_ms: i64) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+    let left = u64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(0);
+    Box::pin(tokio::time::sleep(std::time::Duration::from_millis(left)))
+}
+
 /// Formats `ms` since the epoch as RFC 3339 UTC with milliseconds, e.g. `2026-11-21T12:00:00.123Z`.
 pub fn rfc3339_ms(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

@@ -143,15 +143,6 @@ pub struct Admitted {
     pub token_expires_ms: i64,
 }
 
-/// A timer that fires at `at_ms` (ms since the Unix epoch; at once if that has passed), e.g. a
-/// token's expiry; boxed so that a connection's future stays small and a stream's state can
-/// move it.
-pub fn timer_until(at_ms: i64) -> std::pin::Pin<Box<tokio::time::Sleep>> {
-    let left = at_ms.saturating_sub(fleet::time::now_ms());
-    let left = std::time::Duration::from_millis(u64::try_from(left).unwrap_or(0));
-    Box::pin(tokio::time::sleep(left))
-}
-
 /// Checks the token of session `sid`, the resume point, and that the session exists.
 pub async fn admit(
     chat: &Chat,

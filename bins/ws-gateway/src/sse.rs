@@ -111,7 +111,7 @@ pub async fn stream(
     // The token was checked once, at admission; REST refuses it once it expires, so must this.
     // One timer for the stream's life.
     let expires_ms = admitted.token_expires_ms;
-    let expired = access::timer_until(expires_ms);
+    let expired = fleet::time::timer_until(expires_ms);
     // `None` once the stream has said its last word.
     let events = futures::stream::unfold(
         Some((delivery, expired, StreamGuard::new())),

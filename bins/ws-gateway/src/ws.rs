@@ -214,7 +214,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut heard, mut pinged) = (false, false);
     // The token was checked once, at admission; REST refuses it once it expires, so must this.
-    let mut expired = access::timer_until(admitted.token_expires_ms);
+    let mut expired = fleet::time::timer_until(admitted.token_expires_ms);
     let end = loop {
         // Not `biased`: with the socket polled first, a client that sends without pause (one
         // submitting faster than the fleet answers) kept it ready and got none of its events

@@ -270,9 +270,7 @@ impl Orchestrator {
             pending: VecDeque::new(),
             done: false,
             expires_ms,
-            expired: Box::pin(tokio::time::sleep(std::time::Duration::from_millis(
-                u64::try_from(expires_ms - fleet::time::now_ms()).unwrap_or(0),
-            ))),
+            expired: fleet::time::timer_until(expires_ms),
         };
         let stream = futures::stream::unfold(state, |mut st| async move {
             loop {
