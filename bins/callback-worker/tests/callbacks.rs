@@ -24,6 +24,66 @@ struct Fixture {
     chat: Chat,
 }
 
+/// A callback-worker running in this process.
+struct Worker {
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.running.await.unwrap().unwrap();
+    }
+}
+
+impl Fixture {
+    /// Starts a callback-worker on the fixture's Redis and prefix.
+    async fn start_worker(&self) -> Worker {
+        let args = [
+            "callback-worker",
+            "--redis-url",
+            &self.redis,
+            "--prefix",
+            self.keys.prefix(),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--block-ms",
+            "100",
+        ];
+        let app = App::build(Config::try_parse_from(args).expect("config"))
+            .await
+            .expect("callback-worker builds");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(app.run(shutdown.clone()));
+        Worker { shutdown, running }
+    }
+
+    /// The events session `sid`'s log holds for task `tid`, `task_queued` left out, as
+    /// `(message_type, data)`.
+    async fn task_events(&self, sid: &str, tid: &str) -> Vec<(String, Json)> {
+        let log = fleet::session_log::SessionLog::new(
+            self.client.clone(),
+            self.keys.clone(),
+            fleet::session_log::FanoutConfig::default(),
+        );
+        log.replay_after(sid, None, None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.task_id == tid)
+            .map(|e| {
+                let v: Json = serde_json::from_str(&e.json).unwrap();
+                (
+                    v["message_type"].as_str().unwrap().to_owned(),
+                    v["data"].clone(),
+                )
+            })
+            .filter(|(kind, _)| kind != "task_queued")
+            .collect()
+    }
+}
+
 /// A session of agent `echo` with one submitted task, its id and the task's.
 async fn session_with_task() -> (Fixture, String, String) {
     let redis = fleet_test_support::redis();
@@ -124,22 +184,7 @@ async fn a_malformed_task_callback_is_dead_lettered_alone_and_its_session_still_
     .await
     .unwrap();
 
-    let args = [
-        "callback-worker",
-        "--redis-url",
-        &f.redis,
-        "--prefix",
-        keys.prefix(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--block-ms",
-        "100",
-    ];
-    let app = App::build(Config::try_parse_from(args).expect("config"))
-        .await
-        .expect("callback-worker builds");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
+    let worker = f.start_worker().await;
 
     // The default claim_idle (30 s) is past this wait: a retried batch would not come back in
     // time, so the task completes on the first delivery or not at all.
@@ -171,8 +216,7 @@ async fn a_malformed_task_callback_is_dead_lettered_alone_and_its_session_still_
         "the reason names the field: {reason}"
     );
 
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test]
@@ -203,22 +247,7 @@ async fn an_unordered_callback_written_twice_under_one_entry_id_streams_once() {
             .unwrap();
     }
 
-    let args = [
-        "callback-worker",
-        "--redis-url",
-        &f.redis,
-        "--prefix",
-        keys.prefix(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--block-ms",
-        "100",
-    ];
-    let app = App::build(Config::try_parse_from(args).expect("config"))
-        .await
-        .expect("callback-worker builds");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
+    let worker = f.start_worker().await;
     eventually(
         Duration::from_secs(10),
         "both chunk entries acked",
@@ -239,27 +268,16 @@ async fn an_unordered_callback_written_twice_under_one_entry_id_streams_once() {
     })
     .await;
 
-    let log = fleet::session_log::SessionLog::new(
-        client.clone(),
-        keys.clone(),
-        fleet::session_log::FanoutConfig::default(),
-    );
-    let kinds: Vec<String> = log
-        .replay_after(&sid, None, None, 100)
+    let kinds: Vec<String> = f
+        .task_events(&sid, &tid)
         .await
-        .unwrap()
-        .iter()
-        .filter(|e| e.task_id == tid)
-        .map(|e| {
-            let v: Json = serde_json::from_str(&e.json).unwrap();
-            v["message_type"].as_str().unwrap().to_owned()
-        })
+        .into_iter()
+        .map(|(kind, _)| kind)
         .filter(|kind| kind.starts_with("chat_"))
         .collect();
     assert_eq!(kinds, ["chat_streaming", "chat_response"], "the chunk once");
 
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test]
@@ -317,22 +335,7 @@ async fn a_run_again_from_the_start_replaces_what_the_earlier_run_streamed() {
             .unwrap();
     }
 
-    let args = [
-        "callback-worker",
-        "--redis-url",
-        &f.redis,
-        "--prefix",
-        keys.prefix(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--block-ms",
-        "100",
-    ];
-    let app = App::build(Config::try_parse_from(args).expect("config"))
-        .await
-        .expect("callback-worker builds");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(app.run(shutdown.clone()));
+    let worker = f.start_worker().await;
     let task = eventually(Duration::from_secs(10), "the task completed", || async {
         let t = f.chat.tasks.get(&sid, &tid).await.unwrap()?;
         (t.state() == Some(TaskState::Completed)).then_some(t)
@@ -341,26 +344,7 @@ async fn a_run_again_from_the_start_replaces_what_the_earlier_run_streamed() {
     assert_eq!(task.result.as_deref(), Some("hi there"));
     assert_eq!(task.attempt, 2);
 
-    let log = fleet::session_log::SessionLog::new(
-        client.clone(),
-        keys.clone(),
-        fleet::session_log::FanoutConfig::default(),
-    );
-    let events: Vec<(String, Json)> = log
-        .replay_after(&sid, None, None, 100)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|e| e.task_id == tid)
-        .map(|e| {
-            let v: Json = serde_json::from_str(&e.json).unwrap();
-            (
-                v["message_type"].as_str().unwrap().to_owned(),
-                v["data"].clone(),
-            )
-        })
-        .filter(|(kind, _)| kind != "task_queued")
-        .collect();
+    let events = f.task_events(&sid, &tid).await;
     let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
         kinds,
@@ -375,6 +359,5 @@ async fn a_run_again_from_the_start_replaces_what_the_earlier_run_streamed() {
     assert_eq!(events[2].1["content"], "hi there");
     assert_eq!(events[3].1["content"], "hi there");
 
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    worker.stop().await;
 }
