@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet::session_log::FanoutEntry;
-use fleet::stream::entry::{StreamId, parse_entries, parse_id, xread};
+use fleet::stream::entry::{StreamId, parse_entries, xread};
+use fleet::stream::groups;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -64,46 +65,13 @@ async fn trimmed_past(
     key: &str,
     from: StreamId,
 ) -> Result<Option<StreamId>, Error> {
-    let reply: Value = match client.xinfo_stream(key, false, None).await {
-        Ok(reply) => reply,
-        // Nothing was ever written, or the stream is gone with everything in it.
-        Err(e) if e.details().contains("no such key") => return Ok(None),
-        Err(e) => return Err(e),
+    // Nothing was ever written, or the stream is gone with everything in it.
+    let Some(info) = groups::stream_info(client, key).await? else {
+        return Ok(None);
     };
-    let (mut length, mut added, mut oldest) = (None, None, None);
-    let mut field = |name: &[u8], value: Value| match name {
-        b"length" => length = value.as_u64(),
-        b"entries-added" => added = value.as_u64(),
-        b"first-entry" => {
-            oldest = value
-                .into_array()
-                .into_iter()
-                .next()
-                .and_then(|id| parse_id(id).ok());
-        }
-        _ => {}
-    };
-    match reply {
-        Value::Map(map) => {
-            for (name, value) in map.inner() {
-                field(name.as_bytes(), value);
-            }
-        }
-        reply => {
-            let mut flat = reply.into_array().into_iter();
-            while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
-                if let Some(name) = name.as_bytes() {
-                    field(name, value);
-                }
-            }
-        }
-    }
     // A Redis without `entries-added` (before 7.0) cannot tell: the oldest entry decides.
-    let ever_trimmed = match (added, length) {
-        (Some(added), Some(length)) => added > length,
-        _ => true,
-    };
-    Ok(oldest.filter(|&o| ever_trimmed && o > from))
+    let ever_trimmed = info.entries_added.is_none_or(|added| added > info.length);
+    Ok(info.first_entry.filter(|&o| ever_trimmed && o > from))
 }
 
 /// The shard number of fan-out stream `key` (`<prefix>:fanout:<n>`); `None` when it does not

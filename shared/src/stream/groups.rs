@@ -23,6 +23,37 @@ pub struct GroupInfo {
     pub last_delivered: StreamId,
 }
 
+/// A stream, as `XINFO STREAM` reports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StreamInfo {
+    /// Entries it holds now.
+    pub length: u64,
+    /// Entries ever added (`None` before Redis 7.0): above `length` once any was trimmed or
+    /// deleted.
+    pub entries_added: Option<u64>,
+    /// Its oldest entry's id, when it holds one.
+    pub first_entry: Option<StreamId>,
+}
+
+/// `XINFO STREAM` of `stream`; `None` when it does not exist.
+pub async fn stream_info(client: &Client, stream: &str) -> Result<Option<StreamInfo>, Error> {
+    let reply: Value = match client.xinfo_stream(stream, false, None).await {
+        Ok(v) => v,
+        Err(e) if e.details().contains("no such key") => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let rec = record(reply);
+    Ok(Some(StreamInfo {
+        length: num(&rec, "length").unwrap_or(0),
+        entries_added: num(&rec, "entries-added"),
+        first_entry: rec
+            .get("first-entry")
+            .cloned()
+            .and_then(|e| e.into_array().into_iter().next())
+            .and_then(|id| parse_id(id).ok()),
+    }))
+}
+
 /// One consumer of a group, as `XINFO CONSUMERS` reports it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ConsumerInfo {
