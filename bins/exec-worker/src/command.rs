@@ -2,8 +2,14 @@
 //!
 //! The program gets the task as JSON on stdin (`session_id`, `task_id`, `attempt`, `agent_id`,
 //! `message`, `metadata`, `params`, `deadline_ms`). Each line it prints becomes a chunk; the
-//! result is all of its stdout. A non-zero exit status is an `exit_status` error carrying the
-//! last 4 KiB of stderr. It is killed when the task is cancelled or reaches its deadline.
+//! result is all of its stdout. A non-zero exit status (or a signal, named in the message) is an
+//! `exit_status` error carrying the last 4 KiB of stderr. It is killed when the task is cancelled
+//! or reaches its deadline.
+//!
+//! The program runs in a process group of its own ([`Group`]), and the whole group is killed
+//! when the task ends: on cancel or deadline, so that what the program started stops with it,
+//! and as soon as the program exits, so that a process it left in the background (holding its
+//! stdout or stderr open) neither keeps the task from ending nor outlives it.
 //!
 //! What a program prints is bounded, so that one run cannot take the executor's memory: stderr
 //! is read to its end but only its tail is kept; a stdout line longer than [`LINE_LIMIT`] or a
@@ -11,7 +17,10 @@
 //! `output_too_large` error (the chunks sent until then stay sent).
 
 use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use fleet::envelope::ExecRequest;
 use serde_json::json;
@@ -43,6 +52,7 @@ pub async fn run(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn();
     let mut child = match spawned {
@@ -74,10 +84,11 @@ pub async fn run(
         });
     }
     let stderr = child.stderr.take().expect("piped stderr");
-    let stderr_task = tokio::spawn(async move {
+    let mut stderr_task = tokio::spawn(async move {
         String::from_utf8_lossy(&read_tail(stderr, STDERR_TAIL).await).into_owned()
     });
     let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let (group, mut exited) = Group::watch(child);
     let mut output = String::new();
     let mut line = Vec::new();
     loop {
@@ -87,7 +98,7 @@ pub async fn run(
         let read = tokio::select! {
             read = limited.read_until(b'\n', &mut line) => read?,
             _ = stop.wait() => {
-                let _ = child.kill().await;
+                group.kill();
                 return Ok(Ending::Stopped);
             }
         };
@@ -114,7 +125,7 @@ pub async fn run(
             None
         };
         if let Some(message) = too_large {
-            let _ = child.kill().await;
+            group.kill();
             stderr_task.abort();
             return Ok(Ending::Error(
                 "output_too_large".into(),
@@ -126,25 +137,85 @@ pub async fn run(
         emit.chunk(&chunk).await?;
     }
     let status = tokio::select! {
-        status = child.wait() => status?,
+        status = &mut exited => status??,
         _ = stop.wait() => {
-            let _ = child.kill().await;
+            group.kill();
             return Ok(Ending::Stopped);
         }
     };
-    let stderr_tail = stderr_task.await.unwrap_or_default();
+    // Prompt: the group was killed when the program exited, so nothing holds stderr open
+    // (unless a process left the group).
+    let stderr_tail = tokio::select! {
+        tail = &mut stderr_task => tail.unwrap_or_default(),
+        _ = stop.wait() => {
+            stderr_task.abort();
+            return Ok(Ending::Stopped);
+        }
+    };
     if status.success() {
         Ok(Ending::Result(output))
     } else {
-        let code = status.code();
+        let (code, signal) = (status.code(), status.signal());
         Ok(Ending::Error(
             "exit_status".into(),
-            match code {
-                Some(c) => format!("the command exited with status {c}"),
-                None => "the command was killed by a signal".into(),
+            match (code, signal) {
+                (Some(c), _) => format!("the command exited with status {c}"),
+                (None, Some(s)) => format!("the command was killed by signal {s}"),
+                (None, None) => "the command was killed by a signal".into(),
             },
-            json!({"exit_code": code, "stderr_tail": stderr_tail}),
+            json!({"exit_code": code, "signal": signal, "stderr_tail": stderr_tail}),
         ))
+    }
+}
+
+/// The process group of a program started with `process_group(0)` (its id is the program's
+/// pid). Dropping it kills the group unless the program has exited (whereupon the group was
+/// killed already), so a run abandoned half-way (a shutdown past its grace period) leaves
+/// nothing behind either.
+pub(crate) struct Group {
+    pid: Option<rustix::process::Pid>,
+    exited: Arc<AtomicBool>,
+}
+
+/// The program's exit status, once it exits.
+pub(crate) type Exited = tokio::task::JoinHandle<std::io::Result<std::process::ExitStatus>>;
+
+impl Group {
+    /// Waits for `child` in a task of its own, which kills the group as soon as the program
+    /// exits: what it left running in the background is stopped, and its pipes close. Answers
+    /// the group and the program's exit status.
+    pub(crate) fn watch(mut child: tokio::process::Child) -> (Group, Exited) {
+        let pid = child
+            .id()
+            .and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
+        let exited = Arc::new(AtomicBool::new(false));
+        let flag = exited.clone();
+        let status = tokio::spawn(async move {
+            let status = child.wait().await;
+            kill_group(pid);
+            flag.store(true, Ordering::Release);
+            status
+        });
+        (Group { pid, exited }, status)
+    }
+
+    /// Kills every process of the group, unless the program has exited (and the group with it).
+    pub(crate) fn kill(&self) {
+        if !self.exited.load(Ordering::Acquire) {
+            kill_group(self.pid);
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn kill_group(pid: Option<rustix::process::Pid>) {
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
 

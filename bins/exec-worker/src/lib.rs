@@ -7,7 +7,9 @@
 //!   benchmarks, which also sends all callbacks of a task in one round trip).
 //! * `command`: runs `--command` (through `sh -c`) per task with the task as JSON on stdin; each
 //!   stdout line becomes a chunk; exit status 0 is the result (all of stdout), anything else an
-//!   error carrying the tail of stderr. The program is killed at the task's deadline or on cancel.
+//!   error carrying the tail of stderr. The program runs in a process group of its own: the
+//!   group is killed at the task's deadline or on cancel, and when the program exits (so what it
+//!   left in the background neither holds the task open nor outlives it).
 //!
 //! Agent mode (`--agent-mode mock|command|openai`, see [`agent`]): instead of chat tasks, it
 //! answers council requests (`agent.request`) on `fleet:agents:<role>` for each of `--roles`,
@@ -91,7 +93,8 @@ pub struct Config {
     pub echo_delay_ms: u64,
 
     /// Command mode (and `--agent-mode command`): the program to run per task or agent
-    /// request, through `sh -c`.
+    /// request, through `sh -c`, in a process group of its own that is killed on cancel, at the
+    /// deadline, and when the program exits.
     #[arg(long, env = "FLEET_EXEC_COMMAND", required_if_eq_any([("mode", "command"), ("agent_mode", "command")]))]
     pub command: Option<String>,
 

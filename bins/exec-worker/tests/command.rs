@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use exec_worker::{App, Config};
 use fleet::Keys;
-use fleet::envelope::{Callback, Envelope, ExecMessage, ExecRequest};
+use fleet::envelope::{Callback, Envelope, ExecCancel, ExecControl, ExecMessage, ExecRequest};
 use fleet::stream::entry::{StreamId, parse_read};
 use fleet::stream::producer;
 use fleet::time::now_ms;
@@ -24,6 +24,12 @@ case "$input" in
     for i in $(seq 1 40); do head -c 60000 /dev/zero | tr '\0' y; echo; done ;;
   *'"message":"loud-stderr"'*)
     echo out; head -c 8000000 /dev/zero | tr '\0' e >&2; printf 'the-end' >&2; exit 3 ;;
+  *'"message":"leaves-a-helper"'*)
+    sleep 600 & echo "$!"; echo 'helper started' >&2; exit 4 ;;
+  *'"message":"crashes"'*)
+    echo 'about to crash' >&2; kill -SEGV $$ ;;
+  *'"message":"waits-on-a-helper"'*)
+    sleep 600 & echo "$!"; wait ;;
 esac"#;
 
 struct Worker {
@@ -82,6 +88,18 @@ impl Worker {
 
     /// The callbacks of task `task_id`, the last (`result` or `error`) included.
     async fn callbacks_of(&self, task_id: &str) -> Vec<Callback> {
+        self.callbacks_until(task_id, |seen| {
+            matches!(seen.last(), Some(Callback::Result(_) | Callback::Error(_)))
+        })
+        .await
+    }
+
+    /// The callbacks of task `task_id` until `enough` says so.
+    async fn callbacks_until(
+        &self,
+        task_id: &str,
+        enough: impl Fn(&[Callback]) -> bool,
+    ) -> Vec<Callback> {
         let reader = self.client.clone_new();
         reader.init().await.unwrap();
         let mut last = StreamId::ZERO.to_string();
@@ -90,7 +108,7 @@ impl Worker {
         loop {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "task {task_id} did not end; its callbacks: {}",
+                "task {task_id}: not the callbacks awaited; got {}",
                 seen.len()
             );
             let reply: Value = reader
@@ -106,7 +124,7 @@ impl Worker {
                     }
                 }
             }
-            if matches!(seen.last(), Some(Callback::Result(_) | Callback::Error(_))) {
+            if enough(&seen) {
                 let _ = reader.quit().await;
                 return seen;
             }
@@ -197,6 +215,19 @@ async fn a_command_that_prints_too_much_ends_with_a_bounded_error() {
 }
 
 #[tokio::test]
+async fn a_program_killed_by_a_signal_says_which() {
+    let worker = start().await;
+    let cbs = worker.run("crashes").await;
+    let e = error_of(&cbs);
+    assert_eq!(e.error_type, "exit_status");
+    assert_eq!(e.message, "the command was killed by signal 11");
+    assert_eq!(e.details["signal"], 11);
+    assert_eq!(e.details["exit_code"], Json::Null);
+    assert_eq!(e.details["stderr_tail"], "about to crash\n");
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn a_request_taken_over_from_an_executor_that_died_runs_as_a_later_attempt() {
     // An executor read the request and died: it stays pending, delivered once.
     let prefix = fleet_test_support::prefix();
@@ -231,5 +262,85 @@ async fn a_request_taken_over_from_an_executor_that_died_runs_as_a_later_attempt
     assert!(!attempts.is_empty());
     assert!(attempts.iter().all(|&a| a == 2), "{cbs:?}");
     assert!(matches!(cbs.last(), Some(Callback::Result(_))), "{cbs:?}");
+    worker.stop().await;
+}
+
+/// Whether process `pid` runs (a zombie waiting for its parent to reap it does not).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            != Some("Z")
+    })
+}
+
+/// The pid a program printed as its first chunk.
+fn printed_pid(cbs: &[Callback]) -> String {
+    let pid = chunks(cbs)
+        .first()
+        .expect("the program printed its helper's pid")
+        .trim()
+        .to_owned();
+    assert!(pid.parse::<u32>().is_ok(), "{pid:?}");
+    pid
+}
+
+#[tokio::test]
+async fn a_program_that_exits_leaving_a_helper_running_ends_its_task_and_the_helper() {
+    let worker = start().await;
+
+    // The helper holds the program's stdout and stderr open: the task still ends when the
+    // program exits, with its status and stderr, and the helper is stopped with it.
+    let cbs = worker.run("leaves-a-helper").await;
+    let e = error_of(&cbs);
+    assert_eq!(e.error_type, "exit_status");
+    assert_eq!(e.details["exit_code"], 4);
+    assert_eq!(e.details["stderr_tail"], "helper started\n");
+    let helper = printed_pid(&cbs);
+    fleet_test_support::eventually(Duration::from_secs(10), "the helper stopped", || async {
+        (!running(&helper)).then_some(())
+    })
+    .await;
+
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_stops_the_processes_the_program_started() {
+    let worker = start().await;
+    send(&worker.client, &worker.keys, "waits-on-a-helper").await;
+    let cbs = worker
+        .callbacks_until("t-waits-on-a-helper", |seen| !chunks(seen).is_empty())
+        .await;
+    let helper = printed_pid(&cbs);
+    assert!(running(&helper));
+
+    // Sent again until it takes: the control stream is read from its end, so a cancel written
+    // before the worker's first read of it is not seen.
+    let cancel = Envelope::new(ExecControl::Cancel(ExecCancel {
+        session_id: "s1".into(),
+        task_id: "t-waits-on-a-helper".into(),
+        reason: "the user cancelled".into(),
+    }));
+    let control = worker.keys.exec_control(fleet::agent::DEFAULT_POOL);
+    fleet_test_support::eventually(Duration::from_secs(10), "the helper stopped", || async {
+        producer::send(&worker.client, &control, None, &cancel)
+            .await
+            .unwrap();
+        (!running(&helper)).then_some(())
+    })
+    .await;
+    // And the request is done with: acked, nothing more reported.
+    let exec = worker.keys.exec(fleet::agent::DEFAULT_POOL);
+    fleet_test_support::eventually(Duration::from_secs(10), "the request acked", || async {
+        let g = fleet::stream::groups::group(&worker.client, &exec, fleet::keys::GROUP_EXECUTORS)
+            .await
+            .ok()
+            .flatten()?;
+        (g.pending == 0).then_some(())
+    })
+    .await;
+
     worker.stop().await;
 }
