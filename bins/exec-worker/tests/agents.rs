@@ -246,6 +246,33 @@ async fn a_command_agent_answers_with_its_program_and_selects() {
 }
 
 #[tokio::test]
+async fn a_command_agent_that_prints_too_much_answers_a_failed_proposal() {
+    // 2 MB on stdout, past the 1 MiB the agent reads: it answers at once, not at the deadline.
+    let agent = start(&[
+        "--agent-mode",
+        "command",
+        "--roles",
+        "DEV",
+        "--command",
+        r#"cat >/dev/null; head -c 2000000 /dev/zero | tr '\0' x; echo 'never read' >&2"#,
+    ])
+    .await;
+    let mut req = request(AgentAction::Propose, "DEV-1");
+    req.deadline_ms = now_ms() + 600_000;
+    agent.send(&agent.keys.agents("DEV"), req).await;
+    let cbs = agent.callbacks_until(|c| !proposals(c).is_empty()).await;
+    let p = proposals(&cbs)[0];
+    let dry_run = p.checks.dry_run.as_ref().expect("a failed dry_run check");
+    assert!(!dry_run.passed);
+    assert!(
+        p.content.contains("printed more than 1048576 bytes"),
+        "{}",
+        p.content
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn a_cancel_stops_a_request_in_hand() {
     let agent = start(&[
         "--agent-mode",
