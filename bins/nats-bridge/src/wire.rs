@@ -301,6 +301,18 @@ fn output_text(v: Option<Json>) -> String {
     }
 }
 
+/// The answer of a `chunk` or `completed` response, which must carry one (an empty text is an
+/// answer; a missing or null one is a runner sending the wrong field, whose task would
+/// otherwise complete with nothing in it).
+fn required_output(status: &str, v: Option<Json>) -> Result<String> {
+    match v {
+        None | Some(Json::Null) => Err(Rejected::new(format!(
+            "a {status} response needs `output` (or `content`): the text of the answer"
+        ))),
+        v => Ok(output_text(v)),
+    }
+}
+
 /// Parses and validates an `agent.responses` payload into a callback.
 pub fn callback(payload: &[u8]) -> Result<Callback> {
     let r: AgentResponse = parse("agent response", payload)?;
@@ -366,7 +378,7 @@ fn task_callback(status: &str, r: AgentResponse) -> Result<Callback> {
                 attempt,
                 seq,
                 index,
-                content: output_text(r.output),
+                content: required_output(status, r.output)?,
             })
         }
         "completed" => Callback::Result(TaskResult {
@@ -374,7 +386,7 @@ fn task_callback(status: &str, r: AgentResponse) -> Result<Callback> {
             task_id,
             attempt,
             seq,
-            content: output_text(r.output),
+            content: required_output(status, r.output)?,
             metadata: r.metadata.unwrap_or(Json::Null),
         }),
         _ => {
@@ -805,6 +817,28 @@ mod tests {
                 .0
                 .contains("not valid JSON")
         );
+    }
+
+    /// A runner that sends its answer under another name (or none) is told so in a dead
+    /// letter, instead of its task completing with an empty answer.
+    #[test]
+    fn a_response_without_its_answer_is_rejected_not_completed_empty() {
+        let reason = |v: Json| response(v).unwrap_err().0;
+        for status in ["completed", "chunk"] {
+            let r = reason(json!({"task_id": "t", "session_id": "s", "status": status,
+                                  "index": 0, "result": "the answer"}));
+            assert!(r.contains("needs `output` (or `content`)"), "{r}");
+            let r = reason(json!({"task_id": "t", "session_id": "s", "status": status,
+                                  "index": 0, "output": null}));
+            assert!(r.contains("needs `output`"), "{r}");
+        }
+        let Callback::Result(r) = response(json!({
+            "task_id": "t", "session_id": "s", "status": "completed", "output": ""
+        }))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.content, "", "an empty answer is an answer");
     }
 
     #[test]
