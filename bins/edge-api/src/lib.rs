@@ -56,13 +56,18 @@ pub const DEFAULT_GRPC_PORT: u16 = 50055;
 #[command(
     name = "edge-api",
     version,
-    about = "Fleet's REST front door: chat sessions, tasks, agent configs and health.",
-    long_about = "Fleet's REST front door.\n\n\
+    about = "Fleet's REST and gRPC front door: chat sessions, tasks, agent configs, \
+        deliberations, planning events, councils and health.",
+    long_about = "Fleet's REST and gRPC front door.\n\n\
         Opens chat sessions (POST /api/v1/chat/init) with a signed session token, accepts \
-        messages as tasks (POST /api/v1/chat/{session_id}/task) and queues them on the \
-        `<prefix>:tasks` stream for the dispatchers, answers task and session status, cancels \
-        tasks and closes sessions. Manages agent configs (/api/v1/agents, guarded by API keys) \
-        and serves /health, /health/ready, /health/detailed and /metrics on the same port.\n\n\
+        messages as tasks (POST /api/v1/chat/{session_id}/task) and sends each to its agent's \
+        pool (`<prefix>:exec:<pool>`; through the `<prefix>:tasks` stream and the dispatchers \
+        with --direct-dispatch false), answers task and session status, cancels tasks and \
+        closes sessions. Manages agent configs (/api/v1/agents, guarded by API keys) and serves \
+        /health, /health/ready, /health/detailed and /metrics on the same port.\n\n\
+        Serves gRPC on --grpc-addr (default 0.0.0.0:50055): orchestrator.v1.OrchestratorService \
+        (deliberations, orchestrations, planning events, councils, chat, status and metrics), \
+        grpc.health.v1 and server reflection.\n\n\
         Refuses to start without FLEET_SECRET unless --dev is given."
 )]
 pub struct Config {
@@ -85,9 +90,10 @@ pub struct Config {
     pub deliberation_timeout_secs: u64,
 
     /// gRPC calls that may wait at once (sync Deliberate / Orchestrate and streams each hold a
-    /// Redis connection); more answer RESOURCE_EXHAUSTED.
-    #[arg(long, env = "FLEET_GRPC_MAX_WAITERS", default_value_t = 1024)]
-    pub grpc_max_waiters: usize,
+    /// Redis connection); more answer RESOURCE_EXHAUSTED. At least 1: there is no unlimited.
+    #[arg(long, env = "FLEET_GRPC_MAX_WAITERS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_waiters: u32,
 
     /// TOML or YAML file of the subtask rules for planning events (the same file the
     /// dispatchers read). Unset: the built-in rules.
@@ -199,7 +205,7 @@ impl Config {
     pub fn grpc_limits(&self) -> grpc::GrpcLimits {
         grpc::GrpcLimits {
             default_deliberation_timeout: Duration::from_secs(self.deliberation_timeout_secs),
-            max_waiters: self.grpc_max_waiters.max(1),
+            max_waiters: self.grpc_max_waiters as usize,
         }
     }
 
@@ -423,6 +429,38 @@ mod tests {
                 .chat_limits()
                 .direct_dispatch
         );
+    }
+
+    #[test]
+    fn zero_grpc_waiters_is_refused_not_taken_for_one() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("edge-api").chain(args.iter().copied()))
+        };
+        // FLEET_MAX_BACKLOG=0 means no limit; FLEET_GRPC_MAX_WAITERS=0 must not quietly mean 1.
+        let err = parse(&["--dev", "--grpc-max-waiters", "0"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("--grpc-max-waiters"), "{err}");
+        let limits = parse(&["--dev", "--grpc-max-waiters", "3"])
+            .unwrap()
+            .grpc_limits();
+        assert_eq!(limits.max_waiters, 3);
+        assert_eq!(parse(&["--dev"]).unwrap().grpc_limits().max_waiters, 1024);
+    }
+
+    #[test]
+    fn help_describes_the_grpc_server_and_where_tasks_go() {
+        let help = Config::command().render_long_help().to_string();
+        for said in [
+            "gRPC",
+            "orchestrator.v1.OrchestratorService",
+            "0.0.0.0:50055",
+            "`<prefix>:exec:<pool>`",
+            "--direct-dispatch false",
+        ] {
+            assert!(help.contains(said), "--help should say `{said}`:\n{help}");
+        }
+        let about = Config::command().get_about().unwrap().to_string();
+        assert!(about.contains("gRPC"), "{about}");
     }
 
     #[test]
