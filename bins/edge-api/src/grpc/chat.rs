@@ -2,7 +2,7 @@
 //! (`source: grpc`), with the session token in `session_token` or `authorization: Bearer`.
 //! `StreamSessionEvents` replays the session log after `last_event_id`
 //! ([`fleet::session_log::SessionLog::replay_after`]), then follows it live; it ends after
-//! `session_closed`.
+//! `session_closed`, or, for a session closed before the call, once its log is replayed.
 
 use std::collections::VecDeque;
 
@@ -20,21 +20,28 @@ use super::{BoxStream, Orchestrator, READ_BLOCK, convert, error};
 /// Events read per replay page and per live read.
 const PAGE: u64 = 500;
 
-/// The bearer token of a call: the `session_token` field, else `authorization: Bearer <token>`.
+/// The bearer token of a call: the `session_token` field, else `authorization: Bearer <token>`
+/// (the scheme read case-insensitively, as REST reads it).
 fn token<T>(req: &Request<T>, field: &str) -> Result<String, Status> {
     if !field.is_empty() {
         return Ok(field.to_owned());
     }
-    req.metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned())
+    crate::auth::bearer(req.metadata().as_ref())
+        .map(str::to_owned)
         .ok_or_else(|| {
             Status::unauthenticated(
                 "a session token is required (session_token, or authorization: Bearer <token>)",
             )
         })
+}
+
+/// The session id of a call, which must be given: without it a valid token would be refused as
+/// one "for another session".
+fn session_id(sid: &str) -> Result<(), Status> {
+    if sid.is_empty() {
+        return Err(Status::invalid_argument("session_id is required"));
+    }
+    Ok(())
 }
 
 fn json_object(text: &str) -> Result<Json, Status> {
@@ -106,6 +113,7 @@ impl Orchestrator {
         &self,
         req: Request<pb::SubmitTaskRequest>,
     ) -> Result<pb::SubmitTaskResponse, Status> {
+        session_id(&req.get_ref().session_id)?;
         let token = token(&req, &req.get_ref().session_token)?;
         let req = req.into_inner();
         Span::current().record("session_id", req.session_id.as_str());
@@ -138,6 +146,7 @@ impl Orchestrator {
         &self,
         req: Request<pb::GetTaskRequest>,
     ) -> Result<pb::ChatTask, Status> {
+        session_id(&req.get_ref().session_id)?;
         let token = token(&req, &req.get_ref().session_token)?;
         let req = req.into_inner();
         Span::current().record("session_id", req.session_id.as_str());
@@ -156,6 +165,7 @@ impl Orchestrator {
         &self,
         req: Request<pb::CancelTaskRequest>,
     ) -> Result<pb::CancelTaskResponse, Status> {
+        session_id(&req.get_ref().session_id)?;
         let token = token(&req, &req.get_ref().session_token)?;
         let req = req.into_inner();
         Span::current().record("session_id", req.session_id.as_str());
@@ -186,6 +196,7 @@ impl Orchestrator {
         &self,
         req: Request<pb::CloseSessionRequest>,
     ) -> Result<pb::CloseSessionResponse, Status> {
+        session_id(&req.get_ref().session_id)?;
         let token = token(&req, &req.get_ref().session_token)?;
         let req = req.into_inner();
         Span::current().record("session_id", req.session_id.as_str());
@@ -215,6 +226,7 @@ impl Orchestrator {
         &self,
         req: Request<pb::RefreshSessionTokenRequest>,
     ) -> Result<pb::RefreshSessionTokenResponse, Status> {
+        session_id(&req.get_ref().session_id)?;
         let token = token(&req, &req.get_ref().session_token)?;
         let req = req.into_inner();
         Span::current().record("session_id", req.session_id.as_str());
@@ -235,6 +247,7 @@ impl Orchestrator {
         &self,
         req: Request<pb::StreamSessionEventsRequest>,
     ) -> Result<BoxStream<pb::SessionEvent>, Status> {
+        session_id(&req.get_ref().session_id)?;
         let token = token(&req, &req.get_ref().session_token)?;
         let req = req.into_inner();
         let sid = req.session_id;
@@ -247,7 +260,7 @@ impl Orchestrator {
                 Status::invalid_argument("last_event_id is not an event id (<ms>-<seq>)")
             })?)
         };
-        self.chat.status(&sid).await.map_err(error::chat)?;
+        let closed = self.chat.status(&sid).await.map_err(error::chat)?.state == "closed";
         let reader = self.blocking_reader().await?;
         struct State {
             me: Orchestrator,
@@ -255,6 +268,8 @@ impl Orchestrator {
             sid: String,
             after: Option<StreamId>,
             replaying: bool,
+            /// The session was closed before the call: nothing comes after its log.
+            closed: bool,
             pending: VecDeque<pb::SessionEvent>,
             done: bool,
             /// When the token expires (ms since the epoch), and a timer for it.
@@ -267,6 +282,7 @@ impl Orchestrator {
             sid,
             after,
             replaying: true,
+            closed,
             pending: VecDeque::new(),
             done: false,
             expires_ms,
@@ -313,6 +329,12 @@ impl Orchestrator {
                         }
                     }
                     continue;
+                }
+                if st.closed {
+                    // Replayed to its end without `session_closed` (the client resumed after
+                    // it, or it was trimmed): waiting on would hold this call until its token
+                    // expires, for events that never come.
+                    return None;
                 }
                 let from = st.after.unwrap_or(StreamId::ZERO).to_string();
                 let key = st.me.keys().session_events(&st.sid);

@@ -41,6 +41,8 @@ pub fn args(prefix: &str, extra: &[&str]) -> Vec<String> {
 
 pub struct TestApp {
     pub base: String,
+    /// Where its gRPC server listens.
+    pub grpc_addr: std::net::SocketAddr,
     pub http: reqwest::Client,
     pub redis: Client,
     pub keys: fleet::Keys,
@@ -62,6 +64,7 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let cfg = Config::try_parse_from(args(&prefix, extra)).expect("test config parses");
     let app = App::build(cfg).await.expect("edge-api builds");
     let base = format!("http://{}", app.http_addr());
+    let grpc_addr = app.grpc_addr();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(app.run(shutdown.clone()));
     let redis = fleet::redis::connect(&fleet_test_support::redis())
@@ -69,6 +72,7 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
         .expect("test redis client");
     TestApp {
         base,
+        grpc_addr,
         http: reqwest::Client::new(),
         redis,
         keys: fleet::Keys::new(&prefix),
@@ -81,6 +85,25 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// A gRPC channel to the app (HTTP/2), and an `OrchestratorService` client on it.
+    pub async fn grpc_channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect gRPC")
+    }
+
+    pub async fn grpc(
+        &self,
+    ) -> fleet_proto::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient<
+        tonic::transport::Channel,
+    > {
+        fleet_proto::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient::new(
+            self.grpc_channel().await,
+        )
     }
 
     /// Stops the app and checks it stopped cleanly and promptly.
