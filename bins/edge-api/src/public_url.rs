@@ -2,11 +2,12 @@
 //!
 //! With `FLEET_PUBLIC_WS_URL` (e.g. `wss://chat.example.com`) the URLs are built on it, and the
 //! SSE URL on its http/https counterpart. Without it they are derived from the request: the
-//! host of its `Host` header without the port, `wss`/`https` when `X-Forwarded-Proto: https`
-//! (else `ws`/`http`), and the gateway's default port [`GATEWAY_PORT`].
+//! host of its `Host` header (in HTTP/2, of its `:authority`) without the port, `wss`/`https`
+//! when `X-Forwarded-Proto: https` (else `ws`/`http`), and the gateway's default port
+//! [`GATEWAY_PORT`].
 
-use axum::http::HeaderMap;
 use axum::http::header::HOST;
+use axum::http::{HeaderMap, Uri};
 
 /// ws-gateway's default port, used when the URL is derived from the request.
 pub const GATEWAY_PORT: u16 = 8002;
@@ -64,8 +65,9 @@ impl PublicUrls {
         })
     }
 
-    /// The bases for a request with these headers.
-    pub fn bases(&self, headers: &HeaderMap) -> Bases {
+    /// The bases for a request with these headers and URI (whose authority stands for the
+    /// `Host` header in HTTP/2, which has none).
+    pub fn bases(&self, headers: &HeaderMap, uri: &Uri) -> Bases {
         if let Some(fixed) = &self.fixed {
             return fixed.clone();
         }
@@ -77,6 +79,7 @@ impl PublicUrls {
         let host = headers
             .get(HOST)
             .and_then(|v| v.to_str().ok())
+            .or_else(|| uri.authority().map(|a| a.as_str()))
             .and_then(host_without_port)
             .unwrap_or("localhost");
         let (ws, http) = if secure {
@@ -126,15 +129,15 @@ mod tests {
     #[test]
     fn derived_urls_use_the_host_without_its_port() {
         let urls = PublicUrls::new(None).unwrap();
-        let b = urls.bases(&headers("api.example.com:8001", None));
+        let b = urls.bases(&headers("api.example.com:8001", None), &Uri::default());
         assert_eq!(b.ws, "ws://api.example.com:8002");
         assert_eq!(b.http, "http://api.example.com:8002");
-        let b = urls.bases(&headers("api.example.com", Some("https")));
+        let b = urls.bases(&headers("api.example.com", Some("https")), &Uri::default());
         assert_eq!(b.ws, "wss://api.example.com:8002");
         assert_eq!(b.http, "https://api.example.com:8002");
-        let b = urls.bases(&headers("[::1]:8001", Some("http")));
+        let b = urls.bases(&headers("[::1]:8001", Some("http")), &Uri::default());
         assert_eq!(b.ws, "ws://[::1]:8002");
-        let b = urls.bases(&headers("<script>", None));
+        let b = urls.bases(&headers("<script>", None), &Uri::default());
         assert_eq!(b.ws, "ws://localhost:8002");
         assert_eq!(
             b.websocket_url("s1", "tok"),
@@ -146,12 +149,12 @@ mod tests {
     #[test]
     fn a_configured_base_wins_and_maps_to_http() {
         let urls = PublicUrls::new(Some("wss://chat.example.com/")).unwrap();
-        let b = urls.bases(&headers("elsewhere:1", None));
+        let b = urls.bases(&headers("elsewhere:1", None), &Uri::default());
         assert_eq!(b.ws, "wss://chat.example.com");
         assert_eq!(b.http, "https://chat.example.com");
         let b = PublicUrls::new(Some("ws://gw:9000"))
             .unwrap()
-            .bases(&HeaderMap::new());
+            .bases(&HeaderMap::new(), &Uri::default());
         assert_eq!(b.http, "http://gw:9000");
         assert!(PublicUrls::new(Some("https://chat.example.com")).is_err());
         assert!(PublicUrls::new(Some("wss://")).is_err());

@@ -181,6 +181,44 @@ async fn init_urls_follow_the_forwarded_scheme_or_the_configured_base() {
 }
 
 #[tokio::test]
+async fn init_urls_over_http2_name_the_host_the_client_called() {
+    use tower::ServiceExt;
+
+    let app = spawn_app(&[]).await;
+    app.put_agent(AGENT).await;
+    // HTTP/2 has no `Host` header: the host the client called is the request's `:authority`.
+    let channel = tonic::transport::Endpoint::from_shared(app.base.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let req = http::Request::post(app.url("/api/v1/chat/init"))
+        .header("content-type", "application/json")
+        .body(tonic::body::Body::new(axum::body::Body::from(
+            json!({"agent_id": AGENT}).to_string(),
+        )))
+        .unwrap();
+    let resp = channel.oneshot(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let bytes = axum::body::to_bytes(axum::body::Body::new(resp.into_body()), 1 << 20)
+        .await
+        .unwrap();
+    let body: Json = serde_json::from_slice(&bytes).unwrap();
+    let sid = body["session_id"].as_str().unwrap();
+    let token = body["session_token"].as_str().unwrap();
+    assert_eq!(
+        body["websocket_url"],
+        format!("ws://127.0.0.1:8002/ws/chat/{sid}?token={token}")
+    );
+    assert_eq!(
+        body["sse_url"],
+        format!("http://127.0.0.1:8002/sse/chat/{sid}")
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn init_refuses_unknown_agents_and_bad_bodies() {
     let app = spawn_app(&[]).await;
     let resp = app
@@ -585,7 +623,8 @@ async fn bad_bodies_are_refused_with_json_errors_and_change_nothing() {
 
     let big = json!({"message": "x".repeat(4096)}).to_string();
     let resp = raw("application/json", big).await.unwrap();
-    assert_error(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    let message = assert_error(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    assert!(message.contains("limit of 1024 bytes"), "{message}");
 
     let resp = raw("application/json", "{not json".into()).await.unwrap();
     assert_error(resp, StatusCode::BAD_REQUEST, "invalid_json").await;

@@ -6,7 +6,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use fleet::session::{InitSession, SessionStatus, SubmitMessage, Submitted};
 use fleet::task::TaskView;
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,7 @@ pub struct InitResponse {
 #[tracing::instrument(skip_all, fields(session_id, task_id))]
 pub async fn init(
     State(state): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     ApiJson(req): ApiJson<InitRequest>,
 ) -> Result<(StatusCode, Json<InitResponse>), ApiError> {
@@ -67,7 +68,7 @@ pub async fn init(
     span.record("session_id", session.session_id.as_str());
     span.record("task_id", session.task_id.as_str());
     tracing::info!(agent_id = %session.agent_id, "session opened");
-    let bases = state.urls.bases(&headers);
+    let bases = state.urls.bases(&headers, &uri);
     Ok((
         StatusCode::CREATED,
         Json(InitResponse {
