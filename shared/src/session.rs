@@ -109,11 +109,13 @@ impl TokenSigner {
     /// Checks `token` for `session_id` at time `now_ms`, in constant time for the signature;
     /// answers when it expires (ms since the Unix epoch).
     pub fn verify(&self, token: &str, session_id: &str, now_ms: i64) -> Result<i64, TokenError> {
+        // Read from the right: a session id may hold dots (a planning session of case `US.12`
+        // is `plan-US.12`), the expiry and the signature never do.
         let (payload, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let mut parts = payload.splitn(3, '.');
-        let (Some("v1"), Some(sid), Some(exp)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(TokenError::Malformed);
-        };
+        let (sid, exp) = payload
+            .strip_prefix("v1.")
+            .and_then(|rest| rest.rsplit_once('.'))
+            .ok_or(TokenError::Malformed)?;
         let exp: i64 = exp.parse().map_err(|_| TokenError::Malformed)?;
         let sig = URL_SAFE_NO_PAD
             .decode(sig)
@@ -855,6 +857,25 @@ mod tests {
         assert_eq!(
             signer.verify("garbage", "s1", 0),
             Err(TokenError::Malformed)
+        );
+        assert_eq!(
+            signer.verify("v1.s1.sig", "s1", 0),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn a_session_id_with_dots_has_a_token_that_verifies() {
+        let signer = TokenSigner::new(b"secret");
+        let token = signer.sign("plan-US.12.3", 2_000);
+        assert_eq!(signer.verify(&token, "plan-US.12.3", 1_000), Ok(2_000));
+        assert_eq!(
+            signer.verify(&token, "plan-US.12", 1_000),
+            Err(TokenError::WrongSession)
+        );
+        assert_eq!(
+            signer.verify(&token, "plan-US.12.3", 2_000),
+            Err(TokenError::Expired)
         );
     }
 }
