@@ -413,6 +413,9 @@ impl Chat {
 
     /// Opens a session with `agent_id` and reserves its first task id.
     pub async fn init_session(&self, req: InitSession) -> Result<NewSession, ChatError> {
+        if req.agent_id.is_empty() {
+            return Err(ChatError::Invalid("agent_id is required".into()));
+        }
         check_id("agent", &req.agent_id)?;
         let agent: AgentConfig =
             self.agents

@@ -240,6 +240,16 @@ async fn init_refuses_unknown_agents_and_bad_bodies() {
         .unwrap();
     let message = assert_error(resp, StatusCode::BAD_REQUEST, "invalid_json").await;
     assert!(message.contains("agent_id"), "{message}");
+
+    let resp = app
+        .http
+        .post(app.url("/api/v1/chat/init"))
+        .json(&json!({"agent_id": ""}))
+        .send()
+        .await
+        .unwrap();
+    let message = assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+    assert_eq!(message, "agent_id is required");
     assert_eq!(app.tasks_stream_len().await, 0);
     app.stop().await;
 }
