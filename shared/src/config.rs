@@ -8,6 +8,9 @@ use crate::stream::ConsumerConfig;
 use crate::task::Retention;
 use crate::telemetry::LogFormat;
 
+/// The longest `FLEET_SESSION_TTL_SECS`: ten years, whose milliseconds fit an `i64` with room.
+pub const MAX_SESSION_TTL_SECS: u64 = 315_360_000;
+
 /// Redis, key layout, logging and shutdown: the same in every binary.
 #[derive(clap::Args, Clone, Debug)]
 pub struct CommonArgs {
@@ -31,11 +34,14 @@ pub struct CommonArgs {
 
     /// Sessions, their tasks and event logs expire after this many seconds without activity;
     /// the session tokens edge-api issues are valid this long from when they are issued.
-    #[arg(long, env = "FLEET_SESSION_TTL_SECS", default_value_t = 86_400)]
+    /// 1 to 315,360,000 (ten years).
+    #[arg(long, env = "FLEET_SESSION_TTL_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SESSION_TTL_SECS))]
     pub session_ttl_secs: u64,
 
-    /// Events kept per session log (older ones are trimmed).
-    #[arg(long, env = "FLEET_SESSION_LOG_MAXLEN", default_value_t = 10_000)]
+    /// Events kept per session log (older ones are trimmed); at least 1.
+    #[arg(long, env = "FLEET_SESSION_LOG_MAXLEN", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub session_log_maxlen: u64,
 
     /// Seconds to finish work in hand after SIGTERM before exiting anyway.
@@ -134,5 +140,40 @@ impl ConsumerArgs {
         c.claim_idle = Duration::from_millis(self.claim_idle_ms.max(100));
         c.max_deliveries = self.max_deliveries.max(1);
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Args {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<CommonArgs, clap::Error> {
+        Args::try_parse_from(std::iter::once("fleet").chain(args.iter().copied())).map(|a| a.common)
+    }
+
+    #[test]
+    fn a_session_ttl_or_log_length_that_cannot_work_is_refused_at_start() {
+        // 0 would make every token expired when issued; a huge TTL would overflow its
+        // milliseconds; a log of 0 events would lose every event.
+        for bad in [
+            ["--session-ttl-secs", "0"],
+            ["--session-ttl-secs", "18446744073709551615"],
+            ["--session-log-maxlen", "0"],
+        ] {
+            let err = parse(&bad).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+            assert!(err.to_string().contains(bad[0]), "{err}");
+        }
+        let ok = parse(&["--session-ttl-secs", "315360000"]).unwrap();
+        assert_eq!(ok.retention().session_ttl_ms, 315_360_000_000);
+        assert_eq!(parse(&[]).unwrap().retention().session_ttl_ms, 86_400_000);
     }
 }
