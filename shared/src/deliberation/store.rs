@@ -539,7 +539,6 @@ impl DeliberationStore {
         })
     }
 
-    /// Reads a deliberation.
     /// Marks ended deliberation `id` settled: true for the one call that marked it, so that what
     /// follows an end is counted once however many steps (a redelivery, a sweep) run it.
     pub async fn settle(&self, id: &str) -> Result<bool, StoreError> {
@@ -549,6 +548,7 @@ impl DeliberationStore {
             .await?)
     }
 
+    /// Reads a deliberation.
     pub async fn get(&self, id: &str) -> Result<Option<DeliberationView>, StoreError> {
         let h: HashMap<String, String> = self.client.hgetall(self.keys.deliberation(id)).await?;
         DeliberationView::from_hash(id, h)
