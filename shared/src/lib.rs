@@ -54,6 +54,8 @@ pub mod shutdown;
 pub mod stream;
 pub mod task;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod text;
 pub mod time;
 

@@ -3,13 +3,10 @@
 //! said; stale, late and cancelled work changes nothing.
 
 use fleet::Keys;
-use fleet::agent::{AgentConfig, AgentStore};
 use fleet::events::ServerMessage;
-use fleet::session::{
-    Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner, WS_PRESENCE_WINDOW_MS, WsPresence,
-};
+use fleet::session::{Chat, InitSession, SubmitMessage, WS_PRESENCE_WINDOW_MS, WsPresence};
 use fleet::session_log::{FanoutConfig, SessionLog};
-use fleet::task::{OpStatus, Retention, TaskOp, TaskState, TaskStore};
+use fleet::task::{OpStatus, Retention, TaskOp, TaskState};
 use fred::prelude::*;
 use proptest::prelude::*;
 use serde_json::Value as Json;
@@ -26,26 +23,7 @@ async fn fixture() -> Fixture {
         .await
         .unwrap();
     let keys = Keys::new(&fleet_test_support::prefix());
-    let agents = AgentStore::new(client.clone(), keys.clone());
-    agents
-        .put(&AgentConfig {
-            id: "echo".into(),
-            name: "Echo".into(),
-            pool: "default".into(),
-            role: None,
-            tenant_id: None,
-            timeout_secs: None,
-            params: Json::Null,
-        })
-        .await
-        .unwrap();
-    let chat = Chat {
-        tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
-        agents,
-        tokens: TokenSigner::new(b"0123456789abcdef0123456789abcdef"),
-        limits: ChatLimits::default(),
-        backpressure: Default::default(),
-    };
+    let chat = fleet::testing::echo_chat(&client, &keys).await;
     let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
     Fixture {
         chat,
@@ -57,27 +35,8 @@ async fn fixture() -> Fixture {
 
 /// A session with one submitted task.
 async fn session_with_task(f: &Fixture) -> (String, String) {
-    let s = f
-        .chat
-        .init_session(InitSession {
-            agent_id: "echo".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let t = f
-        .chat
-        .submit(
-            &s.session_id,
-            SubmitMessage {
-                message: "a b c".into(),
-                source: "rest",
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    (s.session_id, t.task_id)
+    let (sid, mut tids) = fleet::testing::session_with_tasks(&f.chat, &["a b c"]).await;
+    (sid, tids.remove(0))
 }
 
 /// The executor's callbacks for an answer of `n` chunks: started, chunks, result (seq 1..).

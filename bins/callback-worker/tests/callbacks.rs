@@ -6,12 +6,11 @@ use std::time::Duration;
 use callback_worker::{App, Config};
 use clap::Parser;
 use fleet::Keys;
-use fleet::agent::{AgentConfig, AgentStore};
 use fleet::envelope::{Callback, CallbackBatch, Chunk, Envelope, Started, TaskResult};
 use fleet::keys::GROUP_CALLBACK_WORKERS;
-use fleet::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
+use fleet::session::Chat;
 use fleet::stream::{groups, producer};
-use fleet::task::{Retention, TaskState, TaskStore};
+use fleet::task::TaskState;
 use fleet_test_support::eventually;
 use fred::prelude::*;
 use serde_json::Value as Json;
@@ -89,51 +88,15 @@ async fn session_with_task() -> (Fixture, String, String) {
     let redis = fleet_test_support::redis();
     let client = fleet::redis::connect(&redis).await.unwrap();
     let keys = Keys::new(&fleet_test_support::prefix());
-    let agents = AgentStore::new(client.clone(), keys.clone());
-    agents
-        .put(&AgentConfig {
-            id: "echo".into(),
-            name: "Echo".into(),
-            pool: "default".into(),
-            role: None,
-            tenant_id: None,
-            timeout_secs: None,
-            params: Json::Null,
-        })
-        .await
-        .unwrap();
-    let chat = Chat {
-        tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
-        agents,
-        tokens: TokenSigner::new(b"0123456789abcdef0123456789abcdef"),
-        limits: ChatLimits::default(),
-        backpressure: Default::default(),
-    };
-    let s = chat
-        .init_session(InitSession {
-            agent_id: "echo".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let t = chat
-        .submit(
-            &s.session_id,
-            SubmitMessage {
-                message: "hello".into(),
-                source: "rest",
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let chat = fleet::testing::echo_chat(&client, &keys).await;
+    let (sid, mut tids) = fleet::testing::session_with_tasks(&chat, &["hello"]).await;
     let f = Fixture {
         redis,
         client,
         keys,
         chat,
     };
-    (f, s.session_id, t.task_id)
+    (f, sid, tids.remove(0))
 }
 
 #[tokio::test]

@@ -8,13 +8,12 @@ use std::time::Duration;
 use clap::Parser;
 use dispatcher::{App, Config};
 use fleet::Keys;
-use fleet::agent::{AgentConfig, AgentStore};
 use fleet::envelope::{Envelope, ExecControl, SessionClose, TaskCommand};
 use fleet::events::ServerMessage;
 use fleet::keys::GROUP_DISPATCHERS;
-use fleet::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
+use fleet::session::Chat;
 use fleet::stream::{entry, groups, producer};
-use fleet::task::{OpStatus, Retention, TaskOp, TaskState, TaskStore};
+use fleet::task::{OpStatus, TaskOp, TaskState};
 use fleet_test_support::eventually;
 use fred::prelude::*;
 use serde_json::Value as Json;
@@ -34,49 +33,10 @@ async fn session_with_tasks(tasks: usize) -> (Fixture, Vec<String>) {
     let redis = fleet_test_support::redis();
     let client = fleet::redis::connect(&redis).await.unwrap();
     let keys = Keys::new(&fleet_test_support::prefix());
-    let agents = AgentStore::new(client.clone(), keys.clone());
-    agents
-        .put(&AgentConfig {
-            id: "echo".into(),
-            name: "Echo".into(),
-            pool: "default".into(),
-            role: None,
-            tenant_id: None,
-            timeout_secs: None,
-            params: Json::Null,
-        })
-        .await
-        .unwrap();
-    let chat = Chat {
-        tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
-        agents,
-        tokens: TokenSigner::new(b"0123456789abcdef0123456789abcdef"),
-        limits: ChatLimits::default(),
-        backpressure: Default::default(),
-    };
-    let sid = chat
-        .init_session(InitSession {
-            agent_id: "echo".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .session_id;
-    let mut tids = Vec::new();
-    for i in 0..tasks {
-        let t = chat
-            .submit(
-                &sid,
-                SubmitMessage {
-                    message: format!("hello {i}"),
-                    source: "rest",
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        tids.push(t.task_id);
-    }
+    let chat = fleet::testing::echo_chat(&client, &keys).await;
+    let messages: Vec<String> = (0..tasks).map(|i| format!("hello {i}")).collect();
+    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+    let (sid, tids) = fleet::testing::session_with_tasks(&chat, &messages).await;
     let f = Fixture {
         redis,
         client,

@@ -1,0 +1,69 @@
+//! Fixtures for the tests of this crate and of the binaries built on it (feature `testing`,
+//! which only dev-dependencies enable): a chat front door with one echo agent, and a session of
+//! it with submitted tasks, as the tests of task state, the callback-worker and the dispatcher
+//! each start from.
+
+use fred::prelude::Client;
+use serde_json::Value as Json;
+
+use crate::Keys;
+use crate::agent::{AgentConfig, AgentStore, DEFAULT_POOL};
+use crate::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
+use crate::task::{Retention, TaskStore};
+
+/// The agent [`echo_chat`] registers, in pool [`DEFAULT_POOL`].
+pub const ECHO_AGENT: &str = "echo";
+
+/// A chat front door on `client` under `keys` with the default limits and retention, and
+/// agent [`ECHO_AGENT`] registered.
+pub async fn echo_chat(client: &Client, keys: &Keys) -> Chat {
+    let agents = AgentStore::new(client.clone(), keys.clone());
+    agents
+        .put(&AgentConfig {
+            id: ECHO_AGENT.into(),
+            name: "Echo".into(),
+            pool: DEFAULT_POOL.into(),
+            role: None,
+            tenant_id: None,
+            timeout_secs: None,
+            params: Json::Null,
+        })
+        .await
+        .expect("register the echo agent");
+    Chat {
+        tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
+        agents,
+        tokens: TokenSigner::new(b"0123456789abcdef0123456789abcdef"),
+        limits: ChatLimits::default(),
+        backpressure: Default::default(),
+    }
+}
+
+/// Opens a session of [`ECHO_AGENT`] on `chat` and submits each of `messages` to it, as REST
+/// does: the session id and the task ids, in order.
+pub async fn session_with_tasks(chat: &Chat, messages: &[&str]) -> (String, Vec<String>) {
+    let sid = chat
+        .init_session(InitSession {
+            agent_id: ECHO_AGENT.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("open a session")
+        .session_id;
+    let mut tids = Vec::with_capacity(messages.len());
+    for message in messages {
+        let t = chat
+            .submit(
+                &sid,
+                SubmitMessage {
+                    message: (*message).into(),
+                    source: "rest",
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("submit a task");
+        tids.push(t.task_id);
+    }
+    (sid, tids)
+}
