@@ -61,7 +61,9 @@ pub use fleet::session::{DEV_SECRET, MIN_SECRET_BYTES};
         (?token= or Authorization: Bearer). A client receives every event of its session after \
         its last_event_id, in order and once each: the session log is replayed, then live events \
         arrive from the <prefix>:fanout:<shard> streams, and any gap is read from the log. \
-        Chat messages sent over the WebSocket are queued on <prefix>:tasks like REST submits.\n\n\
+        Chat messages sent over the WebSocket become tasks as REST submits do: each is sent \
+        straight to its agent's pool (<prefix>:exec:<pool>), or through <prefix>:tasks and the \
+        dispatchers with --direct-dispatch false or when the agent is unknown.\n\n\
         Health and metrics are served on the admin address. Refuses to start without \
         FLEET_SECRET unless --dev is given."
 )]
@@ -382,6 +384,15 @@ mod tests {
                 .unwrap(),
             long
         );
+    }
+
+    #[test]
+    fn the_help_says_where_chat_messages_go() {
+        let help = <Config as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("<prefix>:exec:<pool>"), "{help}");
+        assert!(help.contains("--direct-dispatch false"), "{help}");
     }
 
     #[test]
