@@ -69,6 +69,8 @@ pub enum Refusal {
     NotFound,
     #[error("last_event_id `{0}` is not an event id (expected <ms>-<seq>)")]
     BadLastEventId(String),
+    #[error("malformed query string: {0}")]
+    BadQuery(String),
     #[error("session storage unavailable; retry later")]
     Unavailable,
 }
@@ -85,6 +87,7 @@ impl Refusal {
             Refusal::Token(_) => (close::UNAUTHORIZED, "invalid session token"),
             Refusal::NotFound => (close::NOT_FOUND, "session not found"),
             Refusal::BadLastEventId(_) => (close::BAD_REQUEST, "malformed last_event_id"),
+            Refusal::BadQuery(_) => (close::BAD_REQUEST, "malformed query string"),
             Refusal::Unavailable => (close::INTERNAL, "session storage unavailable"),
         }
     }
@@ -93,7 +96,9 @@ impl Refusal {
         match self {
             Refusal::MissingToken | Refusal::Token(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Refusal::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            Refusal::BadLastEventId(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Refusal::BadLastEventId(_) | Refusal::BadQuery(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
             Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }

@@ -18,6 +18,11 @@
 //! 4. A client whose fan-out shard was trimmed past its reader's position (the reader lost
 //!    entries of unknown sessions, [`crate::fanout`]) is told to *resync*: it reads the log after
 //!    `last` to its end, as the replay on connect does.
+//! 5. The catch-ups of 3 and 4 take turns with admissions ([`Admissions`]) for each read of the
+//!    log: a resync tells every client of a shard at once, and a stall of the gateway leaves many
+//!    clients lagging at once. Unbounded, their reads would queue on the shared Redis connection
+//!    until its command timeout failed them (each socket closed with 1011, then a reconnect
+//!    storm); in turns they wait instead.
 //!
 //! Every read of the log (the replay, a gap fill, a resync) goes through one page reader, which
 //! checks each entry's `p` (the session's event before it): an entry whose `p` is after `last`
@@ -35,6 +40,7 @@ use fleet::session_log::SessionLog;
 use fleet::stream::entry::StreamId;
 
 use crate::registry::{Live, Registry, Signal, Subscription, Transport};
+use crate::routes::Admissions;
 
 /// Events read from the log per XRANGE.
 pub const PAGE: u64 = 256;
@@ -94,29 +100,46 @@ pub struct Delivery {
     last: Option<StreamId>,
     pending: VecDeque<Outgoing>,
     catch_up: Option<Target>,
+    /// Turns for the reads of catch-ups many clients may start at once (see the module docs).
+    admissions: Arc<Admissions>,
+    /// Whether the catch-up under way waits for a turn before each read: one a lag mark or a
+    /// resync started.
+    in_turns: bool,
 }
 
 impl Delivery {
     /// Subscribes to the session's live events, then prepares the replay after `resume.after`.
-    /// Reads the log once, to tell whether events the client asks for were trimmed.
+    /// Reads the log once, to tell whether events the client asks for were trimmed. Its
+    /// catch-ups after a lag or a resync read the log in turns taken from `admissions`.
     pub async fn start(
         log: SessionLog,
         registry: &Arc<Registry>,
         sid: &str,
         transport: Transport,
         resume: Resume,
+        admissions: Arc<Admissions>,
     ) -> Result<Delivery, fred::error::Error> {
+        // A resume point after the session's newest event is none of its events (made up, or
+        // kept from before a failover that lost the newest ones): every event the session logs
+        // from now on comes after its newest, so resume there. Kept as it is, every event up to
+        // it would be taken for one delivered, and skipped without a word.
+        let after = match resume.after {
+            Some(after) if resume.session_last.is_none_or(|l| after > l) => resume.session_last,
+            after => after,
+        };
         // Live events first, so that nothing logged after the replay's read can slip by.
         let shard = Keys::fanout_shard(sid, log.fanout_config().shards);
         let live = registry.subscribe_on_shard(sid, transport, shard);
         let mut d = Delivery {
             log,
             live,
-            last: resume.after,
+            last: after,
             pending: VecDeque::new(),
             catch_up: Some(Target::End),
+            admissions,
+            in_turns: false,
         };
-        if let Some(after) = resume.after {
+        if let Some(after) = after {
             // Told here, before anything is sent; `last` then moves past what is gone so that
             // the replay's reads do not tell it again.
             match d.log.oldest(sid).await? {
@@ -169,7 +192,7 @@ impl Delivery {
             }
             if let Some(target) = self.catch_up {
                 // Boxed: an idle connection should not carry the read's state.
-                Box::pin(self.read_page(target)).await?;
+                Box::pin(self.catch_up_page(target)).await?;
                 continue;
             }
             let signal = self.live.recv().await;
@@ -205,12 +228,16 @@ impl Delivery {
     fn on_signal(&mut self, signal: Signal) {
         match signal {
             Signal::Live(live) => self.on_live(&live),
-            Signal::Lagged(until) => self.gap_fill(until),
+            Signal::Lagged(until) => {
+                self.gap_fill(until);
+                self.in_turns = self.catch_up.is_some();
+            }
             Signal::Resync => {
                 metrics::counter!("fleet_ws_resyncs_total").increment(1);
                 // To the end: which entries were lost is not known, but their events were
                 // logged before the reader noticed, so before this read of the log.
                 self.catch_up = Some(Target::End);
+                self.in_turns = true;
             }
         }
     }
@@ -242,6 +269,16 @@ impl Delivery {
         });
     }
 
+    /// Reads one page of the catch-up under way, in its turn when it takes turns.
+    async fn catch_up_page(&mut self, target: Target) -> Result<(), fred::error::Error> {
+        let admissions = self.in_turns.then(|| self.admissions.clone());
+        let _turn = match &admissions {
+            Some(admissions) => admissions.turn().await,
+            None => None,
+        };
+        self.read_page(target).await
+    }
+
     /// Reads one page of the log after `last`, up to `target`.
     async fn read_page(&mut self, target: Target) -> Result<(), fred::error::Error> {
         let until = match target {
@@ -252,6 +289,7 @@ impl Delivery {
             && u <= l
         {
             self.catch_up = None;
+            self.in_turns = false;
             return Ok(());
         }
         let page = self
@@ -279,6 +317,7 @@ impl Delivery {
         }
         if !more {
             self.catch_up = None;
+            self.in_turns = false;
             if let Some(u) = until
                 && self.last.is_none_or(|l| l < u)
             {
@@ -321,9 +360,17 @@ mod tests {
             Keys::new("t"),
             FanoutConfig::default(),
         );
-        let mut d = Delivery::start(log, &registry, "s", Transport::Sse, Resume::default())
-            .await
-            .expect("no I/O without a resume point");
+        let admissions = Arc::new(Admissions::new(1));
+        let mut d = Delivery::start(
+            log,
+            &registry,
+            "s",
+            Transport::Sse,
+            Resume::default(),
+            admissions,
+        )
+        .await
+        .expect("no I/O without a resume point");
         d.catch_up = None;
         d.last = last.map(id);
         (d, registry)

@@ -121,8 +121,9 @@ pub struct Config {
     pub direct_dispatch: bool,
 
     /// Connections that may wait on Redis at once for their admission (session status, replay
-    /// start, presence) or their goodbye (presence); the others queue for a turn, counted in
-    /// `fleet_ws_admissions_waiting`. Bounds the Redis requests of a reconnect storm.
+    /// start, presence), their goodbye (presence) or a read of their session log while they catch
+    /// up after a lag or a fan-out resync; the others queue for a turn, counted in
+    /// `fleet_ws_admissions_waiting`. Bounds the Redis requests of a reconnect or resync storm.
     #[arg(long, env = "FLEET_WS_ADMISSIONS_AT_ONCE",
           default_value_t = routes::Admissions::DEFAULT_AT_ONCE,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
@@ -224,7 +225,7 @@ impl App {
             },
             closing: CancellationToken::new(),
             connections: TaskTracker::new(),
-            admissions: routes::Admissions::new(cfg.admissions_at_once),
+            admissions: Arc::new(routes::Admissions::new(cfg.admissions_at_once)),
         });
 
         let listener = fleet::net::bind(cfg.http_addr, "FLEET_HTTP_ADDR").await?;

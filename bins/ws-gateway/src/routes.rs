@@ -51,16 +51,19 @@ pub struct Gateway {
     pub connections: TaskTracker,
     /// This gateway's WebSocket presence on the session hashes.
     pub presence: Arc<crate::presence::Presence>,
-    /// Bounds the connections waiting on Redis at once for their admission or presence.
-    pub admissions: Admissions,
+    /// Bounds the connections waiting on Redis at once for their admission or presence, and
+    /// the log reads of catch-ups after a lag or a resync.
+    pub admissions: Arc<Admissions>,
 }
 
 /// Connections (WebSocket or SSE) that may wait on Redis at once for their admission (the
-/// session's status, the replay's start, presence) or, at their end, for presence
-/// (`--admissions-at-once`). When clients arrive or leave faster than Redis answers, as in a
-/// reconnect storm after a gateway restart, the rest wait here without a deadline instead of
-/// queueing requests on the shared Redis connection until its command timeout fails them: an
-/// admission that failed so closes its socket with 1011, only for the client to reconnect.
+/// session's status, the replay's start, presence), at their end for presence, or for a read
+/// of their session log while they catch up after a lag or a resync (`--admissions-at-once`).
+/// When clients arrive or leave faster than Redis answers, as in a reconnect storm after a
+/// gateway restart, or a resync tells every client of a fan-out shard to read its log at once,
+/// the rest wait here without a deadline instead of queueing requests on the shared Redis
+/// connection until its command timeout fails them: an admission or a read that failed so
+/// closes its socket with 1011, only for the client to reconnect.
 /// `fleet_ws_admissions_waiting` counts the connections waiting for a turn.
 pub struct Admissions {
     turns: Semaphore,

@@ -2,10 +2,11 @@
 //!
 //! The resume point is the `Last-Event-ID` header (what `EventSource` sends when it reconnects)
 //! or `?last_event_id=`. A refusal is an HTTP error with the JSON error shape: 401 (token), 404
-//! (session), 400 (malformed id). Each event is one frame, `id: <event_id>\ndata: <json>\n\n`,
-//! without an `event:` name so that `onmessage` fires; replies outside the log (`events_lost`)
-//! carry no `id`. A comment goes out every [`KEEP_ALIVE`] so that proxies keep the stream open.
-//! The stream ends on shutdown (the client's `EventSource` reconnects with `Last-Event-ID`).
+//! (session), 400 (malformed id or query string). Each event is one frame,
+//! `id: <event_id>\ndata: <json>\n\n`, without an `event:` name so that `onmessage` fires;
+//! replies outside the log (`events_lost`) carry no `id`. A comment goes out every
+//! [`KEEP_ALIVE`] so that proxies keep the stream open. The stream ends on shutdown (the client's
+//! `EventSource` reconnects with `Last-Event-ID`).
 //!
 //! The token is checked once, at connect, and the stream ends when it expires, as a WebSocket is
 //! closed with 4001 then (REST and a reconnect refuse the token from that instant on): the last
@@ -75,15 +76,26 @@ pub async fn stream(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let Ok(Query(query)) = Query::<AccessQuery>::try_from_uri(&uri) else {
-        return Refusal::BadLastEventId("<malformed query string>".into()).into_response();
+    let query = match Query::<AccessQuery>::try_from_uri(&uri) {
+        Ok(Query(query)) => query,
+        Err(e) => return Refusal::BadQuery(query_error(&e)).into_response(),
     };
     let token = access::token(&headers, &query);
-    let last_event_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(query.last_event_id);
+    // A header that is not text is refused, not ignored: ignored, the whole log would be sent
+    // again to a client that has some of it.
+    let last_event_id = match headers.get("last-event-id") {
+        Some(v) => match v.to_str() {
+            Ok(id) => Some(id.to_owned()),
+            Err(_) => {
+                let shown = String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(64)
+                    .collect();
+                return Refusal::BadLastEventId(shown).into_response();
+            }
+        },
+        None => query.last_event_id,
+    };
     let Some(_turn) = gw.admissions.turn().await else {
         return retry_later(&Refusal::Unavailable.to_string());
     };
@@ -99,6 +111,7 @@ pub async fn stream(
         &sid,
         Transport::Sse,
         admitted.resume,
+        gw.admissions.clone(),
     )
     .await
     {
@@ -139,6 +152,13 @@ pub async fn stream(
     )
     .take_until(gw.closing.clone().cancelled_owned());
     respond(events)
+}
+
+/// What is wrong with a query string that does not parse (a repeated `token`, say).
+fn query_error(e: &axum::extract::rejection::QueryRejection) -> String {
+    use std::error::Error as _;
+    e.source()
+        .map_or_else(|| e.body_text(), |source| source.to_string())
 }
 
 /// The last frame of a stream whose token expired at `expires_ms`: an `error` message like

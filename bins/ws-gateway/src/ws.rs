@@ -178,6 +178,7 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
         &req.sid,
         Transport::WebSocket,
         admitted.resume,
+        gw.admissions.clone(),
     ))
     .await;
     let mut delivery = match started {

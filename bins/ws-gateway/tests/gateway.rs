@@ -710,6 +710,93 @@ async fn sse_resumes_from_last_event_id_and_refuses_bad_tokens_with_json() {
 }
 
 #[tokio::test]
+async fn sse_refuses_a_malformed_query_string_or_last_event_id_header_saying_which() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+    let a = fleet.chunk(&s.sid, &tid, 1, "a").await;
+
+    // A query string that does not parse (a token given twice) is named as the fault, not
+    // `last_event_id`, which it does not hold.
+    let res = SseStream::open(
+        &format!("{}?token={t}&token={t}", gw.sse_url(&s.sid), t = s.token),
+        &[],
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+    let body: Json = res.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("query string"), "{body}");
+    assert!(message.contains("token"), "names the field: {body}");
+    assert!(!message.contains("last_event_id"), "{body}");
+
+    // A Last-Event-ID header that is not text is refused, not taken for none: the client has
+    // events, and would get the whole log again.
+    let res = tokio::time::timeout(
+        WAIT,
+        reqwest::Client::new()
+            .get(gw.sse_url(&s.sid))
+            .bearer_auth(&s.token)
+            .header(
+                "last-event-id",
+                reqwest::header::HeaderValue::from_bytes(
+                    format!("{}\u{ff}", a.event_id).as_bytes(),
+                )
+                .expect("header"),
+            )
+            .send(),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    assert_eq!(res.status(), 400);
+    let body: Json = res.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains(&a.event_id),
+        "{body}"
+    );
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_resume_point_after_the_newest_event_misses_nothing_logged_later() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let tid = fleet.submit(&s.sid, "hi").await;
+    fleet.chunk(&s.sid, &tid, 1, "old").await;
+
+    // An id after anything the session logged (made up, or kept from before a failover that
+    // lost the newest events): nothing old is sent, and every event logged from now on is.
+    let ahead = "99999999999999-0";
+    let mut ws = ws_connect(&ws_url(&gw, &s, Some(ahead))).await;
+    ping_pong(&mut ws).await;
+    let auth = format!("Bearer {}", s.token);
+    let mut sse = SseStream::new(
+        SseStream::open(
+            &gw.sse_url(&s.sid),
+            &[("authorization", auth.as_str()), ("last-event-id", ahead)],
+        )
+        .await,
+    );
+    let next = fleet.chunk(&s.sid, &tid, 2, "new").await;
+    let got = recv_json(&mut ws).await;
+    assert_eq!(got["event_id"], next.event_id.as_str(), "{got}");
+    assert_chunk(&got, "new");
+    let ev = sse.next().await.expect("an SSE event");
+    assert_eq!(ev.id.as_deref(), Some(next.event_id.as_str()));
+    ping_pong(&mut ws).await;
+    drop(ws);
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn trimmed_events_are_reported_as_lost_before_what_is_left() {
     let fleet = Fleet::new().await;
     let gw = fleet.gateway().await;
