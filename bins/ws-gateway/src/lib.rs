@@ -97,8 +97,11 @@ pub struct Config {
     pub max_backlog: u64,
 
     /// Largest WebSocket frame (and message) a client may send, in bytes; a larger one closes
-    /// the socket with 4008.
-    #[arg(long, env = "FLEET_MAX_FRAME_BYTES", default_value_t = 65_536,
+    /// the socket with 4008. Four times --max-message-bytes by default: a chat_message holds its
+    /// message JSON-escaped, and a client that escapes all but ASCII (as Python's json.dumps
+    /// does) sends `\uXXXX`, six bytes, for each character of two or three, so a message under
+    /// its limit must not close the socket for its frame.
+    #[arg(long, env = "FLEET_MAX_FRAME_BYTES", default_value_t = 262_144,
           value_parser = clap::value_parser!(u64).range(256..=16_777_216))]
     pub max_frame_bytes: u64,
 
@@ -402,7 +405,7 @@ mod tests {
         assert_eq!(c.http_addr.port(), 8002);
         assert_eq!(c.admin_addr.port(), 9104);
         assert_eq!(c.max_backlog, 100_000);
-        assert_eq!(c.max_frame_bytes, 65_536);
+        assert_eq!(c.max_frame_bytes, 262_144);
         assert_eq!(c.chat_limits().max_message_bytes, 65_536);
         assert_eq!(
             c.chat_limits().default_task_timeout,

@@ -517,6 +517,36 @@ async fn oversized_and_repeatedly_malformed_frames_close_with_4008() {
 }
 
 #[tokio::test]
+async fn a_message_under_its_limit_is_taken_however_its_client_escapes_it() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    // 20,000 CJK characters are 60,000 bytes of message, under the 65,536 limit; a client that
+    // escapes all but ASCII (Python's json.dumps) writes each as `\u4e2d`, six bytes: the frame
+    // is about 120,000 bytes.
+    let frame = format!(
+        r#"{{"message_type":"chat_message","data":{{"message":"{}"}}}}"#,
+        r"\u4e2d".repeat(20_000)
+    );
+    assert!(frame.len() > 2 * 60_000, "{}", frame.len());
+    send_text(&mut ws, &frame).await;
+    let queued = recv_json(&mut ws).await;
+    assert_eq!(queued["message_type"], "task_queued", "{queued}");
+    let tid = queued["task_id"].as_str().expect("task_id");
+    let task = fleet
+        .chat
+        .tasks
+        .get(&s.sid, tid)
+        .await
+        .expect("read the task")
+        .expect("the task exists");
+    assert_eq!(task.message, "\u{4e2d}".repeat(20_000));
+    ping_pong(&mut ws).await;
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn frames_that_break_the_protocol_or_the_size_limit_close_with_a_code() {
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
