@@ -435,3 +435,75 @@ async fn an_openai_agent_streams_a_completion_into_a_proposal_and_a_subtask() {
     assert!(user.contains("Add login with JWT") && user.contains("no plaintext passwords"));
     agent.stop().await;
 }
+
+/// A model server that answers every completion with `body` as `content_type`, status 200.
+async fn model_server(content_type: &'static str, body: String) -> String {
+    let app = Router::new().route(
+        "/v1/chat/completions",
+        post(move || {
+            let body = body.clone();
+            async move { ([(header::CONTENT_TYPE, content_type)], body).into_response() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_openai_reply_without_its_answer_fails_the_subtask_saying_why() {
+    let streamed = format!(
+        "data: {}\n\ndata: {}\n\n",
+        serde_json::json!({"choices": [{"index": 0, "delta": {"content": "half an "}}]}),
+        serde_json::json!({"error": {"message": "the server is overloaded"}}),
+    );
+    for (content_type, body, said) in [
+        (
+            "application/json",
+            serde_json::json!({"error": {"message": "model `m` is still loading"}}).to_string(),
+            "model `m` is still loading",
+        ),
+        (
+            "application/json",
+            "{\"choices\": [".to_owned(),
+            "does not parse",
+        ),
+        ("text/event-stream", streamed, "the server is overloaded"),
+    ] {
+        let base = model_server(content_type, body).await;
+        let agent = start(&[
+            "--agent-mode",
+            "openai",
+            "--roles",
+            "DEV",
+            "--openai-base-url",
+            &base,
+            "--openai-model",
+            "m",
+        ])
+        .await;
+        let mut subtask = request(AgentAction::Subtask, "");
+        subtask.deliberation_id.clear();
+        subtask.session_id = "plan-US-1".into();
+        subtask.task_id = "t-1".into();
+        subtask.attempt = 1;
+        subtask.task_action = "implement".into();
+        agent.send(&agent.keys.agents("DEV"), subtask).await;
+        let cbs = agent
+            .callbacks_until(|c| {
+                c.iter()
+                    .any(|c| matches!(c, Callback::Result(_) | Callback::Error(_)))
+            })
+            .await;
+        let end = cbs
+            .iter()
+            .find(|c| matches!(c, Callback::Result(_) | Callback::Error(_)));
+        let Some(Callback::Error(e)) = end else {
+            panic!("{content_type}: the subtask should fail, got {end:?}");
+        };
+        assert_eq!(e.error_type, "completion_failed");
+        assert!(e.message.contains(said), "{}", e.message);
+        agent.stop().await;
+    }
+}

@@ -1,7 +1,10 @@
 //! OpenAI-compatible agents: each request is one streamed chat completion
 //! (`POST <base>/v1/chat/completions` with `"stream": true`, server-sent events of
 //! `choices[0].delta.content`, ended by `data: [DONE]`), as vLLM, Ollama, llama.cpp's server and
-//! OpenAI itself speak it. A server that answers plain JSON (no stream) is read too.
+//! OpenAI itself speak it. A server that answers plain JSON (no stream) is read too. A reply
+//! without the answer (an error object, JSON that does not parse, an `error` event mid-stream)
+//! fails the request with what the server said, rather than answering with nothing or with what
+//! streamed until then.
 //!
 //! Base URL, model and key come from `FLEET_OPENAI_BASE_URL`, `FLEET_OPENAI_MODEL` and
 //! `FLEET_OPENAI_API_KEY` (sent as `Authorization: Bearer`). The prompts are in
@@ -89,7 +92,10 @@ impl OpenAiClient {
         };
         let status = response.status();
         if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
+            let text = tokio::select! {
+                t = response.text() => t.unwrap_or_default(),
+                _ = stop.wait() => return Ok(Completion::Stopped),
+            };
             let text: String = text.chars().take(ERROR_BODY_LIMIT).collect();
             return Ok(Completion::Failed(format!(
                 "{} answered {status}: {text}",
@@ -102,14 +108,28 @@ impl OpenAiClient {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
         if is_json {
-            let v: Json = tokio::select! {
-                v = response.json() => v?,
+            let v: Json = match tokio::select! {
+                v = response.json() => v,
                 _ = stop.wait() => return Ok(Completion::Stopped),
+            } {
+                Ok(v) => v,
+                Err(e) => {
+                    return Ok(Completion::Failed(format!(
+                        "{} answered JSON that does not parse: {e}",
+                        self.url
+                    )));
+                }
             };
-            let text = v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
+            // A reply without the answer (an error object, no choices) is a failure, not an
+            // empty answer.
+            let Some(text) = v["choices"][0]["message"]["content"].as_str() else {
+                return Ok(Completion::Failed(format!(
+                    "{} answered without choices[0].message.content: {}",
+                    self.url,
+                    reply_error(&v)
+                )));
+            };
+            let text = text.to_owned();
             if let Some(e) = emit.as_mut() {
                 e.chunk(&text).await?;
             }
@@ -142,6 +162,15 @@ impl OpenAiClient {
                 let Ok(event) = serde_json::from_str::<Json>(data) else {
                     continue;
                 };
+                // A server that fails mid-stream sends an error event: what streamed so far is
+                // not the answer.
+                if event.get("error").is_some_and(|e| !e.is_null()) {
+                    return Ok(Completion::Failed(format!(
+                        "{} failed while streaming: {}",
+                        self.url,
+                        reply_error(&event)
+                    )));
+                }
                 if let Some(delta) = event["choices"][0]["delta"]["content"].as_str()
                     && !delta.is_empty()
                 {
@@ -206,6 +235,17 @@ impl OpenAiClient {
             Completion::Stopped => Ending::Stopped,
         })
     }
+}
+
+/// What an OpenAI-style reply says went wrong: `error.message` (or `error` itself, or
+/// `message`), else the reply, cut to [`ERROR_BODY_LIMIT`] characters.
+fn reply_error(v: &Json) -> String {
+    let said = v["error"]["message"]
+        .as_str()
+        .or_else(|| v["error"].as_str())
+        .or_else(|| v["message"].as_str())
+        .map_or_else(|| v.to_string(), str::to_owned);
+    said.chars().take(ERROR_BODY_LIMIT).collect()
 }
 
 #[cfg(test)]
