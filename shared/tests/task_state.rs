@@ -729,3 +729,200 @@ async fn a_created_task_always_has_its_deadline() {
     let restored = deadline_of("t-1").await.expect("the deadline is back");
     assert!(restored >= task.deadline_ms as f64, "{restored}");
 }
+
+#[tokio::test]
+async fn a_reserved_id_whose_submit_was_refused_is_not_ended_at_its_deadline() {
+    let f = fixture().await;
+    let (sid, _) = fleet::testing::session_with_tasks(&f.chat, &[]).await;
+    let reserved = f.chat.reserve_task(&sid).await.unwrap();
+    let closed = ServerMessage::new("session_closed", &sid, None, Json::Null).to_json();
+    f.chat
+        .tasks
+        .apply(&sid, &[TaskOp::session("close", closed)])
+        .await
+        .unwrap();
+    // The client submits its reserved id after the close: refused, but the deadline went in
+    // ahead of the refused create.
+    let refused = f
+        .chat
+        .submit(
+            &sid,
+            SubmitMessage {
+                message: "hi".into(),
+                task_id: Some(reserved.clone()),
+                source: "rest",
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(fleet::session::ChatError::SessionClosed(_))),
+        "{refused:?}"
+    );
+    let member = format!("{sid}/{reserved}");
+    let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), member).await.unwrap();
+    assert!(deadline.is_some());
+
+    // At the deadline the sweeper ends what is under it: nothing, as no task was submitted.
+    let message = "the task did not finish before its deadline";
+    let ev = ServerMessage::chat_error(&sid, &reserved, None, "timed_out", message, &Json::Null);
+    let swept = f
+        .chat
+        .tasks
+        .apply(
+            &sid,
+            &[TaskOp::end(
+                "timeout",
+                &reserved,
+                "timed_out",
+                message,
+                ev.to_json(),
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(swept.statuses, [OpStatus::Missing]);
+    assert!(swept.ended.is_empty(), "{:?}", swept.ended);
+    let log = f.log.replay_after(&sid, None, None, 100).await.unwrap();
+    assert!(
+        log.iter().all(|e| e.task_id != reserved),
+        "a task nobody submitted has no events: {log:?}"
+    );
+    let status = f.chat.status(&sid).await.unwrap();
+    assert_eq!(
+        (status.totals.tasks, status.totals.timed_out),
+        (0, 0),
+        "{:?}",
+        status.totals
+    );
+    let task = f.chat.tasks.get(&sid, &reserved).await.unwrap().unwrap();
+    assert_eq!(task.state(), Some(TaskState::Reserved));
+}
+
+#[tokio::test]
+async fn a_later_attempt_naming_a_reserved_id_does_not_hold_back_its_sessions_callbacks() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let reserved = f.chat.reserve_task(&sid).await.unwrap();
+    // As the callback-worker builds them for one batch of the session: a callback of attempt 2
+    // for the reserved id (its restart op first), then the real task's whole answer.
+    let mut ops = vec![
+        TaskOp::restart(
+            &reserved,
+            2,
+            ServerMessage::task_restarted(&sid, &reserved, 2).to_json(),
+        ),
+        TaskOp::ordered(
+            "chunk",
+            &reserved,
+            2,
+            1,
+            ServerMessage::streaming(&sid, &reserved, 1, "stray", 0).to_json(),
+        ),
+    ];
+    ops.extend(callbacks(&sid, &tid, 1));
+    let applied = f
+        .chat
+        .tasks
+        .apply(&sid, &ops)
+        .await
+        .expect("the session's callbacks apply");
+    assert_eq!(
+        applied.statuses[..2],
+        [OpStatus::Missing, OpStatus::Missing]
+    );
+    let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+    assert_eq!(task.state(), Some(TaskState::Completed));
+    let reserved = f.chat.tasks.get(&sid, &reserved).await.unwrap().unwrap();
+    assert_eq!(reserved.state(), Some(TaskState::Reserved));
+}
+
+#[tokio::test]
+async fn a_run_again_after_unordered_chunks_tells_the_client_to_discard_them() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    // A sender that cannot number its callbacks streams a chunk of its first run.
+    let mut chunk = TaskOp::ordered(
+        "chunk",
+        &tid,
+        1,
+        0,
+        ServerMessage::streaming(&sid, &tid, 0, "first run", 0).to_json(),
+    );
+    chunk.once = Some("entry-1/0".into());
+    let first = f.chat.tasks.apply(&sid, &[chunk]).await.unwrap();
+    assert_eq!(first.statuses, [OpStatus::Applied]);
+    // Its run again from the start takes the task over.
+    let restart = TaskOp::restart(
+        &tid,
+        2,
+        ServerMessage::task_restarted(&sid, &tid, 2).to_json(),
+    );
+    let second = f.chat.tasks.apply(&sid, &[restart]).await.unwrap();
+    assert_eq!(second.statuses, [OpStatus::Applied]);
+    let kinds: Vec<String> = f
+        .log
+        .replay_after(&sid, None, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.task_id == tid)
+        .map(|e| {
+            let v: Json = serde_json::from_str(&e.json).unwrap();
+            v["message_type"].as_str().unwrap().to_owned()
+        })
+        .filter(|kind| kind != "task_queued")
+        .collect();
+    assert_eq!(kinds, ["chat_streaming", "task_restarted"]);
+    let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();
+    assert_eq!((task.attempt, task.chunks), (2, 0));
+}
+
+/// A task that keeps streaming keeps its key as long as its session: it does not expire a TTL
+/// after its creation while its session, renewed by the task's own events, lives on.
+#[tokio::test]
+async fn a_task_streaming_for_longer_than_the_ttl_keeps_its_key() {
+    let f = fixture().await;
+    let (sid, tid) = session_with_task(&f).await;
+    let (keys, client) = (f.chat.tasks.keys(), f.chat.tasks.client());
+    let ttl = Retention::default().session_ttl_ms;
+    let pttl = |key: String| async move { client.pttl::<i64, _>(key).await.unwrap() };
+    let chunk = |seq: u32| {
+        let ev = ServerMessage::streaming(&sid, &tid, seq, "w", seq - 2).to_json();
+        TaskOp::ordered("chunk", &tid, 1, seq, ev)
+    };
+    let started = TaskOp::ordered("started", &tid, 1, 1, String::new());
+    f.chat
+        .tasks
+        .apply(&sid, &[started, chunk(2)])
+        .await
+        .unwrap();
+
+    // As if it had been streaming for all but a minute of the TTL: its key has a minute left,
+    // and its session's last renewal is a hundredth of the TTL old.
+    let now = fleet::time::now_ms();
+    let left = 60_000;
+    let _: () = client
+        .hset(keys.task(&sid, &tid), ("created_ms", now - ttl + left))
+        .await
+        .unwrap();
+    let _: bool = client
+        .pexpire(keys.task(&sid, &tid), left, None)
+        .await
+        .unwrap();
+    let _: () = client
+        .hset(
+            keys.session(&sid),
+            ("ttl_refreshed_ms", now - ttl / 100 - 1),
+        )
+        .await
+        .unwrap();
+
+    f.chat.tasks.apply(&sid, &[chunk(3)]).await.unwrap();
+    assert!(pttl(keys.session(&sid)).await > ttl - left);
+    let task_ttl = pttl(keys.task(&sid, &tid)).await;
+    assert!(
+        task_ttl > ttl - left,
+        "the task's key expires with its session, not {task_ttl} ms from now"
+    );
+}

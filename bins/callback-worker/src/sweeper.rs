@@ -113,13 +113,16 @@ impl Sweeper {
                     TaskOp::end("timeout", tid, "timed_out", message, ev.to_json())
                 })
                 .collect();
+            // With a nudge when nothing new was logged: an ended task still in the set may be
+            // one an earlier sweep timed out and then stopped before fanning out, and in a quiet
+            // session no later entry would tell the gateways.
             let applied = crate::handler::apply_in_order(
                 &self.tasks,
                 &self.log,
                 &self.order,
                 sid,
                 &ops,
-                false,
+                true,
             )
             .await?;
             if let Some(p) = &self.planning {

@@ -324,3 +324,81 @@ async fn a_run_again_from_the_start_replaces_what_the_earlier_run_streamed() {
 
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_timeout_a_stopped_sweeper_did_not_fan_out_reaches_the_gateways_with_the_next_sweep() {
+    use callback_worker::Sweeper;
+    use fleet::events::ServerMessage;
+    use fleet::session_log::{FanoutConfig, FanoutEntry, PublishOrder, SessionLog};
+    use fleet::task::TaskOp;
+
+    let (f, sid, tid) = session_with_task().await;
+    let (client, keys) = (&f.client, &f.keys);
+    let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
+    let engine = fleet::deliberation::Engine::new(
+        fleet::deliberation::DeliberationStore::new(
+            client.clone(),
+            keys.clone(),
+            f.chat.tasks.retention().session_ttl_ms,
+        ),
+        fleet::council::Councils::new(client.clone(), keys.clone()),
+        fleet::deliberation::EngineConfig::default(),
+    );
+    let sweeper = Sweeper {
+        tasks: f.chat.tasks.clone(),
+        log: log.clone(),
+        order: PublishOrder::new(),
+        engine,
+        planning: None,
+        every: Duration::from_millis(10),
+    };
+    // The task is overdue.
+    let _: () = client
+        .zadd(
+            keys.deadlines(),
+            Some(SetOptions::XX),
+            None,
+            false,
+            false,
+            (1.0, format!("{sid}/{tid}")),
+        )
+        .await
+        .unwrap();
+    // A sweeper ended it and stopped before its fan-out: the task is timed out in the log, the
+    // gateways were not told, and its deadline is still in the set.
+    let message = "the task did not finish before its deadline";
+    let ev = ServerMessage::chat_error(&sid, &tid, None, "timed_out", message, &Json::Null);
+    let op = TaskOp::end("timeout", &tid, "timed_out", message, ev.to_json());
+    let ended = f.chat.tasks.apply(&sid, &[op]).await.unwrap();
+    let timed_out = ended.events[0].event_id.parse().unwrap();
+    let shard = log.fanout_key(&sid);
+    let before: Value = client.xrange(&shard, "-", "+", None).await.unwrap();
+    assert!(
+        fleet::stream::entry::parse_entries(before)
+            .unwrap()
+            .iter()
+            .flat_map(FanoutEntry::parse_all)
+            .all(|e| e.session_id != sid),
+        "nothing fanned out yet"
+    );
+
+    // The next sweep finds the task ended: it tells the gateways where the session's log is.
+    sweeper.sweep().await.unwrap();
+    let entries: Value = client.xrange(&shard, "-", "+", None).await.unwrap();
+    let fanned: Vec<FanoutEntry> = fleet::stream::entry::parse_entries(entries)
+        .unwrap()
+        .iter()
+        .flat_map(FanoutEntry::parse_all)
+        .filter(|e| e.session_id == sid)
+        .collect();
+    assert_eq!(
+        fanned.last().map(|e| e.event_id),
+        Some(timed_out),
+        "a gateway learns of the timeout: {fanned:?}"
+    );
+    let member: Option<f64> = client
+        .zscore(keys.deadlines(), format!("{sid}/{tid}"))
+        .await
+        .unwrap();
+    assert_eq!(member, None);
+}

@@ -30,7 +30,8 @@
 -- session's event before it (field p), so a reader can tell whether the log lost events before
 -- its oldest.
 -- Returns { statuses, events, ended, last_eid }:
---   statuses: one per op: applied | duplicate | buffered | stale | terminal | missing
+--   statuses: one per op: applied | duplicate | buffered | stale | terminal | missing (no task,
+--             or only a reserved id)
 --   events:   flat { prev_eid, eid, source, ... } of every event appended; source is the index
 --             (from 1) of the op whose `ev` it is, or the event JSON of an op parked earlier
 --   ended:    flat { tid, state, created_ms, pool, ... } of every task this call ended
@@ -70,9 +71,10 @@ local function task(k)
   local t = known[k]
   if not t then
     local r = redis.call('HMGET', KEYS[k], 'state', 'attempt', 'seq', 'created_ms', 'pool',
-      'chunks', 'parked')
+      'chunks', 'parked', 'ttl_refreshed_ms')
     t = { key = KEYS[k], state = r[1], attempt = tonumber(r[2]), seq = tonumber(r[3]) or 0,
-      created = r[4], pool = r[5], chunks = tonumber(r[6]) or 0, parked = tonumber(r[7]) or 0 }
+      created = r[4], pool = r[5], chunks = tonumber(r[6]) or 0, parked = tonumber(r[7]) or 0,
+      refreshed = r[8] }
     known[k] = t
   end
   return t
@@ -95,7 +97,6 @@ local function finish(t, o, state)
     set(t, 'error', o.em)
   end
   t.state = state
-  if renewal_due(t.created, now, ttl) then redis.call('PEXPIRE', t.key, ttl) end
   ends[state] = (tonumber(ends[state]) or 0) + 1
   ended_now[state] = true
   closed_fields[#closed_fields + 1] = 'open:' .. o.tid
@@ -172,7 +173,8 @@ local function apply_one(o)
     return 'applied'
   end
   local t = task(o.k)
-  if not t.state then return 'missing' end
+  -- A reserved id is no task yet (no attempt, not open): nothing to end, restart or move.
+  if not t.state or t.state == 'reserved' then return 'missing' end
   if TERMINAL[t.state] then return 'terminal' end
   if o.op == 'restart' then
     if o.a == t.attempt then return 'duplicate' end
@@ -186,7 +188,8 @@ local function apply_one(o)
       t.parked = 0
       set(t, 'parked', 0)
     end
-    local streamed = t.seq > 0
+    -- Unordered chunks (seq 0) streamed too, without moving seq.
+    local streamed = t.seq > 0 or t.chunks > 0
     t.attempt, t.seq, t.chunks = o.a, 0, 0
     set(t, 'attempt', o.a)
     set(t, 'seq', 0)
@@ -257,12 +260,17 @@ while i + 8 <= #ARGV do
 end
 
 for _, t in ipairs(dirty) do
+  -- A task that changes lives as long as its session, which its events keep alive: its TTL is
+  -- renewed by the same rule, from its own last renewal (or its creation).
+  local renew_task = renewal_due(t.refreshed or t.created, now, ttl)
+  if renew_task then t.set.ttl_refreshed_ms = now end
   local fields, m = {}, 0
   for f, v in pairs(t.set) do
     fields[m + 1], fields[m + 2] = f, v
     m = m + 2
   end
   redis.call('HSET', t.key, unpack(fields))
+  if renew_task then redis.call('PEXPIRE', t.key, ttl) end
 end
 if #closed_fields > 0 then redis.call('HDEL', skey, unpack(closed_fields)) end
 if #late > 0 then

@@ -8,8 +8,9 @@ local TERMINAL = { completed = true, failed = true, cancelled = true, timed_out 
 
 -- A session's keys live `ttl` ms after its last activity. Setting a TTL costs a command per
 -- key, so the scripts renew the session's (hash, log) only when the session hash's
--- `ttl_refreshed_ms` is older than a hundredth of the TTL, and a task's when it was created
--- that long ago: keys expire between 99 % and 100 % of the TTL after the last activity.
+-- `ttl_refreshed_ms` is older than a hundredth of the TTL, and a task's (when it changes) when
+-- its own `ttl_refreshed_ms`, or its creation, is that old: keys expire between 99 % and 100 %
+-- of the TTL after the last activity.
 local function renewal_due(last_ms, now, ttl)
   return (tonumber(now) - (tonumber(last_ms) or 0)) * 100 >= tonumber(ttl)
 end
