@@ -401,6 +401,74 @@ async fn dead_letters_an_entry_after_max_deliveries() {
     assert!(rx.try_recv().is_err(), "a dead letter is not handled again");
 }
 
+/// Acks every entry but `poison`, on which it panics.
+struct PanicsOnPoison;
+
+impl Handler for PanicsOnPoison {
+    type Msg = TaskCommand;
+
+    async fn handle(&self, batch: Vec<Delivery<TaskCommand>>) -> Vec<Outcome> {
+        for d in &batch {
+            if let TaskCommand::Cancel(c) = &d.envelope.msg
+                && c.task_id == "poison"
+            {
+                panic!("the handler cannot take `poison`");
+            }
+        }
+        vec![Outcome::Ack; batch.len()]
+    }
+}
+
+#[tokio::test]
+async fn an_entry_whose_handler_panics_is_delivered_again_then_dead_lettered() {
+    let (client, keys) = setup().await;
+    let mut cfg = config(&keys, "c1");
+    cfg.max_deliveries = 2;
+    cfg.claim_idle = Duration::from_millis(100);
+    // One entry per batch, so the good one is not in the panicked batch.
+    cfg.batch = 1;
+    let stop = CancellationToken::new();
+    let run =
+        tokio::spawn(ConsumerLoop::new(cfg, client.clone(), PanicsOnPoison).run(stop.clone()));
+    producer::send(&client, &keys.tasks(), None, &cancel("poison"))
+        .await
+        .unwrap();
+    producer::send(&client, &keys.tasks(), None, &cancel("good"))
+        .await
+        .unwrap();
+    // Not left pending for good (its claim renewed by a loop that thinks it is in hand): the
+    // loop delivers it again, as a dead consumer's, and dead-letters it past max_deliveries.
+    let letters = eventually(
+        Duration::from_secs(10),
+        "the entry whose handler panicked dead-lettered",
+        || async {
+            let l = dlq_entries(&client, &keys).await;
+            (!l.is_empty()).then_some(l)
+        },
+    )
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0]
+            .get_str("reason")
+            .unwrap()
+            .contains("delivered 2 times"),
+        "{:?}",
+        letters[0].get_str("reason")
+    );
+    let g = groups::group(&client, &keys.tasks(), GROUP)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        g.pending, 0,
+        "the good entry acked, the poison dead-lettered"
+    );
+    assert!(!run.is_finished(), "the loop keeps serving");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_stop_finishes_the_batch_in_hand_before_returning() {
     let (client, keys) = setup().await;

@@ -147,6 +147,33 @@ pub enum ConsumerError {
 /// Entries currently in a handler, with when they were (re)claimed, for claim renewal.
 type InFlight = Arc<Mutex<BTreeMap<StreamId, Instant>>>;
 
+/// Takes a batch's entries out of the in-flight set when dropped: when its handler returns, and
+/// also when it panics, so that the entries of a panicked handler stop having their claims
+/// renewed and are delivered again (then dead-lettered past `max_deliveries`), as those of a
+/// consumer that died are, instead of staying pending for good.
+struct Landed {
+    in_flight: InFlight,
+    ids: Vec<StreamId>,
+}
+
+impl Drop for Landed {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &self.ids {
+            in_flight.remove(id);
+        }
+    }
+}
+
+/// Logs a batch whose handler panicked (its entries are left pending: see [`Landed`]).
+fn joined(stream: &str, batch: Option<Result<(), tokio::task::JoinError>>) {
+    if let Some(Err(e)) = batch
+        && e.is_panic()
+    {
+        tracing::error!(stream, error = %e, "a handler panicked; its entries will be delivered again");
+    }
+}
+
 /// The loop's per-batch metrics, registered once (a lookup by name and labels per batch would
 /// cost as much as the rest of a one-entry batch's bookkeeping).
 struct BatchMetrics {
@@ -215,7 +242,9 @@ impl<H: Handler> ConsumerLoop<H> {
         let mut backoff = Duration::from_millis(50);
 
         while !shutdown.is_cancelled() {
-            while batches.try_join_next().is_some() {}
+            while let Some(batch) = batches.try_join_next() {
+                joined(&cfg.stream, Some(batch));
+            }
 
             if Instant::now() >= next_maintenance {
                 next_maintenance = Instant::now() + maintenance_every;
@@ -229,7 +258,7 @@ impl<H: Handler> ConsumerLoop<H> {
                 // Full: wait for a batch to finish, but keep maintenance (claim renewal above
                 // all) on schedule, or peers would take over the entries held here.
                 tokio::select! {
-                    _ = batches.join_next() => {}
+                    batch = batches.join_next() => joined(&cfg.stream, batch),
                     _ = tokio::time::sleep_until(next_maintenance.into()) => {}
                     _ = shutdown.cancelled() => break,
                 }
@@ -285,7 +314,7 @@ impl<H: Handler> ConsumerLoop<H> {
         // reclaim here: a stopping consumer takes on no new work.
         while !batches.is_empty() {
             tokio::select! {
-                _ = batches.join_next() => {}
+                batch = batches.join_next() => joined(&cfg.stream, batch),
                 _ = tokio::time::sleep_until(next_maintenance.into()) => {
                     next_maintenance = Instant::now() + maintenance_every;
                     self.renew_claims().await;
@@ -324,15 +353,14 @@ impl<H: Handler> ConsumerLoop<H> {
         let cfg = self.cfg.clone();
         let client = self.client.clone();
         let handler = self.handler.clone();
-        let in_flight = self.in_flight.clone();
+        let landed = Landed {
+            in_flight: self.in_flight.clone(),
+            ids: entries.iter().map(|e| e.id).collect(),
+        };
         let metrics = self.metrics.clone();
-        let ids: Vec<StreamId> = entries.iter().map(|e| e.id).collect();
         batches.spawn(async move {
             handle_batch(&cfg, &client, &*handler, &metrics, entries, deliveries).await;
-            let mut in_flight = in_flight.lock().expect("in-flight lock");
-            for id in &ids {
-                in_flight.remove(id);
-            }
+            drop(landed);
             drop(permit);
         });
     }
