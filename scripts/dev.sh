@@ -3,6 +3,7 @@
 #
 #   scripts/dev.sh              build, start every binary, run the demo, keep running (Ctrl-C stops)
 #   scripts/dev.sh --demo-only  stop after the demo
+#   scripts/dev.sh --help       this text
 #
 # Uses REDIS_URL and NATS_URL when set; otherwise starts a local redis-server and a nats-server
 # with JetStream on free ports (data and logs in .fleet-dev/). Installs them with apt-get when
@@ -10,10 +11,32 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$root/scripts/dev.sh"; }
 demo_only=false
-[ "${1:-}" = "--demo-only" ] && demo_only=true
+for arg in "$@"; do
+  case "$arg" in
+    --demo-only) demo_only=true ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "scripts/dev.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
+  esac
+done
 
-scripts/ensure-deps.sh
+# The servers this script starts (those whose URL is not set): installed when missing.
+server_bin() {
+  command -v "$1" 2>/dev/null || { for d in /usr/sbin /usr/local/sbin; do
+    [ -x "$d/$1" ] && echo "$d/$1" && return 0; done; return 1; }
+}
+needed=()
+[ -z "${REDIS_URL:-}" ] && ! server_bin redis-server >/dev/null && needed+=(redis-server)
+[ -z "${NATS_URL:-}" ] && ! server_bin nats-server >/dev/null && needed+=(nats-server)
+command -v curl >/dev/null 2>&1 || needed+=(curl)
+if [ ${#needed[@]} -gt 0 ] && ! scripts/ensure-deps.sh; then
+  echo "scripts/dev.sh: could not install ${needed[*]} (above). Install what is missing, or set" \
+    "REDIS_URL and NATS_URL to a running Redis and NATS server (with JetStream)." >&2
+  exit 1
+fi
+command -v cargo >/dev/null 2>&1 || { echo "scripts/dev.sh: cargo is missing: install Rust from https://rustup.rs" >&2; exit 1; }
+command -v curl >/dev/null 2>&1 || { echo "scripts/dev.sh: curl is missing (it checks that each process is ready)" >&2; exit 1; }
 dev="$root/.fleet-dev"
 mkdir -p "$dev/logs" "$dev/redis"
 pids=()     # the fleet's processes
@@ -21,13 +44,17 @@ servers=()  # the redis-server and nats-server this script started
 # The fleet stops first, while Redis is still there for it to finish and ack what it has in
 # hand (with Redis gone, each process would wait out its shutdown grace); then the servers.
 cleanup() {
-  trap - EXIT INT TERM
+  trap - EXIT INT TERM HUP
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   for p in "${servers[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT INT TERM HUP
+# The servers run in a session of their own, out of reach of a Ctrl-C at the terminal (which
+# signals its whole process group): cleanup stops them, after the fleet.
+detach=()
+command -v setsid >/dev/null 2>&1 && detach=(setsid)
 
 # pick VAR PORT: the first port from PORT up that nothing listens on and this script has not
 # handed out already (the processes bind them only later), into VAR.
@@ -41,21 +68,38 @@ pick() {
   printf -v "$1" '%s' "$p"
 }
 
+# listening NAME PID PORT: waits until server NAME (process PID) listens on PORT, or says why not.
+listening() {
+  local name=$1 pid=$2 port=$3
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "$name did not start on port $port; the end of .fleet-dev/logs/$name.log:" >&2
+  tail -n 20 "$dev/logs/$name.log" >&2
+  exit 1
+}
+
 if [ -z "${REDIS_URL:-}" ]; then
   pick port 6390
-  redis_bin=$(command -v redis-server || echo /usr/sbin/redis-server)
-  "$redis_bin" --port "$port" --bind 127.0.0.1 --dir "$dev/redis" --appendonly yes \
+  redis_bin=$(server_bin redis-server)
+  : >"$dev/logs/redis.log"
+  "${detach[@]}" "$redis_bin" --port "$port" --bind 127.0.0.1 --dir "$dev/redis" --appendonly yes \
     --save "" --daemonize no --logfile "$dev/logs/redis.log" &
   servers+=($!)
+  listening redis "$!" "$port"
   export REDIS_URL="redis://127.0.0.1:$port"
   echo "started redis-server on $REDIS_URL (data in .fleet-dev/redis)"
 fi
 if [ -z "${NATS_URL:-}" ]; then
   pick nats_port 4232
-  nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  nats_bin=$(server_bin nats-server)
   mkdir -p "$dev/nats"
-  "$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$dev/nats" -l "$dev/logs/nats-server.log" &
+  : >"$dev/logs/nats-server.log"
+  "${detach[@]}" "$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$dev/nats" -l "$dev/logs/nats-server.log" &
   servers+=($!)
+  listening nats-server "$!" "$nats_port"
   export NATS_URL="nats://127.0.0.1:$nats_port"
   echo "started nats-server with JetStream on $NATS_URL (data in .fleet-dev/nats)"
 fi

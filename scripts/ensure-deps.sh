@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what Fleet's dev run and tests need and the machine lacks: redis-server and
-# nats-server (Debian packages), and Python 3 with the Python executor example's packages
+# Installs what Fleet's dev run and tests need and the machine lacks: redis-server, nats-server
+# and curl (Debian packages), and Python 3 with the Python executor example's packages
 # (redis, msgpack; from PyPI, or Debian's python3-redis / python3-msgpack where pip cannot).
 # Rust itself is expected (rustup).
 set -euo pipefail
@@ -11,6 +11,10 @@ sudo=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
 updated=false
 apt_install() {
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "apt-get is not available to install $*: install them with this system's package manager" >&2
+    return 1
+  fi
   if [ "$(id -u)" -ne 0 ] && [ -z "$sudo" ]; then
     echo "need root (or sudo) to apt-get install $*" >&2
     return 1
@@ -23,6 +27,7 @@ apt_install() {
 missing=()
 have redis-server || missing+=(redis-server)
 have nats-server || missing+=(nats-server)
+have curl || missing+=(curl)
 # The Python executor example (and its test) needs Python 3 with redis-py and msgpack.
 have python3 || missing+=(python3 python3-redis python3-msgpack)
 if [ ${#missing[@]} -gt 0 ]; then
