@@ -235,6 +235,74 @@ async fn review_rounds_send_peers_and_use_the_revisions() {
 }
 
 #[tokio::test]
+async fn a_proposal_under_a_run_of_member_ids_is_from_no_member() {
+    use fleet::deliberation::engine::Handled;
+    let f = fixture().await;
+    let s = spec("d-comma", 2, 2, 1);
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    // Members DEV-1 and DEV-2 (stored as the list `DEV-1,DEV-2`): `DEV-1,DEV-2` is neither.
+    for bogus in ["DEV-1,DEV-2", "DEV-2,", ""] {
+        let handled = f
+            .engine
+            .on_proposal(&proposal("d-comma", bogus, 1, 1.0), false)
+            .await
+            .unwrap();
+        assert_eq!(handled, Handled::Dropped("unknown_member"), "`{bogus}`");
+    }
+    let view = f.engine.store.get("d-comma").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Generating);
+    assert_eq!(view.received_now(), 0, "nothing counted for the round");
+    assert!(
+        f.engine
+            .store
+            .proposals("d-comma")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The real members complete the round, and only they are ranked.
+    for m in ["DEV-1", "DEV-2"] {
+        f.engine
+            .on_proposal(&proposal("d-comma", m, 1, 1.0), false)
+            .await
+            .unwrap();
+    }
+    let view = f.engine.store.get("d-comma").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    let members: Vec<&str> = view
+        .ranked
+        .iter()
+        .map(|r| r.proposal.member.as_str())
+        .collect();
+    assert_eq!(members, ["DEV-1", "DEV-2"]);
+}
+
+#[tokio::test]
+async fn a_check_score_that_is_not_a_number_counts_0_not_1() {
+    let f = fixture().await;
+    let s = spec("d-nan", 1, 1, 1);
+    f.engine.accept(&s).await.unwrap();
+    f.engine.dispatch(&s, "", false).await.unwrap();
+    // An agent's lint divided 0 by 0 (MessagePack carries NaN) and says it passed.
+    let mut p = proposal("d-nan", "DEV-1", 1, 1.0);
+    p.checks.lint = Some(Check::pass(f64::NAN, "0/0 files clean"));
+    p.checks
+        .extra
+        .insert("security".into(), Check::pass(f64::INFINITY, ""));
+    f.engine.on_proposal(&p, false).await.unwrap();
+    let view = f.engine.store.get("d-nan").await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Completed);
+    let r = &view.ranked[0];
+    // policy 0.4 * 1 + lint 0.3 * 0 + dry_run 0.3 * 1, as the check's value says.
+    assert_eq!(r.score, 0.7, "{r:?}");
+    let lint = r.proposal.checks.lint.as_ref().unwrap();
+    assert_eq!((lint.passed, lint.value()), (true, 0.0));
+    let security = &r.proposal.checks.extra["security"];
+    assert_eq!(security.value(), 0.0);
+}
+
+#[tokio::test]
 async fn the_deadline_applies_the_quorum_and_cancels_stragglers() {
     let f = fixture().await;
     let s = spec("d3", 3, 2, 1);

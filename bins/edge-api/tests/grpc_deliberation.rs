@@ -290,6 +290,19 @@ async fn oversized_or_badly_named_fields_get_invalid_argument_and_change_nothing
         ),
         (
             pb::DeliberateRequest {
+                constraints: constraints(pb::DeliberationConstraints {
+                    rubric: Some(pb::Rubric {
+                        weights: [("policy".into(), 0.0), ("lint".into(), 0.0)].into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..valid()
+            },
+            "rubric weights are all 0",
+        ),
+        (
+            pb::DeliberateRequest {
                 constraints: metadata("has space".into(), "v".into()),
                 ..valid()
             },

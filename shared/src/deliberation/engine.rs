@@ -136,6 +136,23 @@ fn candidates(ranked: &[RankedProposal], top_k: u32) -> usize {
     (top_k as usize).min(pool)
 }
 
+/// `checks` with every score that is not a finite number made 0, what such a score counts
+/// ([`super::Check::value`]): stored as JSON, it would read back as no score, which counts 1.
+fn finite_scores(checks: &super::Checks) -> super::Checks {
+    let mut checks = checks.clone();
+    let extra = checks.extra.values_mut();
+    for c in [&mut checks.policy, &mut checks.lint, &mut checks.dry_run]
+        .into_iter()
+        .flatten()
+        .chain(extra)
+    {
+        if c.score.is_some_and(|s| !s.is_finite()) {
+            c.score = Some(0.0);
+        }
+    }
+    checks
+}
+
 impl Engine {
     pub fn new(store: DeliberationStore, councils: Councils, cfg: EngineConfig) -> Self {
         Self {
@@ -410,7 +427,7 @@ impl Engine {
             agent_id: cb.agent_id.clone(),
             round: cb.round,
             content: cb.content.clone(),
-            checks: cb.checks.clone(),
+            checks: finite_scores(&cb.checks),
             self_score: cb.self_score.filter(|s| s.is_finite()),
             received_ms: now_ms(),
         };

@@ -409,6 +409,17 @@ impl DeliberationSpec {
         if !sw.is_finite() || sw < 0.0 {
             return bad("rubric self_score_weight must be a finite number >= 0".into());
         }
+        // Weights that are all 0 count nothing: every proposal would score 0, and the author id
+        // alone would choose the winner.
+        if !self.rubric.weights.is_empty()
+            && self.rubric.weights.values().all(|w| *w == 0.0)
+            && sw == 0.0
+        {
+            return bad(
+                "rubric weights are all 0 (and self_score_weight is 0): no proposal could score; give a check a weight > 0, or no weights for the defaults"
+                    .into(),
+            );
+        }
         if self.architect_top_k == 1 || self.architect_top_k > MAX_ARCHITECT_TOP_K {
             return bad(format!(
                 "architect_top_k must be between 2 and {MAX_ARCHITECT_TOP_K}"
@@ -619,6 +630,13 @@ mod tests {
                 }),
                 "finite",
             ),
+            (
+                Box::new(|s| {
+                    s.rubric.weights.insert("policy".into(), 0.0);
+                    s.rubric.weights.insert("lint".into(), -0.0);
+                }),
+                "rubric weights are all 0",
+            ),
             (Box::new(|s| s.architect_top_k = 1), "architect_top_k"),
             (Box::new(|s| s.case_id = "x/y".into()), "case_id"),
             (
@@ -656,6 +674,15 @@ mod tests {
             let err = s.validate().unwrap_err().0;
             assert!(err.contains(want), "{err} should mention {want}");
         }
+        // Some weight > 0, or a weighed self-score, is something to score by.
+        let mut s = spec();
+        s.rubric.weights.insert("policy".into(), 0.0);
+        s.rubric.weights.insert("security".into(), 1.0);
+        assert_eq!(s.validate(), Ok(()));
+        let mut s = spec();
+        s.rubric.weights.insert("policy".into(), 0.0);
+        s.rubric.self_score_weight = 1.0;
+        assert_eq!(s.validate(), Ok(()));
         // At the limits is fine.
         let mut s = spec();
         s.rubric.description = "r".repeat(MAX_RUBRIC_DESCRIPTION_BYTES);

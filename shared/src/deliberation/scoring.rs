@@ -3,7 +3,9 @@
 //! * A proposal's score is the weighted mean of what its checks contribute (a passed check its
 //!   own score, 1 when it gives none; a failed check 0) and, when the rubric weighs it, the
 //!   agent's self-score. Checks that did not run, and checks the rubric gives no weight, do not
-//!   count. No counting check at all scores 0.
+//!   count. No counting check at all scores 0. Scores are rounded to [`SCORE_DECIMALS`]
+//!   decimal places, so scores that are equal but for floating-point noise (0.4 + 0.3 * 0.5 +
+//!   0.3 against 0.4 + 0.3 + 0.3 * 0.5) are equal, and tie.
 //! * Ranking: proposals whose policy check failed come after every other one; then by score,
 //!   highest first; ties break by member id (ascending), so the order never depends on the
 //!   order proposals arrived in.
@@ -27,29 +29,35 @@ pub struct RankedProposal {
     pub rank: u32,
 }
 
+/// Decimal places a score keeps.
+pub const SCORE_DECIMALS: i32 = 9;
+
 /// The score of one proposal's checks (and self-score) under `rubric`, 0..1.
 pub fn score(checks: &Checks, self_score: Option<f64>, rubric: &Rubric) -> f64 {
-    let (mut sum, mut total) = (0.0, 0.0);
-    for (name, check) in checks.iter() {
-        let w = rubric.weight(name);
-        if w > 0.0 {
-            sum += w * check.value();
-            total += w;
-        }
-    }
+    // (weight, value) of everything that counts.
+    let mut parts: Vec<(f64, f64)> = checks
+        .iter()
+        .map(|(name, check)| (rubric.weight(name), check.value()))
+        .filter(|(w, _)| *w > 0.0)
+        .collect();
     let sw = rubric.self_score_weight;
     if sw.is_finite()
         && sw > 0.0
         && let Some(s) = self_score.filter(|s| s.is_finite())
     {
-        sum += sw * s.clamp(0.0, 1.0);
-        total += sw;
+        parts.push((sw, s.clamp(0.0, 1.0)));
     }
-    if total > 0.0 {
-        (sum / total).clamp(0.0, 1.0)
-    } else {
-        0.0
+    // A weighted mean is the same under weights scaled alike: relative to the largest one, the
+    // sums stay finite however large the weights are (two of f64::MAX overflowed to inf / inf).
+    let largest = parts.iter().fold(0.0, |m: f64, (w, _)| m.max(*w));
+    if largest <= 0.0 {
+        return 0.0;
     }
+    let (sum, total) = parts.iter().fold((0.0, 0.0), |(sum, total), (w, v)| {
+        (sum + w / largest * v, total + w / largest)
+    });
+    let scale = 10f64.powi(SCORE_DECIMALS);
+    ((sum / total).clamp(0.0, 1.0) * scale).round() / scale
 }
 
 fn order(a: &RankedProposal, b: &RankedProposal) -> Ordering {
@@ -132,6 +140,38 @@ mod tests {
         rubric.self_score_weight = 2.0;
         let s = score(&p.checks, Some(1.0), &rubric);
         assert!((s - 0.75).abs() < 1e-9, "{s}");
+    }
+
+    #[test]
+    fn scores_equal_but_for_rounding_noise_tie_and_break_by_member() {
+        // 0.4 + 0.3 * 0.5 + 0.3 and 0.4 + 0.3 + 0.3 * 0.5 are both 0.85, though their floating
+        // point sums differ in the last bit.
+        let mut half_dry = proposal("DEV-1", Some(true), 1.0, true);
+        half_dry.checks.dry_run = Some(Check::pass(0.5, ""));
+        let half_lint = proposal("DEV-2", Some(true), 0.5, true);
+        let ranked = rank(vec![half_lint, half_dry], &Rubric::default());
+        let order: Vec<&str> = ranked.iter().map(|r| r.proposal.member.as_str()).collect();
+        assert_eq!(order, ["DEV-1", "DEV-2"], "{ranked:?}");
+        assert_eq!(ranked[0].score, 0.85);
+        assert_eq!(ranked[1].score, 0.85);
+    }
+
+    #[test]
+    fn huge_weights_still_give_a_score_between_0_and_1() {
+        let p = proposal("a", Some(true), 0.5, true);
+        let mut rubric = Rubric::default();
+        rubric.weights.insert("policy".into(), f64::MAX);
+        rubric.weights.insert("lint".into(), f64::MAX);
+        assert_eq!(score(&p.checks, None, &rubric), 0.75);
+        let mut rubric = Rubric::default();
+        rubric.weights.insert("lint".into(), 1.0);
+        rubric.self_score_weight = f64::MAX;
+        assert_eq!(score(&p.checks, Some(1.0), &rubric), 1.0);
+        // So the ranked proposals serialize (a NaN score is JSON null, which does not decode).
+        let ranked = rank(vec![p], &rubric);
+        let json = serde_json::to_string(&ranked).unwrap();
+        let back: Vec<RankedProposal> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ranked);
     }
 
     #[test]

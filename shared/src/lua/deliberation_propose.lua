@@ -11,7 +11,9 @@ local round, n, rounds = t[2] or '0', t[3] or '0', t[5] or '1'
 local received = redis.call('HGET', KEYS[1], 'received:' .. round) or '0'
 local function answer(outcome) return { outcome, tostring(received), n, round, rounds, status } end
 if D_TERMINAL[status] then return answer('terminal') end
-if not string.find(',' .. (t[4] or '') .. ',', ',' .. ARGV[4] .. ',', 1, true) then
+-- A member id never holds a comma: one that does would match a run of members of the list.
+if ARGV[4] == '' or string.find(ARGV[4], ',', 1, true)
+  or not string.find(',' .. (t[4] or '') .. ',', ',' .. ARGV[4] .. ',', 1, true) then
   return answer('unknown_member')
 end
 local field = ARGV[5] .. ':' .. ARGV[4]
