@@ -16,7 +16,7 @@ use fred::types::scripts::Script;
 use super::scoring::RankedProposal;
 use super::{DeliberationSpec, Member, Proposal, Status};
 use crate::keys::Keys;
-use crate::stream::entry::{StreamEntry, StreamId, parse_read};
+use crate::stream::entry::{StreamEntry, StreamId, parse_entries, parse_read};
 use crate::time::now_ms;
 
 /// A deliberation's event stream keeps about this many updates.
@@ -566,6 +566,18 @@ impl DeliberationStore {
             .collect();
         out.sort_by(|a, b| (a.round, &a.member).cmp(&(b.round, &b.member)));
         Ok(out)
+    }
+
+    /// The event id of deliberation `id`'s newest update, if its log holds one.
+    pub async fn newest_update(&self, id: &str) -> Result<Option<StreamId>, StoreError> {
+        let reply: Value = self
+            .client
+            .xrevrange(self.keys.deliberation_events(id), "+", "-", Some(1))
+            .await?;
+        Ok(parse_entries(reply)
+            .map_err(|e| StoreError::Reply(e.to_string()))?
+            .first()
+            .map(|e| e.id))
     }
 
     /// Updates of deliberation `id` after `after`, at most `count`; with `block_ms`, waits that

@@ -77,6 +77,37 @@ async fn stream_deliberation_delivers_ordered_updates_ending_in_complete() {
             .content
             .contains("Revised after reading")
     );
+
+    // A dropped stream resumes after the last update it delivered: the rest, each once.
+    let resume = |after: &str| {
+        let mut req = deliberate("streamed-1", "DEV", 3, 2, 20_000);
+        req.last_event_id = after.into();
+        req
+    };
+    let mut rest = grpc
+        .stream_deliberation(resume(&updates[4].event_id))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut resumed = Vec::new();
+    while let Some(u) = rest.message().await.unwrap() {
+        resumed.push(u.event_id);
+    }
+    let want: Vec<String> = updates[5..].iter().map(|u| u.event_id.clone()).collect();
+    assert_eq!(resumed, want);
+    // After the final update there is nothing left: the stream ends at once.
+    let mut none = grpc
+        .stream_deliberation(resume(&last.event_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.message().await.unwrap(), None);
+    let refused = grpc
+        .stream_deliberation(resume("not-an-id"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("last_event_id"), "{refused:?}");
     fleet.stop().await;
 }
 

@@ -342,7 +342,14 @@ impl Orchestrator {
         &self,
         req: Request<pb::DeliberateRequest>,
     ) -> Result<BoxStream<pb::DeliberationUpdate>, Status> {
-        let spec = self.spec(Self::deliberate_draft(req.into_inner()))?;
+        let mut req = req.into_inner();
+        let after = match std::mem::take(&mut req.last_event_id) {
+            id if id.is_empty() => StreamId::ZERO,
+            id => id.parse().map_err(|_| {
+                Status::invalid_argument("last_event_id is not an event id (<ms>-<seq>)")
+            })?,
+        };
+        let spec = self.spec(Self::deliberate_draft(req))?;
         Span::current().record("task_id", spec.deliberation_id.as_str());
         let reader = self.blocking_reader().await?;
         self.accept(&spec).await?;
@@ -365,7 +372,7 @@ impl Orchestrator {
             me: self.clone(),
             reader,
             view,
-            after: StreamId::ZERO,
+            after,
             pending: VecDeque::new(),
             done: false,
         };
@@ -413,6 +420,14 @@ impl Orchestrator {
                         match st.me.engine.store.get(&spec.deliberation_id).await {
                             Ok(Some(v)) if v.status.is_terminal() => {
                                 st.done = true;
+                                // Resumed after the final update, which the log still holds:
+                                // nothing is left to send.
+                                let store = &st.me.engine.store;
+                                match store.newest_update(&spec.deliberation_id).await {
+                                    Ok(Some(newest)) if newest <= st.after => return None,
+                                    Ok(_) => {}
+                                    Err(e) => return Some((Err(error::store(e)), st)),
+                                }
                                 let update = final_update(&v);
                                 return Some((Ok(update), st));
                             }
