@@ -199,6 +199,25 @@ async fn a_full_round_completes_ranks_and_decides() {
 }
 
 #[tokio::test]
+async fn a_deliberation_outlives_its_timeout_whatever_the_session_ttl() {
+    let f = fixture().await;
+    // A fleet whose sessions live a minute still keeps an hour-long deliberation to its end.
+    let engine = Engine::new(
+        DeliberationStore::new(f.client.clone(), f.keys.clone(), 60_000),
+        Councils::new(f.client.clone(), f.keys.clone()),
+        EngineConfig::default(),
+    );
+    let mut s = spec("d-ttl", 3, 2, 1);
+    s.deadline_ms = now_ms() + fleet::deliberation::MAX_TIMEOUT_MS as i64;
+    engine.accept(&s).await.unwrap();
+    let ttl: i64 = f.client.pttl(f.keys.deliberation("d-ttl")).await.unwrap();
+    assert!(
+        ttl > fleet::deliberation::MAX_TIMEOUT_MS as i64,
+        "expires in {ttl} ms, before its deadline"
+    );
+}
+
+#[tokio::test]
 async fn review_rounds_send_peers_and_use_the_revisions() {
     let f = fixture().await;
     let s = spec("d2", 2, 2, 2);

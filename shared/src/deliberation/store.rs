@@ -337,12 +337,19 @@ fn status_of(s: Option<&String>) -> Result<Status, StoreError> {
         .ok_or_else(|| StoreError::Reply(format!("unknown status {s:?}")))
 }
 
+/// The shortest life a deliberation's keys get: the longest deliberation (its timeout, at most
+/// [`super::MAX_TIMEOUT_MS`]) and an hour more to read its result, whatever the session TTL.
+pub const MIN_TTL_MS: i64 = 2 * super::MAX_TIMEOUT_MS as i64;
+
 impl DeliberationStore {
+    /// A store whose deliberations expire `ttl_ms` (the session TTL, at least [`MIN_TTL_MS`])
+    /// after their last change: a TTL shorter than a deliberation's timeout would let a quiet
+    /// one vanish before its deadline.
     pub fn new(client: Client, keys: Keys, ttl_ms: i64) -> Self {
         Self {
             client,
             keys,
-            ttl_ms,
+            ttl_ms: ttl_ms.max(MIN_TTL_MS),
         }
     }
 
