@@ -807,6 +807,10 @@ impl Engine {
                     );
                     t.received = latest.len() as u32;
                     if self.store.transition(id, &t).await? == Moved::Applied {
+                        // Read again now that no proposal can be recorded (only `generating` and
+                        // `reviewing` take them): one recorded since the read above is in the
+                        // event log, and is scored with the others.
+                        let latest = latest_per_member(self.store.proposals(id).await?);
                         let ranked = rank(latest, &spec.rubric);
                         self.complete(
                             &view,
