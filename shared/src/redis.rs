@@ -11,18 +11,27 @@ use fred::types::config::{TcpConfig, UnresponsiveConfig};
 /// Why Redis could not be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("invalid REDIS_URL `{url}`: {source}")]
-    Url {
-        url: String,
-        #[source]
-        source: Error,
-    },
-    #[error("cannot connect to Redis at `{url}`: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: Error,
-    },
+    #[error("invalid Redis URL `{url}`: {}", reason(.error))]
+    Url { url: String, error: Error },
+    #[error("cannot connect to Redis at `{url}`: {}", reason(.error))]
+    Connect { url: String, error: Error },
+}
+
+/// What went wrong, as a person reads it: fred renders a system error with its debug form
+/// (`IO Error: Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`),
+/// whose message is the part worth showing.
+pub fn reason(error: &Error) -> String {
+    let details = error.details();
+    if *error.kind() == ErrorKind::IO {
+        for field in ["message: \"", "error: \""] {
+            if let Some(start) = details.find(field).map(|at| at + field.len())
+                && let Some(len) = details[start..].find('"')
+            {
+                return details[start..start + len].to_owned();
+            }
+        }
+    }
+    error.to_string()
 }
 
 /// How long, in milliseconds, a command may wait for its reply unless told otherwise (the
@@ -46,19 +55,16 @@ pub async fn connect_with(url: &str, command_timeout: Duration) -> Result<Client
         default_command_timeout: command_timeout,
         ..client.perf_config()
     });
-    client
-        .init()
-        .await
-        .map_err(|source| ConnectError::Connect {
-            url: redact(url),
-            source,
-        })?;
+    client.init().await.map_err(|error| ConnectError::Connect {
+        url: redact(url),
+        error,
+    })?;
     crate::task::SCRIPTS
         .load(&client)
         .await
-        .map_err(|source| ConnectError::Connect {
+        .map_err(|error| ConnectError::Connect {
             url: redact(url),
-            source,
+            error,
         })?;
     Ok(client)
 }
@@ -77,9 +83,9 @@ pub fn blocking_reader(client: &Client, block: Duration) -> Client {
 
 /// Builds a client for `url` without connecting it.
 pub fn client(url: &str) -> Result<Client, ConnectError> {
-    let config = Config::from_url(url).map_err(|source| ConnectError::Url {
+    let config = Config::from_url(url).map_err(|error| ConnectError::Url {
         url: redact(url),
-        source,
+        error,
     })?;
     let connection = ConnectionConfig {
         connection_timeout: Duration::from_secs(5),
@@ -133,5 +139,33 @@ mod tests {
             "redis://u:***@h:1/0"
         );
         assert_eq!(super::redact("redis://h:1"), "redis://h:1");
+    }
+
+    #[tokio::test]
+    async fn a_redis_that_is_not_there_is_named_with_the_systems_reason() {
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("redis://127.0.0.1:{port}");
+        let e = super::connect(&url).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("cannot connect to Redis at `{url}`: Connection refused")
+        );
+        // Said once, not again as a cause (`{:#}` shows an error's causes).
+        assert_eq!(
+            format!("{:#}", anyhow::Error::from(e))
+                .matches("refused")
+                .count(),
+            1
+        );
+        let e = super::client("redis://h:port").unwrap_err();
+        assert!(
+            e.to_string().starts_with("invalid Redis URL `redis://h:port`: "),
+            "{e}"
+        );
     }
 }
