@@ -343,7 +343,9 @@ impl Dispatcher {
         Ok((new, true))
     }
 
-    /// Ends a submitted task whose agent no longer exists.
+    /// Ends a submitted task whose agent no longer exists. A redelivered submit's task may be
+    /// in a pool already (the earlier delivery dispatched it, then died), so the executors of
+    /// the pool of a task ended here are told to stop it.
     async fn fail_agent_gone(&self, s: &TaskSubmit, redelivered: bool) -> Result<()> {
         let (sid, tid) = (&s.session_id, &s.task_id);
         let message = format!("agent `{}` does not exist (any more)", s.agent_id);
@@ -351,7 +353,13 @@ impl Dispatcher {
             ServerMessage::chat_error(sid, tid, None, "agent_not_found", &message, &Json::Null);
         let op = TaskOp::end("fail", tid, "agent_not_found", &message, ev.to_json());
         let applied = self.tasks.apply(sid, &[op]).await?;
-        self.publish(sid, &applied, redelivered).await
+        self.publish(sid, &applied, redelivered).await?;
+        for t in applied.ended.iter().filter(|t| !t.pool.is_empty()) {
+            self.tasks
+                .cancel_on_executors(&t.pool, sid, tid, &message)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn submit(&self, s: TaskSubmit, redelivered: bool) -> Result<()> {

@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Parser;
 use dispatcher::{App, Config};
 use fleet::Keys;
-use fleet::envelope::{Envelope, ExecControl, SessionClose, TaskCommand};
+use fleet::agent::AgentStore;
+use fleet::envelope::{Envelope, ExecCancel, ExecControl, SessionClose, TaskCommand, TaskSubmit};
 use fleet::events::ServerMessage;
 use fleet::keys::GROUP_DISPATCHERS;
 use fleet::session::Chat;
@@ -51,10 +52,17 @@ impl Fixture {
     /// Puts a `session.close` on the tasks stream, read by a dispatcher that then died: it stays
     /// pending, delivered once.
     async fn close_read_by_a_dead_dispatcher(&self) {
-        let close = Envelope::new(TaskCommand::SessionClose(SessionClose {
+        self.read_by_a_dead_dispatcher(TaskCommand::SessionClose(SessionClose {
             session_id: self.sid.clone(),
             reason: String::new(),
-        }));
+        }))
+        .await;
+    }
+
+    /// Puts `command` on the tasks stream, read by a dispatcher that then died: it stays
+    /// pending, delivered once.
+    async fn read_by_a_dead_dispatcher(&self, command: TaskCommand) {
+        let close = Envelope::new(command);
         groups::ensure_group(&self.client, &self.keys.tasks(), GROUP_DISPATCHERS)
             .await
             .unwrap();
@@ -74,7 +82,7 @@ impl Fixture {
             )
             .await
             .unwrap();
-        assert!(!read.is_null(), "the dead dispatcher holds the close");
+        assert!(!read.is_null(), "the dead dispatcher holds the command");
     }
 
     /// What the close's handler applies to cancel task `tid`.
@@ -98,6 +106,20 @@ impl Fixture {
 
     /// Runs a dispatcher until the close is acked; answers the tasks told to stop.
     async fn redeliver(&self) -> BTreeSet<String> {
+        self.redeliver_command()
+            .await
+            .into_iter()
+            .map(|c| {
+                assert_eq!(c.session_id, self.sid);
+                assert_eq!(c.reason, "the session was closed");
+                c.task_id
+            })
+            .collect()
+    }
+
+    /// Runs a dispatcher until the pending command is acked; answers the cancels it wrote to
+    /// the executors of pool `default`.
+    async fn redeliver_command(&self) -> Vec<ExecCancel> {
         let args = [
             "dispatcher",
             "--redis-url",
@@ -116,7 +138,7 @@ impl Fixture {
             .expect("dispatcher builds");
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(app.run(shutdown.clone()));
-        let g = eventually(Duration::from_secs(10), "the close acked", || async {
+        let g = eventually(Duration::from_secs(10), "the command acked", || async {
             let g = groups::group(&self.client, &self.keys.tasks(), GROUP_DISPATCHERS)
                 .await
                 .unwrap()?;
@@ -139,12 +161,42 @@ impl Fixture {
             .map(|e| {
                 let ExecControl::Cancel(c) =
                     Envelope::<ExecControl>::from_fields(&e.fields).unwrap().msg;
-                assert_eq!(c.session_id, self.sid);
-                assert_eq!(c.reason, "the session was closed");
-                c.task_id
+                c
             })
             .collect()
     }
+}
+
+#[tokio::test]
+async fn a_redelivered_submit_whose_agent_is_gone_stops_the_task_its_first_delivery_sent() {
+    let (f, tids) = session_with_tasks(1).await;
+    let task = f.chat.tasks.get(&f.sid, &tids[0]).await.unwrap().unwrap();
+    assert_eq!(task.state(), Some(TaskState::Dispatched));
+    // A submit through the dispatchers, whose first delivery dispatched the task to pool
+    // `default` and died before acking; then the agent was deleted.
+    f.read_by_a_dead_dispatcher(TaskCommand::Submit(TaskSubmit {
+        session_id: f.sid.clone(),
+        task_id: tids[0].clone(),
+        agent_id: fleet::testing::ECHO_AGENT.into(),
+        attempt: 1,
+        message: "hello 0".into(),
+        metadata: Json::Null,
+        deadline_ms: task.deadline_ms,
+        source: "rest".into(),
+    }))
+    .await;
+    AgentStore::new(f.client.clone(), f.keys.clone())
+        .delete(fleet::testing::ECHO_AGENT)
+        .await
+        .unwrap();
+
+    // The task fails, and the pool's executors are told to stop it.
+    let cancels = f.redeliver_command().await;
+    let stopped: Vec<&str> = cancels.iter().map(|c| c.task_id.as_str()).collect();
+    assert_eq!(stopped, [tids[0].as_str()]);
+    assert!(cancels[0].reason.contains("does not exist"), "{cancels:?}");
+    let task = f.chat.tasks.get(&f.sid, &tids[0]).await.unwrap().unwrap();
+    assert_eq!(task.state(), Some(TaskState::Failed));
 }
 
 #[tokio::test]
