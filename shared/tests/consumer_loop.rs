@@ -68,6 +68,15 @@ async fn dlq_entries(client: &Client, keys: &Keys) -> Vec<fleet::stream::StreamE
     fleet::stream::entry::parse_entries(v).unwrap()
 }
 
+/// The dead-letter stream's entries once it has one (`what` names the wait).
+async fn dead_letters(client: &Client, keys: &Keys, what: &str) -> Vec<fleet::stream::StreamEntry> {
+    eventually(Duration::from_secs(10), what, || async {
+        let l = dlq_entries(client, keys).await;
+        (!l.is_empty()).then_some(l)
+    })
+    .await
+}
+
 /// The dead-letter stream's entries, or `None` while the key holds something else.
 async fn dlq_entries_or_none(
     client: &Client,
@@ -374,15 +383,7 @@ async fn dead_letters_an_entry_after_max_deliveries() {
     for n in 1..=3 {
         assert_eq!(rx.recv().await.unwrap(), ("poison".into(), n));
     }
-    let letters = eventually(
-        Duration::from_secs(5),
-        "the poison entry dead-lettered",
-        || async {
-            let l = dlq_entries(&client, &keys).await;
-            (!l.is_empty()).then_some(l)
-        },
-    )
-    .await;
+    let letters = dead_letters(&client, &keys, "the poison entry dead-lettered").await;
     assert_eq!(letters.len(), 1);
     assert!(
         letters[0]
@@ -438,13 +439,10 @@ async fn an_entry_whose_handler_panics_is_delivered_again_then_dead_lettered() {
         .unwrap();
     // Not left pending for good (its claim renewed by a loop that thinks it is in hand): the
     // loop delivers it again, as a dead consumer's, and dead-letters it past max_deliveries.
-    let letters = eventually(
-        Duration::from_secs(10),
+    let letters = dead_letters(
+        &client,
+        &keys,
         "the entry whose handler panicked dead-lettered",
-        || async {
-            let l = dlq_entries(&client, &keys).await;
-            (!l.is_empty()).then_some(l)
-        },
     )
     .await;
     assert_eq!(letters.len(), 1);

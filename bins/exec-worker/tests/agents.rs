@@ -331,6 +331,17 @@ async fn a_cancel_stops_a_request_in_hand() {
     agent.stop().await;
 }
 
+/// Subtask `t-1` (action `implement`) of planning session `plan-US-1`, for role DEV.
+fn subtask() -> AgentRequest {
+    let mut subtask = request(AgentAction::Subtask, "");
+    subtask.deliberation_id.clear();
+    subtask.session_id = "plan-US-1".into();
+    subtask.task_id = "t-1".into();
+    subtask.attempt = 1;
+    subtask.task_action = "implement".into();
+    subtask
+}
+
 /// What the fake OpenAI server saw.
 type Seen = Arc<Mutex<Vec<(Option<String>, Json)>>>;
 
@@ -394,13 +405,7 @@ async fn an_openai_agent_streams_a_completion_into_a_proposal_and_a_subtask() {
             request(AgentAction::Propose, "DEV-1"),
         )
         .await;
-    let mut subtask = request(AgentAction::Subtask, "");
-    subtask.deliberation_id.clear();
-    subtask.session_id = "plan-US-1".into();
-    subtask.task_id = "t-1".into();
-    subtask.attempt = 1;
-    subtask.task_action = "implement".into();
-    agent.send(&agent.keys.agents("DEV"), subtask).await;
+    agent.send(&agent.keys.agents("DEV"), subtask()).await;
 
     let cbs = agent
         .callbacks_until(|c| {
@@ -483,13 +488,7 @@ async fn an_openai_reply_without_its_answer_fails_the_subtask_saying_why() {
             "m",
         ])
         .await;
-        let mut subtask = request(AgentAction::Subtask, "");
-        subtask.deliberation_id.clear();
-        subtask.session_id = "plan-US-1".into();
-        subtask.task_id = "t-1".into();
-        subtask.attempt = 1;
-        subtask.task_action = "implement".into();
-        agent.send(&agent.keys.agents("DEV"), subtask).await;
+        agent.send(&agent.keys.agents("DEV"), subtask()).await;
         let cbs = agent
             .callbacks_until(|c| {
                 c.iter()
