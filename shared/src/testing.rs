@@ -9,6 +9,7 @@ use serde_json::Value as Json;
 use crate::Keys;
 use crate::agent::{AgentConfig, AgentStore, DEFAULT_POOL};
 use crate::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
+use crate::session_log::{FanoutConfig, SessionLog};
 use crate::task::{Retention, TaskStore};
 
 /// The agent [`echo_chat`] registers, in pool [`DEFAULT_POOL`].
@@ -66,4 +67,27 @@ pub async fn session_with_tasks(chat: &Chat, messages: &[&str]) -> (String, Vec<
         tids.push(t.task_id);
     }
     (sid, tids)
+}
+
+/// The events session `sid`'s log holds for task `tid`, its `task_queued` left out, as
+/// `(message_type, data)`, oldest first.
+pub async fn task_events(
+    client: &Client,
+    keys: &Keys,
+    sid: &str,
+    tid: &str,
+) -> Vec<(String, Json)> {
+    SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default())
+        .replay_after(sid, None, None, 1000)
+        .await
+        .expect("read the session log")
+        .iter()
+        .filter(|e| e.task_id == tid)
+        .map(|e| {
+            let v: Json = serde_json::from_str(&e.json).expect("a logged event is JSON");
+            let kind = v["message_type"].as_str().unwrap_or_default().to_owned();
+            (kind, v["data"].clone())
+        })
+        .filter(|(kind, _)| kind != "task_queued")
+        .collect()
 }

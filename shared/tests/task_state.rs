@@ -860,18 +860,10 @@ async fn a_run_again_after_unordered_chunks_tells_the_client_to_discard_them() {
     );
     let second = f.chat.tasks.apply(&sid, &[restart]).await.unwrap();
     assert_eq!(second.statuses, [OpStatus::Applied]);
-    let kinds: Vec<String> = f
-        .log
-        .replay_after(&sid, None, None, 100)
+    let kinds: Vec<String> = fleet::testing::task_events(&f.client, &f.keys, &sid, &tid)
         .await
-        .unwrap()
-        .iter()
-        .filter(|e| e.task_id == tid)
-        .map(|e| {
-            let v: Json = serde_json::from_str(&e.json).unwrap();
-            v["message_type"].as_str().unwrap().to_owned()
-        })
-        .filter(|kind| kind != "task_queued")
+        .into_iter()
+        .map(|(kind, _)| kind)
         .collect();
     assert_eq!(kinds, ["chat_streaming", "task_restarted"]);
     let task = f.chat.tasks.get(&sid, &tid).await.unwrap().unwrap();

@@ -61,25 +61,7 @@ impl Fixture {
     /// The events session `sid`'s log holds for task `tid`, `task_queued` left out, as
     /// `(message_type, data)`.
     async fn task_events(&self, sid: &str, tid: &str) -> Vec<(String, Json)> {
-        let log = fleet::session_log::SessionLog::new(
-            self.client.clone(),
-            self.keys.clone(),
-            fleet::session_log::FanoutConfig::default(),
-        );
-        log.replay_after(sid, None, None, 100)
-            .await
-            .unwrap()
-            .iter()
-            .filter(|e| e.task_id == tid)
-            .map(|e| {
-                let v: Json = serde_json::from_str(&e.json).unwrap();
-                (
-                    v["message_type"].as_str().unwrap().to_owned(),
-                    v["data"].clone(),
-                )
-            })
-            .filter(|(kind, _)| kind != "task_queued")
-            .collect()
+        fleet::testing::task_events(&self.client, &self.keys, sid, tid).await
     }
 }
 
