@@ -221,33 +221,21 @@ async fn init_urls_over_http2_name_the_host_the_client_called() {
 #[tokio::test]
 async fn init_refuses_unknown_agents_and_bad_bodies() {
     let app = spawn_app(&[]).await;
-    let resp = app
-        .http
-        .post(app.url("/api/v1/chat/init"))
-        .json(&json!({"agent_id": "nobody"}))
-        .send()
-        .await
-        .unwrap();
+    let init = |body: Json| {
+        app.http
+            .post(app.url("/api/v1/chat/init"))
+            .json(&body)
+            .send()
+    };
+    let resp = init(json!({"agent_id": "nobody"})).await.unwrap();
     let message = assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
     assert!(message.contains("nobody"), "{message}");
 
-    let resp = app
-        .http
-        .post(app.url("/api/v1/chat/init"))
-        .json(&json!({"metadata": {}}))
-        .send()
-        .await
-        .unwrap();
+    let resp = init(json!({"metadata": {}})).await.unwrap();
     let message = assert_error(resp, StatusCode::BAD_REQUEST, "invalid_json").await;
     assert!(message.contains("agent_id"), "{message}");
 
-    let resp = app
-        .http
-        .post(app.url("/api/v1/chat/init"))
-        .json(&json!({"agent_id": ""}))
-        .send()
-        .await
-        .unwrap();
+    let resp = init(json!({"agent_id": ""})).await.unwrap();
     let message = assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
     assert_eq!(message, "agent_id is required");
     assert_eq!(app.tasks_stream_len().await, 0);
