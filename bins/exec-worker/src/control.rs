@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleet::envelope::{Envelope, ExecControl, Message};
-use fleet::stream::entry::parse_read;
+use fleet::stream::entry::{StreamId, parse_read};
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -78,10 +78,13 @@ impl Cancellations {
     }
 }
 
-/// Reads the control stream from its end.
+/// Reads the control stream after `from`: its newest entry when the executor started, taken
+/// before its consumer loop reads a request ([`fleet::stream::entry::newest_id`]), so that no
+/// cancel of a request in hand comes before where the reader starts.
 pub struct ControlReader {
     pub client: Client,
     pub stream: String,
+    pub from: StreamId,
     pub cancellations: Cancellations,
 }
 
@@ -90,6 +93,7 @@ impl ControlReader {
         follow(
             &self.client,
             &self.stream,
+            self.from,
             &shutdown,
             |msg: ExecControl| match msg {
                 ExecControl::Cancel(c) => {
@@ -103,18 +107,21 @@ impl ControlReader {
     }
 }
 
-/// Follows control stream `stream` from its end (plain `XREAD`, no group: every reader sees
-/// every entry) until `shutdown`, handing each entry that decodes as `M` to `apply`. Entries
-/// that do not decode are logged and skipped: control entries are hints, nothing retries them.
+/// Follows control stream `stream` after entry `from` (plain `XREAD`, no group: every reader
+/// sees every entry) until `shutdown`, handing each entry that decodes as `M` to `apply`.
+/// Entries that do not decode are logged and skipped: control entries are hints, nothing retries
+/// them. Each read continues from the last entry seen, never from `$`, which would miss what was
+/// written between a read that timed out (or failed) and the next.
 pub async fn follow<M: Message>(
     client: &Client,
     stream: &str,
+    from: StreamId,
     shutdown: &CancellationToken,
     mut apply: impl FnMut(M),
 ) -> anyhow::Result<()> {
     let reader = fleet::redis::blocking_reader(client, Duration::from_millis(BLOCK_MS));
     reader.init().await?;
-    let mut last = "$".to_owned();
+    let mut last = from.to_string();
     while !shutdown.is_cancelled() {
         let reply: Result<Value, _> = reader
             .xread(Some(256), Some(BLOCK_MS), stream, last.as_str())
@@ -146,4 +153,51 @@ pub async fn follow<M: Message>(
     }
     let _ = reader.quit().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet::envelope::ExecCancel;
+    use fleet::stream::entry::newest_id;
+    use fleet::stream::producer;
+
+    use super::*;
+
+    async fn send_cancel(client: &Client, stream: &str, task_id: &str) {
+        let cancel = Envelope::new(ExecControl::Cancel(ExecCancel {
+            session_id: "s".into(),
+            task_id: task_id.into(),
+            reason: String::new(),
+        }));
+        producer::send(client, stream, None, &cancel).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_cancel_written_after_the_start_point_is_seen_though_it_came_before_the_first_read() {
+        let client = fleet::redis::connect(&fleet_test_support::redis())
+            .await
+            .unwrap();
+        let stream = format!("{}:exec:default:control", fleet_test_support::prefix());
+        send_cancel(&client, &stream, "before").await;
+        // The executor takes its start point, then reads a request whose cancel is written
+        // before its control reader's first read.
+        let from = newest_id(&client, &stream).await.unwrap();
+        send_cancel(&client, &stream, "after").await;
+        let (seen, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let reading = {
+            let (client, stream, shutdown) = (client.clone(), stream.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                follow(&client, &stream, from, &shutdown, |m: ExecControl| {
+                    let ExecControl::Cancel(c) = m;
+                    seen.send(c.task_id).unwrap();
+                })
+                .await
+            })
+        };
+        assert_eq!(heard.recv().await.as_deref(), Some("after"));
+        shutdown.cancel();
+        reading.await.unwrap().unwrap();
+        assert!(heard.try_recv().is_err(), "nothing before the start point");
+    }
 }

@@ -29,6 +29,7 @@ use clap::{Parser, ValueEnum};
 use fleet::admin::{self, Health};
 use fleet::config::{CommonArgs, ConsumerArgs};
 use fleet::keys::GROUP_EXECUTORS;
+use fleet::stream::entry::newest_id;
 use fleet::stream::{ConsumerLoop, Producer, consumer::unique_consumer_name};
 use fred::prelude::ClientLike;
 use tokio::net::TcpListener;
@@ -228,9 +229,11 @@ impl App {
         let admin_task = admin::spawn(self.admin, admin::router(health), admin_stop.clone());
 
         let cancellations = Cancellations::default();
+        let control_stream = keys.exec_control(&self.cfg.pool);
         let control = control::ControlReader {
+            from: newest_id(&self.client, &control_stream).await?,
             client: self.client.clone(),
-            stream: keys.exec_control(&self.cfg.pool),
+            stream: control_stream,
             cancellations: cancellations.clone(),
         };
         let executor = Executor {
@@ -312,7 +315,29 @@ impl App {
             shutdown: shutdown.clone(),
         };
 
+        // The control readers start where their streams end now, before any request is read:
+        // a cancel of a request in hand always comes after it.
         let mut workers = JoinSet::new();
+        for role in &roles {
+            let stream = keys.agents_control(role);
+            let reader = agent::control::AgentControlReader {
+                from: newest_id(&self.client, &stream).await?,
+                client: self.client.clone(),
+                stream,
+                cancellations: cancellations.clone(),
+            };
+            let stop = shutdown.clone();
+            workers.spawn(async move { ("agent-control", reader.run(stop).await) });
+            let stream = keys.exec_control(&fleet::planning::subtask_pool(role));
+            let subtasks = control::ControlReader {
+                from: newest_id(&self.client, &stream).await?,
+                client: self.client.clone(),
+                stream,
+                cancellations: cancellations.clone(),
+            };
+            let stop = shutdown.clone();
+            workers.spawn(async move { ("subtask-control", subtasks.run(stop).await) });
+        }
         for stream in &streams {
             let consumer = cfg.consumer.consumer(
                 &keys,
@@ -323,22 +348,6 @@ impl App {
             let looped = ConsumerLoop::new(consumer, self.client.clone(), worker.clone());
             let stop = shutdown.clone();
             workers.spawn(async move { ("consumer", looped.run(stop).await.map_err(Into::into)) });
-        }
-        for role in &roles {
-            let reader = agent::control::AgentControlReader {
-                client: self.client.clone(),
-                stream: keys.agents_control(role),
-                cancellations: cancellations.clone(),
-            };
-            let stop = shutdown.clone();
-            workers.spawn(async move { ("agent-control", reader.run(stop).await) });
-            let subtasks = control::ControlReader {
-                client: self.client.clone(),
-                stream: keys.exec_control(&fleet::planning::subtask_pool(role)),
-                cancellations: cancellations.clone(),
-            };
-            let stop = shutdown.clone();
-            workers.spawn(async move { ("subtask-control", subtasks.run(stop).await) });
         }
         if let Some(id) = &cfg.agent_id {
             let registration = fleet::council::Registration {

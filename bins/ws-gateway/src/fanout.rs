@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet::session_log::FanoutEntry;
-use fleet::stream::entry::{StreamId, parse_entries, xread};
+use fleet::stream::entry::{StreamId, xread};
 use fleet::stream::groups;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
@@ -46,12 +46,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub async fn start_ids(client: &Client, keys: &[String]) -> Result<Vec<StreamId>, Error> {
     let mut ids = Vec::with_capacity(keys.len());
     for key in keys {
-        let reply: Value = client.xrevrange(key.as_str(), "+", "-", Some(1)).await?;
-        let newest = parse_entries(reply)
-            .ok()
-            .and_then(|e| e.first().map(|e| e.id))
-            .unwrap_or(StreamId::ZERO);
-        ids.push(newest);
+        ids.push(fleet::stream::entry::newest_id(client, key).await?);
     }
     Ok(ids)
 }

@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use bytes::Bytes;
-use fred::prelude::{Client, ClientLike, Error, ErrorKind, Value};
+use fred::prelude::{Client, ClientLike, Error, ErrorKind, StreamsInterface, Value};
 use fred::types::{CustomCommand, Resp3Frame};
 
 use crate::text::{DigitBuf, decimal};
@@ -246,6 +246,18 @@ pub fn parse_read<R: Reply>(v: R) -> Result<Vec<(String, Vec<StreamEntry>)>, Rep
             Ok((name, parse_entries(entries)?))
         })
         .collect()
+}
+
+/// The id of the newest entry of `stream` (`0-0` for an empty or missing one): where a reader
+/// that wants what is written from now on starts. Read from there, not from `$`: `$` means "after
+/// the newest entry at the time of this read", so whatever is written between two reads (a
+/// blocking read that timed out, or failed, and the next) would be missed.
+pub async fn newest_id(client: &Client, stream: &str) -> Result<StreamId, Error> {
+    let reply: Value = client.xrevrange(stream, "+", "-", Some(1)).await?;
+    Ok(parse_entries(reply)
+        .ok()
+        .and_then(|e| e.first().map(|e| e.id))
+        .unwrap_or(StreamId::ZERO))
 }
 
 /// The streams and entries of one XREAD or XREADGROUP; `Err(shape)` inside when the reply

@@ -3,21 +3,25 @@
 //! that arrives first is remembered, so the request is dropped when it comes.
 
 use fleet::envelope::AgentControl;
+use fleet::stream::entry::StreamId;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use crate::Cancellations;
 
-/// Reads one role's agent control stream from its end.
+/// Reads one role's agent control stream after `from`, its newest entry when the agent started
+/// (as [`crate::control::ControlReader`] does).
 pub struct AgentControlReader {
     pub client: Client,
     pub stream: String,
+    pub from: StreamId,
     pub cancellations: Cancellations,
 }
 
 impl AgentControlReader {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        crate::control::follow(&self.client, &self.stream, &shutdown, |msg: AgentControl| {
+        let (client, stream) = (&self.client, &self.stream);
+        crate::control::follow(client, stream, self.from, &shutdown, |msg: AgentControl| {
             let AgentControl::Cancel(c) = msg;
             let stopped = if c.member.is_empty() {
                 self.cancellations
