@@ -144,8 +144,56 @@ pub fn transition_id(event: &PlanningEvent) -> String {
     Uuid::new_v5(&SUBTASK_NAMESPACE, name.as_bytes()).to_string()
 }
 
+/// The longest deadline a rule may give a subtask, seconds (30 days).
+pub const MAX_SUBTASK_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+
+/// A cycle among the `depends_on` of `rule`'s subtasks, as the actions along it (the first
+/// repeated at the end), if there is one.
+fn dependency_cycle(rule: &TransitionRule) -> Option<Vec<String>> {
+    // Depth-first; 1 = on the current path, 2 = done.
+    fn visit<'a>(
+        rule: &'a TransitionRule,
+        action: &'a str,
+        mark: &mut BTreeMap<&'a str, u8>,
+        path: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match mark.get(action) {
+            Some(2) => return None,
+            Some(_) => {
+                let from = path.iter().position(|a| *a == action).unwrap_or(0);
+                let mut cycle: Vec<String> = path[from..].iter().map(|a| (*a).to_owned()).collect();
+                cycle.push(action.to_owned());
+                return Some(cycle);
+            }
+            None => {}
+        }
+        mark.insert(action, 1);
+        path.push(action);
+        let deps = rule
+            .subtasks
+            .iter()
+            .find(|s| s.action == action)
+            .map_or(&[][..], |s| &s.depends_on[..]);
+        for d in deps {
+            if let Some(cycle) = visit(rule, d, mark, path) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        mark.insert(action, 2);
+        None
+    }
+    let mut mark = BTreeMap::new();
+    rule.subtasks
+        .iter()
+        .find_map(|s| visit(rule, &s.action, &mut mark, &mut Vec::new()))
+}
+
 /// One subtask of a rule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+// A misspelt field (`dependencies` for `depends_on`, `timeout` for `timeout_secs`) is an
+// error, not a rule that silently lacks it.
+#[serde(deny_unknown_fields)]
 pub struct SubtaskRule {
     pub role: String,
     pub action: String,
@@ -173,6 +221,7 @@ fn one() -> u32 {
 
 /// The subtasks a transition to `to_state` calls for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TransitionRule {
     pub to_state: String,
     pub subtasks: Vec<SubtaskRule>,
@@ -191,6 +240,7 @@ pub enum PlanningError {
 
 /// Every transition rule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PlanningRules {
     pub rules: Vec<TransitionRule>,
 }
@@ -343,9 +393,27 @@ impl PlanningRules {
         }
     }
 
-    /// Roles are known, actions are names and unique per rule, dependencies exist.
+    /// Target states are given and have one rule each; roles are known, actions are names and
+    /// unique per rule, dependencies exist and form no cycle, timeouts are 1 s to
+    /// [`MAX_SUBTASK_TIMEOUT_SECS`].
     pub fn validate(&self) -> Result<(), PlanningError> {
-        for rule in &self.rules {
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.to_state.trim().is_empty() {
+                return Err(PlanningError::Invalid(format!(
+                    "rule {}: to_state is empty",
+                    i + 1
+                )));
+            }
+            // Only the first rule of a state would ever apply.
+            if self.rules[..i]
+                .iter()
+                .any(|r| r.to_state.trim().eq_ignore_ascii_case(rule.to_state.trim()))
+            {
+                return Err(PlanningError::Invalid(format!(
+                    "rule {}: a rule for this to_state appears twice",
+                    rule.to_state
+                )));
+            }
             for s in &rule.subtasks {
                 if crate::deliberation::parse_role(&s.role) != Some(s.role.as_str()) {
                     return Err(PlanningError::Invalid(format!(
@@ -390,6 +458,21 @@ impl PlanningRules {
                         )));
                     }
                 }
+                if let Some(t) = s.timeout_secs
+                    && !(1..=MAX_SUBTASK_TIMEOUT_SECS).contains(&t)
+                {
+                    return Err(PlanningError::Invalid(format!(
+                        "rule {}: `{}` has timeout_secs {t} (1 to {MAX_SUBTASK_TIMEOUT_SECS})",
+                        rule.to_state, s.action
+                    )));
+                }
+            }
+            if let Some(cycle) = dependency_cycle(rule) {
+                return Err(PlanningError::Invalid(format!(
+                    "rule {}: dependencies form a cycle ({}): none of its subtasks could start",
+                    rule.to_state,
+                    cycle.join(" -> ")
+                )));
             }
         }
         Ok(())
@@ -407,7 +490,7 @@ impl PlanningRules {
     /// appended.
     pub fn derive(&self, event: &PlanningEvent, roles: &[&str], extra: &[String]) -> Vec<Subtask> {
         // A deleted case calls for no work, whatever state the event names.
-        if event.event_type.eq_ignore_ascii_case("DELETED") {
+        if event.event_type.trim().eq_ignore_ascii_case("DELETED") {
             return Vec::new();
         }
         let Some(rule) = self.rule(&event.to_state) else {
@@ -559,6 +642,7 @@ pub fn validate_event(event: &PlanningEvent) -> Result<(), PlanningError> {
     for (what, s) in [
         ("from_state", &event.from_state),
         ("to_state", &event.to_state),
+        ("timestamp", &event.timestamp),
     ] {
         if s.len() > 64 {
             return Err(PlanningError::Invalid(format!(
@@ -566,12 +650,19 @@ pub fn validate_event(event: &PlanningEvent) -> Result<(), PlanningError> {
             )));
         }
     }
+    // A transition says where the case went; without it no rule applies and nothing happens.
+    if event.event_type.trim().eq_ignore_ascii_case("TRANSITION")
+        && event.to_state.trim().is_empty()
+    {
+        return Err(PlanningError::Invalid("a TRANSITION needs to_state".into()));
+    }
     Ok(())
 }
 
 static ENSURE_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
-        r#"-- Create the planning session of a case unless it exists; refresh its TTL.
+        r#"-- Create the planning session of a case unless it exists; refresh the TTL of an open one
+-- (a closed one expires as it would: events for its case must not keep it closed for good).
 -- KEYS: 1 session. ARGV: 1 now_ms, 2 sid, 3 case_id, 4 ttl ms. Returns its state.
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then
@@ -581,7 +672,7 @@ if not st then
     'last_activity_ms', ARGV[1], 'tasks_total', '0')
   st = 'open'
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if st == 'open' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return st"#,
     )
 });
@@ -764,6 +855,109 @@ mod tests {
             1
         );
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// The rules of `toml`, loaded from a file as `FLEET_PLANNING_RULES` would be.
+    fn load_toml(name: &str, toml: &str) -> Result<PlanningRules, PlanningError> {
+        let dir = std::env::temp_dir().join(format!("fleet-rules-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rules.toml");
+        std::fs::write(&path, toml).unwrap();
+        let rules = PlanningRules::load(&path);
+        std::fs::remove_dir_all(dir).ok();
+        rules
+    }
+
+    #[test]
+    fn rules_files_with_cycles_repeated_states_or_bad_timeouts_are_refused() {
+        let sub = |action: &str, deps: &str, extra: &str| {
+            format!(
+                "[[rules.subtasks]]\nrole = \"DEV\"\naction = \"{action}\"\ndescription = \"d\"\ndepends_on = [{deps}]\n{extra}"
+            )
+        };
+        let cycle = format!(
+            "[[rules]]\nto_state = \"BUILD\"\n{}{}{}",
+            sub("a", "\"c\"", ""),
+            sub("b", "\"a\"", ""),
+            sub("c", "\"b\"", "")
+        );
+        let err = load_toml("cycle", &cycle).unwrap_err().to_string();
+        assert!(err.contains("cycle (a -> c -> b -> a)"), "{err}");
+        let own = format!("[[rules]]\nto_state = \"BUILD\"\n{}", sub("a", "\"a\"", ""));
+        let err = load_toml("self", &own).unwrap_err().to_string();
+        assert!(err.contains("cycle (a -> a)"), "{err}");
+        // A diamond is no cycle.
+        let diamond = format!(
+            "[[rules]]\nto_state = \"BUILD\"\n{}{}{}{}",
+            sub("a", "", ""),
+            sub("b", "\"a\"", ""),
+            sub("c", "\"a\"", ""),
+            sub("d", "\"b\", \"c\"", "")
+        );
+        assert_eq!(
+            load_toml("diamond", &diamond).unwrap().rules[0]
+                .subtasks
+                .len(),
+            4
+        );
+
+        let twice = format!(
+            "[[rules]]\nto_state = \"BUILD\"\n{}[[rules]]\nto_state = \"build\"\n{}",
+            sub("a", "", ""),
+            sub("b", "", "")
+        );
+        let err = load_toml("twice", &twice).unwrap_err().to_string();
+        assert!(err.contains("appears twice"), "{err}");
+        let blank = format!("[[rules]]\nto_state = \" \"\n{}", sub("a", "", ""));
+        let err = load_toml("blank", &blank).unwrap_err().to_string();
+        assert!(err.contains("to_state is empty"), "{err}");
+
+        for t in ["0", "9223372036854775807"] {
+            let bad = format!(
+                "[[rules]]\nto_state = \"BUILD\"\n{}",
+                sub("a", "", &format!("timeout_secs = {t}\n"))
+            );
+            let err = load_toml("timeout", &bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("timeout_secs {t}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn rules_files_with_unknown_fields_are_refused() {
+        let toml = "[[rules]]\nto_state = \"BUILD\"\n[[rules.subtasks]]\nrole = \"DEV\"\naction = \"implement\"\ndescription = \"d\"\n[[rules.subtasks]]\nrole = \"QA\"\naction = \"test\"\ndescription = \"d\"\ndependencies = [\"implement\"]\n";
+        let err = load_toml("unknown", toml).unwrap_err().to_string();
+        assert!(err.contains("unknown field `dependencies`"), "{err}");
+        let dir = std::env::temp_dir().join(format!("fleet-rules-{}-yaml", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let yaml = dir.join("rules.yml");
+        std::fs::write(
+            &yaml,
+            "rules:\n  - to_state: SHIP\n    subtasks:\n      - {role: DEVOPS, action: ship, description: Ship it, timeout: 60}\n",
+        )
+        .unwrap();
+        let err = PlanningRules::load(&yaml).unwrap_err().to_string();
+        std::fs::remove_dir_all(dir).ok();
+        assert!(err.contains("unknown field `timeout`"), "{err}");
+    }
+
+    #[test]
+    fn a_deleted_event_type_is_recognised_with_surrounding_blanks() {
+        let mut e = event("BUILD");
+        e.event_type = " DELETED ".into();
+        assert!(PlanningRules::builtin().derive(&e, &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn transitions_without_a_target_and_huge_timestamps_are_refused() {
+        let mut e = event("");
+        let err = validate_event(&e).unwrap_err().to_string();
+        assert!(err.contains("TRANSITION needs to_state"), "{err}");
+        e.event_type = "UPDATED".into();
+        assert!(validate_event(&e).is_ok());
+        let mut e = event("BUILD");
+        e.timestamp = "1".repeat(100_000);
+        let err = validate_event(&e).unwrap_err().to_string();
+        assert!(err.contains("timestamp is at most 64"), "{err}");
     }
 
     #[test]

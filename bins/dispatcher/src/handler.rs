@@ -65,6 +65,14 @@ transient_from!(
 
 type Result<T> = std::result::Result<T, DispatchError>;
 
+/// A planning event for a case whose planning session is closed: nothing is derived, and the
+/// event is dead-lettered with this reason (replayable once the session has expired).
+fn session_closed(sid: &str) -> DispatchError {
+    DispatchError::Invalid(format!(
+        "the planning session {sid} is closed: no subtask derived (replay the event once the session has expired)"
+    ))
+}
+
 impl Handler for Dispatcher {
     type Msg = TaskCommand;
 
@@ -177,7 +185,19 @@ impl Dispatcher {
         )
         .await?;
         if state != "open" {
-            tracing::warn!(session_id = %sid, %state, "the case's planning session is not open; nothing derived");
+            // A copy of a transition derived before the close lost nothing; anything else would.
+            for s in &subtasks {
+                let exists = if s.council > 0 {
+                    let d = self.engine.store.get(&s.task_id).await;
+                    d.map_err(anyhow::Error::from)?.is_some()
+                } else {
+                    self.tasks.get(&sid, &s.task_id).await?.is_some()
+                };
+                if !exists {
+                    return Err(session_closed(&sid));
+                }
+            }
+            tracing::info!(session_id = %sid, "a copy of a transition derived before its planning session closed");
             return Ok(());
         }
         let (mut derived, mut sent) = (0, 0);
@@ -249,6 +269,13 @@ impl Dispatcher {
             Created::New { .. } => false,
             Created::Exists { state } if state == "queued" => false,
             Created::Exists { state } if state == "dispatched" && redelivered => true,
+            // Closed, or expired, since `ensure_session`: not derived, so not acked as if it were.
+            Created::SessionClosed => return Err(session_closed(sid)),
+            Created::NoSession => {
+                return Err(
+                    anyhow::anyhow!("planning session {sid} expired while deriving").into(),
+                );
+            }
             other => {
                 tracing::debug!(task_id = %tid, ?other, "subtask derived before");
                 return Ok((false, false));

@@ -10,7 +10,9 @@ use std::time::Duration;
 use clap::Parser;
 use dispatcher::{App, Config};
 use fleet::Keys;
-use fleet::envelope::{AgentMessage, AgentRequest, Envelope, PlanningEvent, TaskCommand};
+use fleet::envelope::{
+    AgentMessage, AgentRequest, Envelope, PlanningEvent, SessionClose, TaskCommand,
+};
 use fleet::keys::GROUP_DISPATCHERS;
 use fleet::stream::{entry, groups, producer};
 use fleet_test_support::eventually;
@@ -74,7 +76,12 @@ impl Env {
     /// Writes `e` to `fleet:tasks` as a new entry (what nats-bridge or edge-api write for
     /// each copy) and waits until the dispatcher has handled and acked it.
     async fn send(&self, e: PlanningEvent) {
-        let env = Envelope::new(TaskCommand::PlanningEvent(e));
+        self.command(TaskCommand::PlanningEvent(e)).await;
+    }
+
+    /// Writes `cmd` to `fleet:tasks` and waits until the dispatcher has handled and acked it.
+    async fn command(&self, cmd: TaskCommand) {
+        let env = Envelope::new(cmd);
         let id = producer::send(&self.client, &self.keys.tasks(), None, &env)
             .await
             .unwrap();
@@ -273,5 +280,51 @@ async fn a_case_re_entering_design_gets_a_fresh_council_deliberation() {
     let data = env.requests("DATA").await;
     assert_eq!(data.len(), 2);
     assert_eq!(data[1].dependencies, [second]);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_for_a_closed_planning_session_is_dead_lettered_with_its_reason() {
+    let env = Env::start().await;
+    let build = event("AGILE:1:1", "DESIGN", "BUILD", "1767261600000");
+    env.send(build.clone()).await;
+    assert_eq!(env.tasks_total().await, 3);
+    let sid = format!("plan-{CASE}");
+    env.command(TaskCommand::SessionClose(SessionClose {
+        session_id: sid.clone(),
+        reason: "case abandoned".into(),
+    }))
+    .await;
+    // The closed session keeps the TTL it has (shortened here to tell a refresh apart).
+    let _: bool = env
+        .client
+        .pexpire(env.keys.session(&sid), 600_000, None)
+        .await
+        .unwrap();
+
+    // A copy of the transition derived before the close loses nothing: no dead letter.
+    env.send(build).await;
+    env.send(event("AGILE:2:2", "BUILD", "TEST", "1767348000000"))
+        .await;
+    assert_eq!(env.tasks_total().await, 3, "nothing derived");
+    assert_eq!(env.requests("DEVOPS").await.len(), 1);
+    let v: Value = env
+        .client
+        .xrange(env.keys.dlq(), "-", "+", None)
+        .await
+        .unwrap();
+    let letters = entry::parse_entries(v).unwrap();
+    assert_eq!(letters.len(), 1, "the event is dead-lettered");
+    let reason = letters[0].get_str("reason").unwrap_or_default();
+    assert!(
+        reason.contains(&format!("the planning session {sid} is closed")),
+        "{reason}"
+    );
+    assert_eq!(letters[0].get_str("orig.kind"), Some("planning.event"));
+    let ttl: i64 = env.client.pttl(env.keys.session(&sid)).await.unwrap();
+    assert!(
+        (1..=600_000).contains(&ttl),
+        "an event does not keep a closed session alive ({ttl} ms)"
+    );
     env.stop().await;
 }

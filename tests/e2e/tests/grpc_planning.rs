@@ -183,6 +183,18 @@ async fn transitions_without_a_rule_derive_nothing_and_bad_events_are_refused() 
     let err = grpc.process_planning_event(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("case_id"));
+    // A transition that names no target state, or a timestamp of a megabyte: refused, not
+    // accepted to derive nothing (or to carry the megabyte to every dispatcher).
+    let mut bad = event();
+    bad.to_state = String::new();
+    let err = grpc.process_planning_event(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("to_state"), "{}", err.message());
+    let mut bad = event();
+    bad.timestamp = "9".repeat(1 << 20);
+    let err = grpc.process_planning_event(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("timestamp"), "{}", err.message());
     let err = grpc
         .derive_subtasks(pb::DeriveSubtasksRequest {
             case_id: "US-1".into(),
@@ -270,5 +282,57 @@ async fn a_design_transition_starts_an_async_deliberation_queryable_by_its_id() 
         })
         .await;
     assert_eq!(status.deliberations_total, 1);
+    fleet.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_for_a_closed_planning_session_is_refused() {
+    let fleet = DelibFleet::start(DelibOptions::default()).await;
+    let mut grpc = fleet.grpc(0).await;
+    let first = grpc
+        .process_planning_event(event())
+        .await
+        .unwrap()
+        .into_inner();
+    let chat = &fleet.base.chat;
+    fleet_test_support::eventually(Duration::from_secs(10), "subtasks tracked", || async {
+        let s = chat.status("plan-US-42").await.ok()?;
+        (s.totals.tasks == 3).then_some(())
+    })
+    .await;
+    grpc.close_session(pb::CloseSessionRequest {
+        session_id: first.session_id.clone(),
+        session_token: first.session_token.clone(),
+        reason: "case abandoned".into(),
+    })
+    .await
+    .unwrap();
+    fleet_test_support::eventually(Duration::from_secs(10), "the session closed", || async {
+        let s = chat.status("plan-US-42").await.ok()?;
+        (s.state == "closed").then_some(())
+    })
+    .await;
+
+    // A later transition of the case: the dispatchers would derive nothing, so it is not
+    // accepted with subtasks that never come.
+    let mut rework = event();
+    rework.from_state = "TEST".into();
+    rework.timestamp = "2026-11-22T12:00:00Z".into();
+    rework.event_id = "agile.events:18".into();
+    let err = grpc.process_planning_event(rework).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("plan-US-42 is closed"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(chat.status("plan-US-42").await.unwrap().totals.tasks, 3);
+    // A retry of the event derived before the close is answered as before.
+    let retry = grpc
+        .process_planning_event(event())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retry.already_derived, 3);
     fleet.stop().await;
 }

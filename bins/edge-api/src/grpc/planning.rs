@@ -123,12 +123,25 @@ impl Orchestrator {
                 .await
                 .map_err(error::unavailable)?;
         }
-        let states: Vec<Option<String>> = if subtasks.is_empty() {
+        let _: () = pipeline
+            .hget(self.keys().session(&sid), "state")
+            .await
+            .map_err(error::unavailable)?;
+        let mut states: Vec<Option<String>> = if subtasks.is_empty() {
             Vec::new()
         } else {
             pipeline.all().await.map_err(error::unavailable)?
         };
+        let closed = states.pop().flatten().as_deref() == Some("closed");
         let already = states.iter().filter(|s| s.is_some()).count();
+        // The dispatchers derive nothing for a closed planning session (they dead-letter the
+        // event), so accepting it would promise subtasks that never come. A retry of an event
+        // derived before the close is answered as before.
+        if closed && already < subtasks.len() {
+            return Err(Status::failed_precondition(format!(
+                "the planning session {sid} is closed: no subtask would be derived"
+            )));
+        }
         let env = Envelope::new(TaskCommand::PlanningEvent(event.clone()));
         producer::send(self.client(), &self.keys().tasks(), None, &env)
             .await
