@@ -71,8 +71,9 @@ pub struct Config {
     #[arg(long, env = "FLEET_AGENTS_FILE")]
     pub agents_file: Option<PathBuf>,
 
-    /// TOML or YAML file of the rules that derive subtasks from planning events (see
-    /// `fleet::planning`). Unset: the built-in rules (DESIGN, BUILD, TEST, DEPLOY).
+    /// TOML or YAML file of the rules that derive subtasks from planning events (format:
+    /// docs/grpc.md, "Planning events"); checked at start. Unset: the built-in rules (DESIGN,
+    /// BUILD, TEST, DEPLOY).
     #[arg(long, env = "FLEET_PLANNING_RULES")]
     pub planning_rules: Option<PathBuf>,
 

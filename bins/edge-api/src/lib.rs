@@ -96,7 +96,7 @@ pub struct Config {
     pub grpc_max_waiters: u32,
 
     /// TOML or YAML file of the subtask rules for planning events (the same file the
-    /// dispatchers read). Unset: the built-in rules.
+    /// dispatchers read; format: docs/grpc.md, "Planning events"). Unset: the built-in rules.
     #[arg(long, env = "FLEET_PLANNING_RULES")]
     pub planning_rules: Option<PathBuf>,
 
