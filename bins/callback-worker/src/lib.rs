@@ -67,7 +67,9 @@ pub struct Config {
     pub sweep_interval_ms: u64,
 
     /// Address of a Planning service (`planning.v1.PlanningService`, e.g. `planning:50051`)
-    /// told with `UpdateTask` when a subtask of a planning session ends. Unset: not told.
+    /// told with `UpdateTask` when a subtask of a planning session ends with its runner's answer
+    /// or at its deadline (a council subtask's end is its decision on `orchestrator.events`; a
+    /// cancelled one is not reported). Unset: not told.
     #[arg(long, env = "FLEET_PLANNING_ADDR")]
     pub planning_addr: Option<String>,
 
