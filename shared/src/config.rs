@@ -169,7 +169,11 @@ mod tests {
             ["--session-log-maxlen", "0"],
         ] {
             let err = parse(&bad).unwrap_err();
-            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
             assert!(err.to_string().contains(bad[0]), "{err}");
         }
         let ok = parse(&["--session-ttl-secs", "315360000"]).unwrap();

@@ -164,7 +164,8 @@ mod tests {
         );
         let e = super::client("redis://h:port").unwrap_err();
         assert!(
-            e.to_string().starts_with("invalid Redis URL `redis://h:port`: "),
+            e.to_string()
+                .starts_with("invalid Redis URL `redis://h:port`: "),
             "{e}"
         );
     }
