@@ -194,7 +194,9 @@ impl<M: Message> Envelope<M> {
             .iter()
             .find(|(k, _)| k.as_ref() == field::TP.as_bytes())
         {
-            Some((_, v)) if !v.is_empty() => Some(text(field::TP)?.to_owned()),
+            // Only a trace context: one that is not text starts a fresh trace, never fails
+            // the entry.
+            Some((_, v)) if !v.is_empty() => std::str::from_utf8(v).ok().map(str::to_owned),
             _ => None,
         };
         let ts = text(field::TS)?
@@ -1308,6 +1310,33 @@ mod tests {
         .unwrap();
         let err = TaskCommand::decode_body("task.submit", &body).unwrap_err();
         assert!(err.to_string().contains("task.submit"), "{err}");
+    }
+
+    #[test]
+    fn an_entry_whose_trace_context_is_not_text_still_decodes_without_it() {
+        let env = Envelope::with_id(
+            Uuid::now_v7(),
+            TaskCommand::Cancel(TaskCancel {
+                session_id: "s".into(),
+                task_id: "t".into(),
+                reason: String::new(),
+            }),
+        );
+        let fields: Vec<(Bytes, Bytes)> = env
+            .to_fields()
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| match k {
+                field::TP => (
+                    Bytes::from_static(b"tp"),
+                    Bytes::from_static(b"00-\xff\xfe"),
+                ),
+                _ => (Bytes::from_static(k.as_bytes()), v),
+            })
+            .collect();
+        let back = Envelope::<TaskCommand>::from_fields(&fields).expect("the entry decodes");
+        assert_eq!(back.tp, None);
+        assert_eq!(back.msg, env.msg);
     }
 
     #[test]

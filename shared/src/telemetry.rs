@@ -1,12 +1,14 @@
 //! Logs and traces.
 //!
-//! * Logs: `tracing-subscriber` with the filter from `RUST_LOG` (default `info`), formatted
-//!   `pretty` on a terminal and as JSON lines otherwise (`FLEET_LOG_FORMAT` overrides); JSON
-//!   lines start with the `trace_id` and `span_id` of their span when traces are on.
+//! * Logs: `tracing-subscriber` with the filter from `RUST_LOG` (default `info`; it filters
+//!   logs only, traces keep every `info` span), formatted `pretty` on a terminal and as JSON
+//!   lines otherwise (`FLEET_LOG_FORMAT` overrides); JSON lines start with the `trace_id` and
+//!   `span_id` of their span when traces are on.
 //! * Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set
 //!   and `OTEL_SDK_DISABLED` is not `true`, spans are exported over OTLP/gRPC with the standard
-//!   `OTEL_*` variables (service name, sampler, resource attributes). Otherwise no exporter
-//!   exists at all.
+//!   `OTEL_*` variables (service name, sampler, resource attributes, `OTEL_BSP_*`); another
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL` than `grpc` is warned about. A failing collector is logged
+//!   once per outage ([`ReportFailures`]). Otherwise no exporter exists at all.
 //! * Propagation: the W3C `traceparent` of the current span rides in every stream entry (`tp`)
 //!   and NATS message; consumers continue the trace from it ([`continue_from`]).
 
@@ -23,13 +25,13 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::Layer;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// How logs are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -76,29 +78,45 @@ fn otlp_configured() -> bool {
 /// Installs the global subscriber (and the OTLP exporter when configured) for `service`.
 /// Must be called inside the Tokio runtime.
 pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A `RUST_LOG` that does not parse falls back to `info`, said once the logs are up.
+    let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            EnvFilter::new("info"),
+            std::env::var("RUST_LOG").ok().map(|v| (v, e.to_string())),
+        ),
+    };
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let dispatch_cell = Arc::new(OnceLock::new());
-    let fmt_json = json.then(|| json_layer(dispatch_cell.clone(), std::io::stderr));
-    let fmt_pretty = (!json).then(|| {
-        tracing_subscriber::fmt::layer()
-            .compact()
-            .with_writer(std::io::stderr)
-    });
+    // `RUST_LOG` filters the logs only: a span it leaves out of the logs is still traced (and
+    // still carries the trace on), so quieting a module never cuts a trace in two.
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        Box::new(json_layer(dispatch_cell.clone(), std::io::stderr))
+    } else {
+        Box::new(
+            tracing_subscriber::fmt::layer()
+                .compact()
+                .with_writer(std::io::stderr),
+        )
+    };
 
     let provider = if otlp_configured() {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()?;
-        let service_name =
-            std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+        let exporter = ReportFailures::new(
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()?,
+        );
+        let service_name = std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| service.to_owned());
         let resource = Resource::builder()
             .with_service_name(service_name)
             .with_attributes([
@@ -118,20 +136,124 @@ pub fn init(service: &'static str, format: LogFormat) -> anyhow::Result<Telemetr
     } else {
         None
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    // Traces get every span and event at `info` and above (Fleet's spans are all `info`),
+    // whatever `RUST_LOG` says.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_filter(LevelFilter::INFO)
+    });
 
     let dispatch = Dispatch::new(
         tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt_json)
-            .with(fmt_pretty)
+            .with(fmt.with_filter(filter))
             .with(otel),
     );
     let _ = dispatch_cell.set(dispatch.downgrade());
     dispatch.try_init()?;
+    if let Some((value, error)) = bad_filter {
+        tracing::warn!(rust_log = %value, %error, "RUST_LOG is not a valid filter; logging at info");
+    }
+    if provider.is_some()
+        && let Some(protocol) = unsupported_protocol(|k| std::env::var(k).ok())
+    {
+        tracing::warn!(
+            %protocol,
+            endpoint = %otlp_endpoint(),
+            "OTEL_EXPORTER_OTLP_PROTOCOL {protocol} is not supported: spans are exported over \
+             OTLP/gRPC (point the endpoint at the collector's gRPC port, usually 4317)"
+        );
+    }
     Ok(Telemetry { provider })
+}
+
+/// The OTLP protocol asked for (`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`, read through `var`) when it is not `grpc`, the only one the
+/// exporter speaks.
+fn unsupported_protocol(var: impl Fn(&str) -> Option<String>) -> Option<String> {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .iter()
+    .find_map(|k| var(k).filter(|v| !v.trim().is_empty()))
+    .filter(|p| !p.trim().eq_ignore_ascii_case("grpc"))
+}
+
+/// The configured OTLP traces endpoint, for messages.
+fn otlp_endpoint() -> String {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    .unwrap_or_default()
+}
+
+/// A span exporter that reports a failing collector once per outage (a warning at the first
+/// failed export, a line when exports succeed again) rather than at every batch, as the SDK
+/// does with the errors its exporter returns (so none is returned). Exports run
+/// on the batch processor's own thread: spans are queued without waiting, and dropped when
+/// the queue is full, so a collector that is down never holds up the work being traced.
+#[derive(Debug)]
+struct ReportFailures<E> {
+    inner: E,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl<E> ReportFailures<E> {
+    fn new(inner: E) -> Self {
+        Self {
+            inner,
+            failing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn record(&self, result: &opentelemetry_sdk::error::OTelSdkResult) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match result {
+            Err(e) if !self.failing.swap(true, Relaxed) => tracing::warn!(
+                endpoint = %otlp_endpoint(),
+                error = %e,
+                "cannot export traces; spans are dropped until the collector answers (not \
+                 logged again until then)"
+            ),
+            Ok(()) if self.failing.swap(false, Relaxed) => {
+                tracing::info!(endpoint = %otlp_endpoint(), "exporting traces again")
+            }
+            _ => {}
+        }
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for ReportFailures<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        self.record(&result);
+        // Reported above; an error would have the SDK log it again at every failed batch.
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// The JSON log layer writing to `writer`; `dispatch` is set to the subscriber's dispatch once
@@ -325,6 +447,35 @@ mod tests {
         assert_eq!(lines[0]["span"]["name"], "work");
         assert_eq!(lines[1]["fields"]["message"], "outside");
         assert!(lines[1].get("trace_id").is_none(), "{text}");
+    }
+
+    #[test]
+    fn only_grpc_is_a_supported_otlp_protocol() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(unsupported_protocol(env(&[])), None);
+        assert_eq!(
+            unsupported_protocol(env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])),
+            None
+        );
+        assert_eq!(
+            unsupported_protocol(env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")])),
+            Some("http/protobuf".to_owned())
+        );
+        // The traces-specific variable wins.
+        assert_eq!(
+            unsupported_protocol(env(&[
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ])),
+            None
+        );
     }
 
     #[test]

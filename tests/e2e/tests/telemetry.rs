@@ -182,6 +182,7 @@ struct Processes {
     procs: Vec<Proc>,
     api: String,
     ws: String,
+    grpc: String,
 }
 
 /// One binary of [`Processes`].
@@ -197,6 +198,16 @@ impl Processes {
     /// the process's `listening` log line; the gateway comes before edge-api, which names the
     /// gateway's address to clients.
     async fn start(fleet: &Fleet, nats: &NatsServer, otlp: Option<SocketAddr>) -> Processes {
+        Self::start_with(fleet, nats, otlp, &[]).await
+    }
+
+    /// [`Processes::start`], with `extra` environment variables for the named processes.
+    async fn start_with(
+        fleet: &Fleet,
+        nats: &NatsServer,
+        otlp: Option<SocketAddr>,
+        extra: &[(&str, &'static str, &str)],
+    ) -> Processes {
         let mut env: Vec<(&'static str, String)> = Vec::new();
         if let Some(addr) = otlp {
             env.extend([
@@ -205,7 +216,7 @@ impl Processes {
                 ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
             ]);
         }
-        let (mut api, mut ws) = (String::new(), String::new());
+        let (mut api, mut ws, mut grpc) = (String::new(), String::new(), String::new());
         let mut procs = Vec::new();
         for name in [
             "dispatcher",
@@ -241,11 +252,19 @@ impl Processes {
                 _ => {}
             }
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut env = env.clone();
+            env.extend(
+                extra
+                    .iter()
+                    .filter(|(process, ..)| *process == name)
+                    .map(|(_, k, v)| (*k, (*v).to_owned())),
+            );
             let mut process = FleetProcess::spawn(name, &argv, &env);
             let admin = match name {
                 "edge-api" => {
                     let http = process.listening("http", WITHIN).await;
                     api = format!("http://{http}");
+                    grpc = format!("http://{}", process.listening("grpc", WITHIN).await);
                     http
                 }
                 "ws-gateway" => {
@@ -260,7 +279,12 @@ impl Processes {
                 admin,
             });
         }
-        Processes { procs, api, ws }
+        Processes {
+            procs,
+            api,
+            ws,
+            grpc,
+        }
     }
 
     /// Waits until every process answers `/health/ready` (a process that fails shows its log
@@ -429,6 +453,283 @@ async fn a_chat_task_and_a_planning_event_are_each_one_trace_across_every_proces
         trace,
         "the request on NATS continues the event's trace"
     );
+
+    p.stop().await;
+    fleet.stop().await;
+}
+
+/// Waits until the collector holds a span that `pick` picks; returns it.
+async fn wait_for_span(collector: &Collector, what: &str, pick: impl Fn(&Span) -> bool) -> Span {
+    let found = tokio::time::timeout(WITHIN, async {
+        loop {
+            let hit = collector
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|s| pick(s))
+                .cloned();
+            if let Some(span) = hit {
+                return span;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no span: {what}"))
+}
+
+/// Whether span `s` is `service`'s and has attribute `key` set to `value`.
+fn span_of(s: &Span, service: &str, key: &str, value: &str) -> bool {
+    s.service == service && s.attributes.get(key).map(String::as_str) == Some(value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_websocket_submits_and_malformed_traceparents_each_make_one_trace() {
+    use fleet_proto::orchestrator::v1 as pb;
+    let (collector, otlp) = Collector::serve().await;
+    let nats = NatsServer::start();
+    let fleet = Fleet::start_without_workers().await;
+    let p = Processes::start(&fleet, &nats, Some(otlp)).await;
+    p.ready().await;
+    let chain = ["ws-gateway", "callback-worker", "exec-worker", "edge-api"];
+
+    // gRPC SubmitTask with the caller's `traceparent` metadata.
+    let mut grpc =
+        pb::orchestrator_service_client::OrchestratorServiceClient::connect(p.grpc.clone())
+            .await
+            .unwrap();
+    let s = grpc
+        .create_session(pb::CreateSessionRequest {
+            agent_id: AGENT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let url = format!(
+        "{}/ws/chat/{}?token={}",
+        p.ws, s.session_id, s.session_token
+    );
+    let mut ws = WsClient::connect(&url).await;
+    let (tp, trace, caller) = caller_context();
+    let mut req = tonic::Request::new(pb::SubmitTaskRequest {
+        session_id: s.session_id.clone(),
+        session_token: s.session_token.clone(),
+        message: "trace me over grpc".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("traceparent", tp.parse().unwrap());
+    let tid = grpc.submit_task(req).await.unwrap().into_inner().task_id;
+    ws.until(WITHIN, |m| is_final_of(m, &tid)).await;
+    let spans = wait_for_lineage(&collector, &trace, "ws-gateway", &chain, &caller).await;
+    let rpc = spans
+        .iter()
+        .find(|s| s.service == "edge-api" && s.parent_span_id == caller)
+        .expect("edge-api's RPC span is the caller's child");
+    assert_eq!(rpc.attributes["rpc.method"], "SubmitTask");
+
+    // A WebSocket chat_message starts its own trace at the gateway; its delivery closes it.
+    ws.send_chat("trace me over websocket").await;
+    let queued = ws
+        .until(WITHIN, |m| m.message_type == "task_queued")
+        .await
+        .pop()
+        .unwrap();
+    let tid = queued.task_id.clone().unwrap();
+    ws.until(WITHIN, |m| is_final_of(m, &tid)).await;
+    let exec = wait_for_span(&collector, "the WebSocket task's executor span", |sp| {
+        span_of(sp, "exec-worker", "fleet.task_id", &tid)
+    })
+    .await;
+    let ws_chain = ["ws-gateway", "callback-worker", "exec-worker", "ws-gateway"];
+    let spans = wait_for_lineage(&collector, &exec.trace_id, "ws-gateway", &ws_chain, "").await;
+    let root = spans
+        .iter()
+        .find(|sp| sp.parent_span_id.is_empty())
+        .unwrap();
+    assert_eq!(root.name, "ws chat_message");
+    ws.close().await;
+
+    // A malformed traceparent neither fails the request nor joins any trace: the task runs in
+    // a fresh trace of its own that still spans every hop.
+    for bad in [
+        "00-garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+    ] {
+        let tid = chat_task(&p, "trace me from scratch", Some(bad)).await;
+        let exec = wait_for_span(&collector, "the task's executor span", |sp| {
+            span_of(sp, "exec-worker", "fleet.task_id", &tid)
+        })
+        .await;
+        assert_ne!(exec.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+        wait_for_lineage(&collector, &exec.trace_id, "ws-gateway", &chain, "").await;
+    }
+
+    p.stop().await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliberation_is_one_trace_through_its_agents_and_their_proposals() {
+    use fleet_e2e::deliberation::{AgentSpec, agent_args, deliberate, ready_agents};
+    use fleet_proto::orchestrator::v1 as pb;
+    let (collector, otlp) = Collector::serve().await;
+    let nats = NatsServer::start();
+    let fleet = Fleet::start_without_workers().await;
+    let p = Processes::start(&fleet, &nats, Some(otlp)).await;
+    p.ready().await;
+    // An agent, under a service name of its own (OTEL_SERVICE_NAME).
+    let args = [
+        fleet_e2e::common_args(&fleet.redis_url, &fleet.prefix),
+        agent_args(&AgentSpec {
+            agent_id: Some("agent-trace".into()),
+            ..AgentSpec::mock(&["DEV"])
+        }),
+    ]
+    .concat();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
+        ("OTEL_SERVICE_NAME", "agent".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    let mut agent = FleetProcess::spawn("exec-worker", &args, &env);
+    let mut grpc =
+        pb::orchestrator_service_client::OrchestratorServiceClient::connect(p.grpc.clone())
+            .await
+            .unwrap();
+    ready_agents(&mut grpc, "DEV", 1).await;
+
+    let (tp, trace, caller) = caller_context();
+    let mut req = tonic::Request::new(deliberate("T-TRACE", "DEV", 1, 1, 20_000));
+    req.metadata_mut()
+        .insert("traceparent", tp.parse().unwrap());
+    grpc.deliberate(req).await.unwrap();
+    // The request to the agent, the agent's answer and the proposal it sent back: one trace.
+    wait_for_lineage(
+        &collector,
+        &trace,
+        "callback-worker",
+        &["callback-worker", "agent", "dispatcher", "edge-api"],
+        &caller,
+    )
+    .await;
+
+    assert!(agent.terminate(WITHIN).await.is_some_and(|s| s.success()));
+    p.stop().await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_log_that_does_not_parse_is_said_not_silently_ignored() {
+    let fleet = Fleet::start_without_workers().await;
+    let args = fleet_e2e::common_args(&fleet.redis_url, &fleet.prefix);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = [("RUST_LOG", "info,fleet=dbug".to_owned())];
+    let mut process = FleetProcess::spawn("dispatcher", &args, &env);
+    // Logged before it listens, so there by the time it says where it listens.
+    process.listening("admin", WITHIN).await;
+    let log = process.log();
+    let warned = log.lines().any(|l| {
+        serde_json::from_str::<Json>(l)
+            .is_ok_and(|v| v["level"] == "WARN" && v["fields"]["rust_log"] == "info,fleet=dbug")
+    });
+    assert!(warned, "no warning about RUST_LOG:\n{log}");
+    assert!(process.terminate(WITHIN).await.is_some_and(|s| s.success()));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_quieting_a_module_keeps_its_spans_in_the_trace() {
+    let (collector, otlp) = Collector::serve().await;
+    let nats = NatsServer::start();
+    let fleet = Fleet::start_without_workers().await;
+    // The executor's handler logs only warnings: RUST_LOG is about logs, not traces.
+    let quiet = [("exec-worker", "RUST_LOG", "info,exec_worker::executor=warn")];
+    let p = Processes::start_with(&fleet, &nats, Some(otlp), &quiet).await;
+    p.ready().await;
+    let (tp, trace, caller) = caller_context();
+    chat_task(&p, "trace me quietly", Some(&tp)).await;
+    wait_for_lineage(
+        &collector,
+        &trace,
+        "ws-gateway",
+        &["ws-gateway", "callback-worker", "exec-worker", "edge-api"],
+        &caller,
+    )
+    .await;
+    // Log lines written in a span still lead to its trace (`session opened`, in the span of
+    // the request that opened the session).
+    let edge = p.procs.iter().find(|x| x.name == "edge-api").unwrap();
+    let log = edge.process.log();
+    let traced = log.lines().any(|l| {
+        serde_json::from_str::<Json>(l).is_ok_and(|v| {
+            v["fields"]["message"] == "session opened"
+                && v["trace_id"].as_str().is_some_and(|t| t.len() == 32)
+                && v["span_id"].as_str().is_some_and(|s| s.len() == 16)
+        })
+    });
+    assert!(traced, "edge-api's log lines carry no trace ids:\n{log}");
+    p.stop().await;
+    fleet.stop().await;
+}
+
+/// Log lines of `log` (JSON) that report a failed trace export, at any level above debug.
+fn export_failure_reports(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| {
+            let Ok(v) = serde_json::from_str::<Json>(l) else {
+                return false;
+            };
+            let level = v["level"].as_str().unwrap_or_default();
+            let text = v["fields"].to_string().to_lowercase();
+            level != "DEBUG" && level != "TRACE" && text.contains("export")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_holds_nothing_up_and_is_reported_once() {
+    // A "collector" that takes every connection and drops it: each export fails at once, and
+    // each attempt shows here as a connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = attempts.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let nats = NatsServer::start();
+    let fleet = Fleet::start_without_workers().await;
+    let p = Processes::start(&fleet, &nats, Some(otlp)).await;
+    p.ready().await;
+
+    // Tasks keep completing while every export fails. Six processes export: past 6 * 5
+    // connections, at least one process has failed to export several times over.
+    while attempts.load(std::sync::atomic::Ordering::SeqCst) < 30 {
+        chat_task(&p, "nobody collects this", None).await;
+    }
+    let mut reported = 0;
+    for proc in &p.procs {
+        let reports = export_failure_reports(&proc.process.log());
+        assert!(
+            reports.len() <= 1,
+            "{} reported the failing exporter {} times:\n{}",
+            proc.name,
+            reports.len(),
+            reports.join("\n")
+        );
+        reported += reports.len();
+    }
+    assert!(reported > 0, "nobody reported the failing exporter");
 
     p.stop().await;
     fleet.stop().await;
