@@ -270,6 +270,20 @@ impl TaskOp {
         }
     }
 
+    /// Cancels open task `task_id` of session `sid` for `reason`, with the `chat_error` (type
+    /// `cancelled`) its client gets.
+    pub fn cancel(sid: &str, task_id: &str, reason: &str) -> Self {
+        let ev = crate::events::ServerMessage::chat_error(
+            sid,
+            task_id,
+            None,
+            "cancelled",
+            reason,
+            &Json::Null,
+        );
+        Self::end("cancel", task_id, "cancelled", reason, ev.to_json())
+    }
+
     /// Appends a session-level event (`op = "event"`) or closes the session (`op = "close"`).
     pub fn session(op: &'static str, event: String) -> Self {
         Self {

@@ -440,25 +440,11 @@ impl Dispatcher {
         } else {
             c.reason.as_str()
         };
-        let ev = ServerMessage::chat_error(
-            &c.session_id,
-            &c.task_id,
-            None,
-            "cancelled",
-            reason,
-            &Json::Null,
-        );
         let applied = self
             .tasks
             .apply(
                 &c.session_id,
-                &[TaskOp::end(
-                    "cancel",
-                    &c.task_id,
-                    "cancelled",
-                    reason,
-                    ev.to_json(),
-                )],
+                &[TaskOp::cancel(&c.session_id, &c.task_id, reason)],
             )
             .await?;
         self.publish(&c.session_id, &applied, redelivered).await?;
@@ -488,23 +474,7 @@ impl Dispatcher {
         };
         let cancel_ops = |tids: Vec<String>| -> Vec<TaskOp> {
             tids.iter()
-                .map(|tid| {
-                    let ev = ServerMessage::chat_error(
-                        sid,
-                        tid,
-                        None,
-                        "cancelled",
-                        "the session was closed",
-                        &Json::Null,
-                    );
-                    TaskOp::end(
-                        "cancel",
-                        tid,
-                        "cancelled",
-                        "the session was closed",
-                        ev.to_json(),
-                    )
-                })
+                .map(|tid| TaskOp::cancel(sid, tid, "the session was closed"))
                 .collect()
         };
         // Cancel what is open, then close (no task can be created after that), then cancel

@@ -10,7 +10,6 @@ use dispatcher::{App, Config};
 use fleet::Keys;
 use fleet::agent::AgentStore;
 use fleet::envelope::{Envelope, ExecCancel, ExecControl, SessionClose, TaskCommand, TaskSubmit};
-use fleet::events::ServerMessage;
 use fleet::keys::GROUP_DISPATCHERS;
 use fleet::session::Chat;
 use fleet::stream::{entry, groups, producer};
@@ -87,21 +86,7 @@ impl Fixture {
 
     /// What the close's handler applies to cancel task `tid`.
     fn cancel(&self, tid: &str) -> TaskOp {
-        let ev = ServerMessage::chat_error(
-            &self.sid,
-            tid,
-            None,
-            "cancelled",
-            "the session was closed",
-            &Json::Null,
-        );
-        TaskOp::end(
-            "cancel",
-            tid,
-            "cancelled",
-            "the session was closed",
-            ev.to_json(),
-        )
+        TaskOp::cancel(&self.sid, tid, "the session was closed")
     }
 
     /// Runs a dispatcher until the close is acked; answers the tasks told to stop.
