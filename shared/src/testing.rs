@@ -91,3 +91,20 @@ pub async fn task_events(
         .filter(|(kind, _)| kind != "task_queued")
         .collect()
 }
+
+/// The arguments that start worker binary `name` in a test on Redis `redis_url` under key
+/// prefix `prefix`: admin on an ephemeral port, reads blocking 100 ms, then `extra`.
+pub fn worker_args(name: &str, redis_url: &str, prefix: &str, extra: &[&str]) -> Vec<String> {
+    let base = [
+        name,
+        "--redis-url",
+        redis_url,
+        "--prefix",
+        prefix,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--block-ms",
+        "100",
+    ];
+    base.iter().chain(extra).map(|a| (*a).to_owned()).collect()
+}

@@ -39,17 +39,8 @@ impl Worker {
 impl Fixture {
     /// Starts a callback-worker on the fixture's Redis and prefix.
     async fn start_worker(&self) -> Worker {
-        let args = [
-            "callback-worker",
-            "--redis-url",
-            &self.redis,
-            "--prefix",
-            self.keys.prefix(),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--block-ms",
-            "100",
-        ];
+        let args =
+            fleet::testing::worker_args("callback-worker", &self.redis, self.keys.prefix(), &[]);
         let app = App::build(Config::try_parse_from(args).expect("config"))
             .await
             .expect("callback-worker builds");

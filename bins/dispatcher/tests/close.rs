@@ -105,19 +105,12 @@ impl Fixture {
     /// Runs a dispatcher until the pending command is acked; answers the cancels it wrote to
     /// the executors of pool `default`.
     async fn redeliver_command(&self) -> Vec<ExecCancel> {
-        let args = [
+        let args = fleet::testing::worker_args(
             "dispatcher",
-            "--redis-url",
             &self.redis,
-            "--prefix",
             self.keys.prefix(),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--block-ms",
-            "100",
-            "--claim-idle-ms",
-            "100",
-        ];
+            &["--claim-idle-ms", "100"],
+        );
         let app = App::build(Config::try_parse_from(args).expect("config"))
             .await
             .expect("dispatcher builds");

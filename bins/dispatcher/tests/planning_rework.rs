@@ -49,17 +49,7 @@ impl Env {
         groups::ensure_group(&client, &keys.tasks(), GROUP_DISPATCHERS)
             .await
             .unwrap();
-        let args = [
-            "dispatcher",
-            "--redis-url",
-            &redis,
-            "--prefix",
-            keys.prefix(),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--block-ms",
-            "100",
-        ];
+        let args = fleet::testing::worker_args("dispatcher", &redis, keys.prefix(), &[]);
         let app = App::build(Config::try_parse_from(args).expect("config"))
             .await
             .expect("dispatcher builds");
