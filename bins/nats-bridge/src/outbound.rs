@@ -13,7 +13,8 @@
 //!    entry's own headers;
 //! 4. answers [`Outcome::Ack`] only once JetStream acknowledged the publish. A failed publish is
 //!    retried a few times in place; after that the entry is left pending ([`Outcome::Retry`])
-//!    and delivered again later, and dead-lettered on its last allowed delivery.
+//!    and delivered again later, and dead-lettered on its last allowed delivery. A message
+//!    larger than the server or its stream takes is dead-lettered at once: no retry can fit it.
 //!
 //! The streams of the outbound subjects (`agent.requests`, `orchestrator.events`) are found or
 //! created at start ([`OutputStreams`]), and again when a publish finds no stream.
@@ -22,13 +23,15 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use fleet::admin::Components;
 use fleet::envelope::{NatsPublish, Outbound};
 use fleet::stream::{Delivery, Handler, Outcome};
 use fleet::telemetry::{continue_from, current_traceparent};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::inbound::{NATS_MSG_ID, TRACEPARENT};
 use crate::nats::{NatsLink, ProvisionError, StreamSpec, back_off, subject_matches};
@@ -189,19 +192,20 @@ impl Publisher {
             if self.streams.ensure(&self.nats).await.is_err() && self.streams.covers(subject) {
                 tracing::debug!(subject = %subject, "publishing before its stream is ready");
             }
-            let result = match self
-                .nats
-                .js
-                .publish_with_headers(
-                    subject.to_owned(),
-                    headers.clone(),
-                    p.payload.clone().into(),
-                )
-                .await
-            {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
+            let publish = async {
+                let ack = self
+                    .nats
+                    .js
+                    .publish_with_headers(
+                        subject.to_owned(),
+                        headers.clone(),
+                        p.payload.clone().into(),
+                    )
+                    .await?;
+                ack.await
             };
+            // In the span, so that what the client logs while publishing belongs to this hop.
+            let result = publish.instrument(span.clone()).await;
             let e = match result {
                 Ok(ack) => {
                     self.stats.add_published(ack.duplicate);
@@ -220,9 +224,14 @@ impl Publisher {
                 }
                 Err(e) => e,
             };
-            if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+            if too_large(&e) {
+                // No later delivery can succeed: the message does not fit the server or the
+                // stream. Dead-letter it now instead of retrying it `max_deliveries` times.
                 self.count(subject, "dead_lettered");
-                return Outcome::DeadLetter(format!("cannot publish to `{subject}`: {e}"));
+                return Outcome::DeadLetter(format!(
+                    "cannot publish to `{subject}`: {e} ({} bytes of payload)",
+                    p.payload.len()
+                ));
             }
             if e.kind() == PublishErrorKind::StreamNotFound {
                 // The server may have lost the stream (a new server without our store).
@@ -255,6 +264,16 @@ impl Publisher {
         metrics::counter!("fleet_nats_messages_out_total", "subject" => subject.to_owned(), "outcome" => outcome)
             .increment(1);
     }
+}
+
+/// Whether a publish failed because the message is larger than NATS takes: the server's
+/// `max_payload`, or the `max_msg_size` of the stream that stores the subject (JetStream's
+/// error 10054, which the client reports only as `Other` with the server's error as source).
+fn too_large(e: &PublishError) -> bool {
+    e.kind() == PublishErrorKind::MaxPayloadExceeded
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|j| j.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
 }
 
 /// The NATS headers of a publish: the entry's own, then `Nats-Msg-Id` and `traceparent` (which

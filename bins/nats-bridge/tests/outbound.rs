@@ -154,6 +154,51 @@ async fn entries_that_cannot_be_published_are_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_larger_than_its_stream_takes_is_dead_lettered_on_its_first_delivery() {
+    let env = Env::start().await;
+    // A Planning service's stream that stores agent requests of up to 512 bytes.
+    env.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "PLANNING_REQUESTS".into(),
+            subjects: vec!["agent.requests".into()],
+            max_message_size: 512,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let bridge = env.bridge(&[]).await;
+    let big = json!({"task_id": "big", "session_id": "s", "description": "x".repeat(1024)});
+    let big = env.outbound("agent.requests", &big.to_string()).await;
+    let small = json!({"task_id": "small", "session_id": "s"}).to_string();
+    env.outbound("agent.requests", &small).await;
+
+    env.wait_len(&env.keys.dlq(), 1, WITHIN).await;
+    env.wait_outbound_drained().await;
+    let letters = env.entries(&env.keys.dlq()).await;
+    let reason = letters[0].get_str("reason").unwrap_or_default();
+    assert!(
+        reason.contains("agent.requests") && reason.contains("bytes of payload"),
+        "{reason}"
+    );
+    assert_eq!(
+        letters[0].get_str("orig.id"),
+        Some(big.id.to_string().as_str()),
+        "the entry itself is kept"
+    );
+    assert_eq!(
+        letters[0].get_str("deliveries"),
+        Some("1"),
+        "no retries of what cannot fit"
+    );
+    assert_eq!(
+        env.stored("agent.requests").await,
+        1,
+        "the small one went out"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_wait_while_nats_is_down_and_go_out_after() {
     let mut env = Env::start().await;
     let bridge = env.bridge(&[]).await;
