@@ -26,7 +26,8 @@ pub mod context {
     }
 }
 
-/// `planning.v1`: the Planning service's `UpdateTask`, which the callback-worker calls.
+/// `planning.v1`: the Planning service's `UpdateTask`, which the callback-worker and the
+/// dispatcher call (`fleet::planning::notifier`).
 pub mod planning {
     pub mod v1 {
         #![allow(clippy::all, clippy::pedantic)]

@@ -11,7 +11,7 @@
 //! | [`agent`] | agent configurations |
 //! | [`deliberation`] | multi-agent deliberation: state, scoring, the steps that move it |
 //! | [`council`] | council registry: agents per role, heartbeats, member choice |
-//! | [`planning`] | planning events -> atomic subtasks (rules, deterministic ids) |
+//! | [`planning`] | planning events -> atomic subtasks (rules, deterministic ids); reports of their ends to the Planning service |
 //! | [`events`] | client-facing WebSocket / SSE messages |
 //! | [`backlog`] | back-pressure from the dispatchers' backlog |
 //! | [`admin`] | health and metrics routes |

@@ -42,6 +42,9 @@
 //!   its role (an async deliberation, queryable with `GetDeliberationResult` under the subtask
 //!   id); creating it is idempotent too, and a re-entry into the state starts a new one. The
 //!   built-in DESIGN rule does this for the architecture.
+//! * When a subtask ends (its runner's answer, its deadline, a cancel or its session's close,
+//!   or, for a council subtask, its deliberation's end), the binary that ended it tells the
+//!   Planning service, when one is configured ([`notifier`]).
 //!
 //! Rules file (TOML; YAML with the same shape from `.yaml` / `.yml`):
 //!
@@ -74,6 +77,8 @@ use crate::envelope::PlanningEvent;
 use crate::keys::Keys;
 use crate::time::now_ms;
 
+pub mod notifier;
+
 /// Namespace of subtask ids (UUIDv5).
 pub const SUBTASK_NAMESPACE: Uuid = Uuid::from_u128(0x3c0e_27b1_5d84_4f0a_8e61_94d2_7b3a_c515);
 
@@ -92,9 +97,12 @@ pub fn subtask_pool(role: &str) -> String {
     format!("agents.{role}")
 }
 
+/// Session ids of planning sessions start with this ([`session_id`]).
+pub const SESSION_PREFIX: &str = "plan-";
+
 /// The planning session of a case.
 pub fn session_id(case_id: &str) -> String {
-    format!("plan-{case_id}")
+    format!("{SESSION_PREFIX}{case_id}")
 }
 
 /// The deterministic id of a subtask: UUIDv5 of `case_id/plan_id/TO_STATE/role/action/transition`,
@@ -601,6 +609,32 @@ impl Subtask {
     }
 }
 
+/// Whether `spec` is the deliberation of a council subtask ([`Subtask::deliberation_spec`]):
+/// its id is the [`subtask_id`] its case, plan, target state, role, action and transition
+/// give, and its session a planning session. The id check keeps out a plain deliberation whose
+/// caller's metadata happens to use the same keys.
+pub fn is_council_subtask(spec: &crate::deliberation::DeliberationSpec) -> bool {
+    let meta = |k: &str| spec.metadata.get(k).map(String::as_str);
+    let (Some(action), Some(to_state), Some(transition), Some(sid)) = (
+        meta("action"),
+        meta("to_state"),
+        meta("transition_id"),
+        meta("session_id"),
+    ) else {
+        return false;
+    };
+    sid == session_id(&spec.case_id)
+        && spec.deliberation_id
+            == subtask_id(
+                &spec.case_id,
+                &spec.plan_id,
+                to_state,
+                &spec.role,
+                action,
+                transition,
+            )
+}
+
 /// The JSON published to NATS `agent.requests` for a subtask: what a NATS-side runner needs,
 /// including the task and session ids its `agent.responses` answer must carry back.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -795,6 +829,26 @@ mod tests {
         let spec = design[0].deliberation_spec(1_000);
         assert_eq!(spec.deliberation_id, design[0].task_id);
         spec.validate().unwrap();
+    }
+
+    #[test]
+    fn a_council_subtask_is_told_from_a_deliberation_that_only_looks_like_one() {
+        let design = PlanningRules::builtin().derive(&event("DESIGN"), &[], &[]);
+        let spec = design[0].deliberation_spec(1_000);
+        assert!(is_council_subtask(&spec));
+        // A gRPC deliberation with the same metadata but an id of its own.
+        let mut lookalike = spec.clone();
+        lookalike.deliberation_id = "d-1".into();
+        assert!(!is_council_subtask(&lookalike));
+        // The same id in another case's session.
+        let mut elsewhere = spec.clone();
+        elsewhere
+            .metadata
+            .insert("session_id".into(), session_id("US-9"));
+        assert!(!is_council_subtask(&elsewhere));
+        let mut plain = spec;
+        plain.metadata.clear();
+        assert!(!is_council_subtask(&plain));
     }
 
     #[test]

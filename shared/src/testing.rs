@@ -1,10 +1,15 @@
 //! Fixtures for the tests of this crate and of the binaries built on it (feature `testing`,
 //! which only dev-dependencies enable): a chat front door with one echo agent, and a session of
 //! it with submitted tasks, as the tests of task state, the callback-worker and the dispatcher
-//! each start from.
+//! each start from; a Planning service that records what it is told ([`PlanningServer`]).
 
+use std::time::Duration;
+
+use fleet_proto::planning::v1::planning_service_server::{PlanningService, PlanningServiceServer};
+use fleet_proto::planning::v1::{UpdateTaskRequest, UpdateTaskResponse};
 use fred::prelude::Client;
 use serde_json::Value as Json;
+use tokio::sync::mpsc;
 
 use crate::Keys;
 use crate::agent::{AgentConfig, AgentStore, DEFAULT_POOL};
@@ -107,4 +112,81 @@ pub fn worker_args(name: &str, redis_url: &str, prefix: &str, extra: &[&str]) ->
         "100",
     ];
     base.iter().chain(extra).map(|a| (*a).to_owned()).collect()
+}
+
+/// How long [`PlanningServer::next_update`] waits for a report before failing the test.
+const UPDATE_WAIT: Duration = Duration::from_secs(15);
+
+/// A `planning.v1.PlanningService` on a free port of this process that records every
+/// `UpdateTask` in order, for the tests of the binaries that report subtask ends: start one,
+/// pass [`PlanningServer::addr`] as `--planning-addr`, then await the reports. Stops serving
+/// when dropped.
+pub struct PlanningServer {
+    /// Its address (`127.0.0.1:<port>`).
+    pub addr: String,
+    updates: mpsc::UnboundedReceiver<UpdateTaskRequest>,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+/// The service behind [`PlanningServer`]: hands each request to the test.
+struct RecordingPlanning(mpsc::UnboundedSender<UpdateTaskRequest>);
+
+#[tonic::async_trait]
+impl PlanningService for RecordingPlanning {
+    async fn update_task(
+        &self,
+        req: tonic::Request<UpdateTaskRequest>,
+    ) -> Result<tonic::Response<UpdateTaskResponse>, tonic::Status> {
+        // The test may have finished reading: a report nobody awaits is not an error.
+        let _ = self.0.send(req.into_inner());
+        Ok(tonic::Response::new(UpdateTaskResponse { ok: true }))
+    }
+}
+
+impl PlanningServer {
+    /// Serves on `127.0.0.1`, on a free port.
+    pub async fn start() -> PlanningServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a free port");
+        let addr = listener.local_addr().expect("a bound address").to_string();
+        let (tx, updates) = mpsc::unbounded_channel();
+        let router = tonic::transport::Server::builder()
+            .add_service(PlanningServiceServer::new(RecordingPlanning(tx)));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let serving = tokio::spawn(async move {
+            router
+                .serve_with_incoming(incoming)
+                .await
+                .expect("the test Planning service serves");
+        });
+        PlanningServer {
+            addr,
+            updates,
+            serving,
+        }
+    }
+
+    /// The next `UpdateTask` it is told; fails the test when none comes within 15 s.
+    pub async fn next_update(&mut self) -> UpdateTaskRequest {
+        tokio::time::timeout(UPDATE_WAIT, self.updates.recv())
+            .await
+            .expect("an UpdateTask within 15 s")
+            .expect("the test Planning service is running")
+    }
+
+    /// The next `n` `UpdateTask`s, in the order they came.
+    pub async fn next_updates(&mut self, n: usize) -> Vec<UpdateTaskRequest> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next_update().await);
+        }
+        out
+    }
+}
+
+impl Drop for PlanningServer {
+    fn drop(&mut self) {
+        self.serving.abort();
+    }
 }

@@ -8,14 +8,13 @@ use fleet::deliberation::Engine;
 use fleet::deliberation::engine::Handled;
 use fleet::envelope::Callback;
 use fleet::events::{ServerMessage, message_type};
+use fleet::planning::notifier::PlanningNotifier;
 use fleet::session_log::{PublishOrder, SessionLog};
 use fleet::stream::{Delivery, Handler, Outcome};
 use fleet::task::{Applied, OpStatus, TaskOp, TaskStore};
 use fleet::time::now_ms;
 use serde_json::json;
 use tracing::Instrument;
-
-use crate::planning::PlanningNotifier;
 
 /// Handles the callbacks of `fleet:callbacks`.
 pub struct CallbackHandler {

@@ -13,18 +13,21 @@
 //! scoring, ranking, the architect step and the decision; the sweeper applies the quorum rule
 //! at each deliberation's deadline.
 //!
-//! With `FLEET_PLANNING_ADDR`, subtasks of planning sessions that end are reported to the
-//! Planning service ([`planning`]).
+//! With `FLEET_PLANNING_ADDR`, the ends it makes of subtasks of planning sessions (a runner's
+//! answer or error, a deadline, a council subtask's decision) are reported to the Planning
+//! service ([`fleet::planning::notifier`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use fleet::admin::{self, Health};
 use fleet::config::{CommonArgs, ConsumerArgs};
 use fleet::council::Councils;
 use fleet::deliberation::{DeliberationStore, Engine, EngineConfig};
 use fleet::keys::GROUP_CALLBACK_WORKERS;
+use fleet::planning::notifier::{PlanningArgs, PlanningNotifier};
 use fleet::session_log::{PublishOrder, SessionLog};
 use fleet::stream::{ConsumerLoop, consumer::unique_consumer_name};
 use fleet::task::TaskStore;
@@ -34,7 +37,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 mod handler;
-pub mod planning;
 mod sweeper;
 
 pub use handler::CallbackHandler;
@@ -66,16 +68,8 @@ pub struct Config {
     #[arg(long, env = "FLEET_SWEEP_INTERVAL_MS", default_value_t = 500)]
     pub sweep_interval_ms: u64,
 
-    /// Address of a Planning service (`planning.v1.PlanningService`, e.g. `planning:50051`)
-    /// told with `UpdateTask` when a subtask of a planning session ends with its runner's answer
-    /// or at its deadline (a council subtask's end is its decision on `orchestrator.events`; a
-    /// cancelled one is not reported). Unset: not told.
-    #[arg(long, env = "FLEET_PLANNING_ADDR")]
-    pub planning_addr: Option<String>,
-
-    /// Milliseconds to wait for the Planning service.
-    #[arg(long, env = "FLEET_PLANNING_TIMEOUT_MS", default_value_t = 2000)]
-    pub planning_timeout_ms: u64,
+    #[command(flatten)]
+    pub planning: PlanningArgs,
 }
 
 /// A callback-worker process.
@@ -83,16 +77,26 @@ pub struct App {
     cfg: Config,
     client: fred::prelude::Client,
     admin: TcpListener,
+    planning: Option<PlanningNotifier>,
 }
 
 impl App {
-    /// Connects to Redis and binds the admin port.
+    /// Checks the Planning service's address, connects to Redis and binds the admin port.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         admin::prometheus();
+        let planning = cfg
+            .planning
+            .notifier()
+            .context("invalid FLEET_PLANNING_ADDR")?;
         let client = cfg.common.connect().await?;
         let admin = fleet::net::bind(cfg.admin_addr, "FLEET_ADMIN_ADDR").await?;
         tracing::info!(admin = %admin.local_addr()?, "listening");
-        Ok(App { cfg, client, admin })
+        Ok(App {
+            cfg,
+            client,
+            admin,
+            planning,
+        })
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -118,6 +122,8 @@ impl App {
             self.cfg.common.retention(),
         );
         let log = SessionLog::new(self.client.clone(), keys.clone(), self.cfg.common.fanout());
+        let planning = self.planning;
+        // Its steps end council subtasks' deliberations, which Planning is told of.
         let engine = Engine::new(
             DeliberationStore::new(
                 self.client.clone(),
@@ -126,14 +132,8 @@ impl App {
             ),
             Councils::new(self.client.clone(), keys.clone()),
             EngineConfig::default(),
-        );
-        let planning = match &self.cfg.planning_addr {
-            Some(addr) => Some(planning::PlanningNotifier::new(
-                addr,
-                Duration::from_millis(self.cfg.planning_timeout_ms.max(1)),
-            )?),
-            None => None,
-        };
+        )
+        .with_planning(planning.clone());
         let order = PublishOrder::new();
         let consumer = self.cfg.consumer.consumer(
             &keys,

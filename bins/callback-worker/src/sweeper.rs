@@ -33,7 +33,7 @@ pub struct Sweeper {
     /// The order of each session's fan-out entries, shared with the callback handler.
     pub order: PublishOrder,
     pub engine: Engine,
-    pub planning: Option<crate::planning::PlanningNotifier>,
+    pub planning: Option<fleet::planning::notifier::PlanningNotifier>,
     pub every: Duration,
 }
 

@@ -1,20 +1,32 @@
 //! callback-worker in-process on a real redis-server: a malformed task callback is
-//! dead-lettered on its own, and the valid callbacks read in the same batch still apply.
+//! dead-lettered on its own, and the valid callbacks read in the same batch still apply; the
+//! end of a council subtask's deliberation (its decision, or its timeout) is reported to a
+//! Planning service.
 
 use std::time::Duration;
 
 use callback_worker::{App, Config};
 use clap::Parser;
 use fleet::Keys;
-use fleet::envelope::{Callback, CallbackBatch, Chunk, Envelope, Started, TaskResult};
+use fleet::council::Councils;
+use fleet::deliberation::{Check, Checks, DeliberationStore, Engine, EngineConfig};
+use fleet::envelope::{
+    Callback, CallbackBatch, Chunk, Envelope, PlanningEvent, ProposalCallback, Started, TaskResult,
+};
 use fleet::keys::GROUP_CALLBACK_WORKERS;
+use fleet::planning::{PlanningRules, Subtask};
 use fleet::session::Chat;
 use fleet::stream::{groups, producer};
 use fleet::task::TaskState;
+use fleet::testing::PlanningServer;
+use fleet::time::now_ms;
 use fleet_test_support::eventually;
 use fred::prelude::*;
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
+
+/// The plan of the planning events of these tests.
+const PLAN: &str = "P-4";
 
 struct Fixture {
     redis: String,
@@ -39,14 +51,57 @@ impl Worker {
 impl Fixture {
     /// Starts a callback-worker on the fixture's Redis and prefix.
     async fn start_worker(&self) -> Worker {
+        self.start_worker_with(&[]).await
+    }
+
+    /// Starts a callback-worker on the fixture's Redis and prefix, with `extra` flags.
+    async fn start_worker_with(&self, extra: &[&str]) -> Worker {
         let args =
-            fleet::testing::worker_args("callback-worker", &self.redis, self.keys.prefix(), &[]);
+            fleet::testing::worker_args("callback-worker", &self.redis, self.keys.prefix(), extra);
         let app = App::build(Config::try_parse_from(args).expect("config"))
             .await
             .expect("callback-worker builds");
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(app.run(shutdown.clone()));
         Worker { shutdown, running }
+    }
+
+    /// Deliberation steps on the fixture's Redis and prefix, without a Planning service (as a
+    /// dispatcher's or a test's).
+    fn engine(&self) -> Engine {
+        Engine::new(
+            DeliberationStore::new(
+                self.client.clone(),
+                self.keys.clone(),
+                self.chat.tasks.retention().session_ttl_ms,
+            ),
+            Councils::new(self.client.clone(), self.keys.clone()),
+            EngineConfig::default(),
+        )
+    }
+
+    /// Starts the council subtask (ARCHITECT, 3 pool seats) of case `case`'s move into DESIGN
+    /// as a dispatcher does, with its deadline `deadline_in_ms` after its start.
+    async fn start_council_subtask(&self, case: &str, deadline_in_ms: i64) -> Subtask {
+        let event = PlanningEvent {
+            event_id: format!("AGILE:{case}:1"),
+            event_type: "TRANSITION".into(),
+            case_id: case.into(),
+            plan_id: PLAN.into(),
+            from_state: "DRAFT".into(),
+            to_state: "DESIGN".into(),
+            timestamp: "2026-01-01T10:00:00.000Z".into(),
+            metadata: Json::Null,
+        };
+        let design = PlanningRules::builtin()
+            .derive(&event, &[], &[])
+            .into_iter()
+            .find(|s| s.council > 0)
+            .expect("DESIGN has a council subtask");
+        let mut spec = design.deliberation_spec(now_ms());
+        spec.deadline_ms = spec.created_ms + deadline_in_ms.max(1);
+        self.engine().dispatch(&spec, "", false).await.unwrap();
+        design
     }
 
     /// The events session `sid`'s log holds for task `tid`, `task_queued` left out, as
@@ -308,20 +363,11 @@ async fn a_timeout_a_stopped_sweeper_did_not_fan_out_reaches_the_gateways_with_t
     let (f, sid, tid) = session_with_task().await;
     let (client, keys) = (&f.client, &f.keys);
     let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
-    let engine = fleet::deliberation::Engine::new(
-        fleet::deliberation::DeliberationStore::new(
-            client.clone(),
-            keys.clone(),
-            f.chat.tasks.retention().session_ttl_ms,
-        ),
-        fleet::council::Councils::new(client.clone(), keys.clone()),
-        fleet::deliberation::EngineConfig::default(),
-    );
     let sweeper = Sweeper {
         tasks: f.chat.tasks.clone(),
         log: log.clone(),
         order: PublishOrder::new(),
-        engine,
+        engine: f.engine(),
         planning: None,
         every: Duration::from_millis(10),
     };
@@ -374,4 +420,86 @@ async fn a_timeout_a_stopped_sweeper_did_not_fan_out_reaches_the_gateways_with_t
         .await
         .unwrap();
     assert_eq!(member, None);
+}
+
+/// Member `member`'s proposal for council subtask `s`, whose lint scores `lint` (the rest pass).
+fn proposal(s: &Subtask, member: &str, lint: f64) -> Envelope<Callback> {
+    Envelope::new(Callback::Proposal(ProposalCallback {
+        deliberation_id: s.task_id.clone(),
+        member: member.into(),
+        round: 1,
+        agent_id: format!("proc-{member}"),
+        content: format!("design by {member}"),
+        checks: Checks {
+            policy: Some(Check::pass(1.0, "")),
+            lint: Some(Check::pass(lint, "")),
+            dry_run: Some(Check::pass(1.0, "")),
+            ..Default::default()
+        },
+        self_score: None,
+        metadata: Json::Null,
+    }))
+}
+
+#[tokio::test]
+async fn a_council_subtask_is_reported_completed_with_the_winner_and_one_out_of_time_timed_out() {
+    let (f, _, _) = session_with_task().await;
+    let mut planning = PlanningServer::start().await;
+    let worker = f
+        .start_worker_with(&[
+            "--planning-addr",
+            &planning.addr,
+            "--sweep-interval-ms",
+            "20",
+        ])
+        .await;
+    let design = f.start_council_subtask("US-41", 60_000).await;
+    for (member, lint) in [
+        ("ARCHITECT-1", 0.5),
+        ("ARCHITECT-2", 1.0),
+        ("ARCHITECT-3", 0.7),
+    ] {
+        producer::send(
+            &f.client,
+            &f.keys.callbacks(),
+            None,
+            &proposal(&design, member, lint),
+        )
+        .await
+        .unwrap();
+    }
+
+    // The last proposal completes the round; the best scored wins (no architect step).
+    let u = planning.next_update().await;
+    assert_eq!(u.task_id, design.task_id);
+    assert_eq!(
+        (u.status.as_str(), u.result.as_str()),
+        ("COMPLETED", "design by ARCHITECT-2")
+    );
+    assert_eq!(
+        (u.case_id.as_str(), u.plan_id.as_str(), u.role.as_str()),
+        ("US-41", PLAN, "ARCHITECT")
+    );
+    let decided = f
+        .engine()
+        .store
+        .get(&design.task_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(decided.winner.as_deref(), Some("ARCHITECT-2"));
+
+    // A council nobody answers before its deadline: the sweeper times it out, and that is the
+    // next report (the decision is not reported again).
+    let late = f.start_council_subtask("US-42", 1).await;
+    let u = planning.next_update().await;
+    assert_eq!(u.task_id, late.task_id);
+    assert_eq!(u.status, "TIMED_OUT");
+    assert!(u.result.contains("deadline"), "{}", u.result);
+    assert_eq!(
+        (u.case_id.as_str(), u.role.as_str()),
+        ("US-42", "ARCHITECT")
+    );
+
+    worker.stop().await;
 }

@@ -10,6 +10,7 @@ use fleet::envelope::{
 };
 use fleet::events::{ServerMessage, message_type};
 use fleet::keys::Keys;
+use fleet::planning::notifier::PlanningNotifier;
 use fleet::planning::{self, AgentRequestPayload, PlanningRules, Subtask};
 use fleet::session_log::SessionLog;
 use fleet::stream::{Delivery, Handler, Outcome, producer};
@@ -34,6 +35,8 @@ pub struct Dispatcher {
     pub planning: Arc<PlanningRules>,
     /// Context hydration, when configured.
     pub context: Option<ContextHydrator>,
+    /// Told of the planning subtasks its cancels and closes end, when configured.
+    pub notifier: Option<PlanningNotifier>,
 }
 
 /// Why a command was not carried out.
@@ -511,8 +514,15 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Fans out the events of an apply and drops ended tasks from the deadline set.
+    /// Tells Planning of the planning subtasks an apply ended (in the background), fans out its
+    /// events and drops ended tasks from the deadline set. Every apply of this handler comes
+    /// here, so every end it makes (a cancel, a close, a failed submit) is reported, once: a
+    /// redelivery's apply ends nothing. Told first, so a failed fan-out (retried, ending
+    /// nothing then) does not lose the report.
     async fn publish(&self, sid: &str, applied: &Applied, redelivered: bool) -> Result<()> {
+        if let Some(n) = &self.notifier {
+            n.tasks_ended(&self.tasks, sid, &applied.ended);
+        }
         self.log.publish_applied(sid, applied, redelivered).await?;
         Ok(())
     }

@@ -17,13 +17,15 @@
 //!   sends it to `fleet:agents:<role>` and to NATS `agent.requests` (through `fleet:outbound`).
 //!
 //! With `FLEET_CONTEXT_ADDR`, agent requests carry the Context service's `GetContext` answer
-//! ([`hydrate`]).
+//! ([`hydrate`]). With `FLEET_PLANNING_ADDR`, the subtasks of planning sessions its cancels and
+//! closes end are reported to the Planning service ([`fleet::planning::notifier`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use fleet::admin::{self, Health};
 use fleet::agent::AgentStore;
@@ -32,6 +34,7 @@ use fleet::council::Councils;
 use fleet::deliberation::{DeliberationStore, Engine, EngineConfig};
 use fleet::keys::GROUP_DISPATCHERS;
 use fleet::planning::PlanningRules;
+use fleet::planning::notifier::{PlanningArgs, PlanningNotifier};
 use fleet::session_log::SessionLog;
 use fleet::stream::{ConsumerLoop, consumer::unique_consumer_name};
 use fleet::task::TaskStore;
@@ -92,6 +95,9 @@ pub struct Config {
     /// FLEET_PUBLISH_AGENT_REQUESTS takes true/false, 1/0, yes/no or on/off.
     #[arg(long, env = "FLEET_PUBLISH_AGENT_REQUESTS", value_parser = clap::builder::BoolishValueParser::new())]
     pub publish_agent_requests: bool,
+
+    #[command(flatten)]
+    pub planning_updates: PlanningArgs,
 }
 
 /// A dispatcher process: built with [`App::build`], run until its shutdown token is cancelled.
@@ -101,13 +107,19 @@ pub struct App {
     admin: TcpListener,
     planning: Arc<PlanningRules>,
     context: Option<hydrate::ContextHydrator>,
+    notifier: Option<PlanningNotifier>,
 }
 
 impl App {
-    /// Connects to Redis, loads the agents file and the planning rules and binds the admin port.
+    /// Connects to Redis, loads the agents file and the planning rules, checks the Context and
+    /// Planning services' addresses and binds the admin port.
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         admin::prometheus();
         let planning = Arc::new(PlanningRules::from_file(cfg.planning_rules.as_deref())?);
+        let notifier = cfg
+            .planning_updates
+            .notifier()
+            .context("invalid FLEET_PLANNING_ADDR")?;
         let context = match &cfg.context_addr {
             Some(addr) => Some(hydrate::ContextHydrator::new(
                 addr,
@@ -130,6 +142,7 @@ impl App {
             admin,
             planning,
             context,
+            notifier,
         })
     }
 
@@ -172,6 +185,7 @@ impl App {
             ),
             planning: self.planning.clone(),
             context: self.context.clone(),
+            notifier: self.notifier.clone(),
         };
         let consumer = self.cfg.consumer.consumer(
             &keys,

@@ -5,19 +5,13 @@
 //! the fresh ids, and a fresh deliberation for a council subtask.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
-use clap::Parser;
-use dispatcher::{App, Config};
-use fleet::Keys;
-use fleet::envelope::{
-    AgentMessage, AgentRequest, Envelope, PlanningEvent, SessionClose, TaskCommand,
-};
-use fleet::keys::GROUP_DISPATCHERS;
-use fleet::stream::{entry, groups, producer};
-use fleet_test_support::eventually;
+use fleet::envelope::{AgentRequest, PlanningEvent, SessionClose, TaskCommand};
+use fleet::stream::entry;
 use fred::prelude::*;
-use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::Env;
 
 const CASE: &str = "US-314";
 
@@ -31,91 +25,6 @@ fn event(event_id: &str, from: &str, to: &str, timestamp: &str) -> PlanningEvent
         to_state: to.into(),
         timestamp: timestamp.into(),
         metadata: serde_json::Value::Null,
-    }
-}
-
-struct Env {
-    client: Client,
-    keys: Keys,
-    shutdown: CancellationToken,
-    running: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Env {
-    async fn start() -> Env {
-        let redis = fleet_test_support::redis();
-        let client = fleet::redis::connect(&redis).await.unwrap();
-        let keys = Keys::new(&fleet_test_support::prefix());
-        groups::ensure_group(&client, &keys.tasks(), GROUP_DISPATCHERS)
-            .await
-            .unwrap();
-        let args = fleet::testing::worker_args("dispatcher", &redis, keys.prefix(), &[]);
-        let app = App::build(Config::try_parse_from(args).expect("config"))
-            .await
-            .expect("dispatcher builds");
-        let shutdown = CancellationToken::new();
-        let running = tokio::spawn(app.run(shutdown.clone()));
-        Env {
-            client,
-            keys,
-            shutdown,
-            running,
-        }
-    }
-
-    /// Writes `e` to `fleet:tasks` as a new entry (what nats-bridge or edge-api write for
-    /// each copy) and waits until the dispatcher has handled and acked it.
-    async fn send(&self, e: PlanningEvent) {
-        self.command(TaskCommand::PlanningEvent(e)).await;
-    }
-
-    /// Writes `cmd` to `fleet:tasks` and waits until the dispatcher has handled and acked it.
-    async fn command(&self, cmd: TaskCommand) {
-        let env = Envelope::new(cmd);
-        let id = producer::send(&self.client, &self.keys.tasks(), None, &env)
-            .await
-            .unwrap();
-        let (client, tasks) = (&self.client, self.keys.tasks());
-        eventually(Duration::from_secs(10), "the event handled", || async {
-            let g = groups::group(client, &tasks, GROUP_DISPATCHERS)
-                .await
-                .ok()??;
-            (g.last_delivered == id && g.pending == 0).then_some(())
-        })
-        .await;
-    }
-
-    /// Every agent request sent to `role`'s agents, in order.
-    async fn requests(&self, role: &str) -> Vec<AgentRequest> {
-        let v: Value = self
-            .client
-            .xrange(self.keys.agents(role), "-", "+", None)
-            .await
-            .unwrap();
-        entry::parse_entries(v)
-            .unwrap()
-            .iter()
-            .map(|e| {
-                let AgentMessage::Request(r) = Envelope::<AgentMessage>::from_fields(&e.fields)
-                    .unwrap()
-                    .msg;
-                r
-            })
-            .collect()
-    }
-
-    async fn tasks_total(&self) -> i64 {
-        let n: Option<i64> = self
-            .client
-            .hget(self.keys.session(&format!("plan-{CASE}")), "tasks_total")
-            .await
-            .unwrap();
-        n.unwrap_or(0)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.running.await.unwrap().unwrap();
     }
 }
 
@@ -134,7 +43,7 @@ async fn a_case_re_entering_build_gets_fresh_subtasks_and_copies_derive_nothing(
         "2026-01-01T10:00:00.000Z",
     );
     env.send(build.clone()).await;
-    assert_eq!(env.tasks_total().await, 3);
+    assert_eq!(env.tasks_total(CASE).await, 3);
     let dev = env.requests("DEV").await;
     assert_eq!(dev.len(), 1);
     let first_dev = dev[0].task_id.clone();
@@ -145,7 +54,7 @@ async fn a_case_re_entering_build_gets_fresh_subtasks_and_copies_derive_nothing(
     let mut retry = build.clone();
     retry.event_id = "AGILE:102:1767261600500000000".into();
     env.send(retry).await;
-    assert_eq!(env.tasks_total().await, 3, "a copy derives nothing");
+    assert_eq!(env.tasks_total(CASE).await, 3, "a copy derives nothing");
     assert_eq!(env.requests("DEV").await.len(), 1);
     assert_eq!(env.requests("QA").await.len(), 1);
 
@@ -157,7 +66,7 @@ async fn a_case_re_entering_build_gets_fresh_subtasks_and_copies_derive_nothing(
         "2026-01-02T10:00:00.000Z",
     ))
     .await;
-    assert_eq!(env.tasks_total().await, 5);
+    assert_eq!(env.tasks_total(CASE).await, 5);
     let rework = event(
         "AGILE:104:1767434400000000000",
         "TEST",
@@ -166,7 +75,7 @@ async fn a_case_re_entering_build_gets_fresh_subtasks_and_copies_derive_nothing(
     );
     env.send(rework.clone()).await;
     assert_eq!(
-        env.tasks_total().await,
+        env.tasks_total(CASE).await,
         8,
         "the rework derives three new subtasks"
     );
@@ -191,7 +100,7 @@ async fn a_case_re_entering_build_gets_fresh_subtasks_and_copies_derive_nothing(
     let mut retry = rework;
     retry.event_id = "AGILE:105:1767434400900000000".into();
     env.send(retry).await;
-    assert_eq!(env.tasks_total().await, 8);
+    assert_eq!(env.tasks_total(CASE).await, 8);
     assert_eq!(env.requests("DEV").await.len(), 2);
 
     // Every subtask is a task of the planning session, once, with its transition recorded.
@@ -221,11 +130,11 @@ async fn events_without_a_timestamp_are_told_apart_by_their_event_id() {
     let env = Env::start().await;
     env.send(event("plan-evt-1", "DESIGN", "BUILD", "")).await;
     env.send(event("plan-evt-1", "DESIGN", "BUILD", "")).await;
-    assert_eq!(env.tasks_total().await, 3);
+    assert_eq!(env.tasks_total(CASE).await, 3);
     env.send(event("plan-evt-2", "BUILD", "TEST", "")).await;
     env.send(event("plan-evt-3", "TEST", "BUILD", "")).await;
     env.send(event("plan-evt-3", "TEST", "BUILD", "")).await;
-    assert_eq!(env.tasks_total().await, 8);
+    assert_eq!(env.tasks_total(CASE).await, 8);
     assert_eq!(env.requests("DEV").await.len(), 2);
     env.stop().await;
 }
@@ -278,7 +187,7 @@ async fn an_event_for_a_closed_planning_session_is_dead_lettered_with_its_reason
     let env = Env::start().await;
     let build = event("AGILE:1:1", "DESIGN", "BUILD", "1767261600000");
     env.send(build.clone()).await;
-    assert_eq!(env.tasks_total().await, 3);
+    assert_eq!(env.tasks_total(CASE).await, 3);
     let sid = format!("plan-{CASE}");
     env.command(TaskCommand::SessionClose(SessionClose {
         session_id: sid.clone(),
@@ -296,7 +205,7 @@ async fn an_event_for_a_closed_planning_session_is_dead_lettered_with_its_reason
     env.send(build).await;
     env.send(event("AGILE:2:2", "BUILD", "TEST", "1767348000000"))
         .await;
-    assert_eq!(env.tasks_total().await, 3, "nothing derived");
+    assert_eq!(env.tasks_total(CASE).await, 3, "nothing derived");
     assert_eq!(env.requests("DEVOPS").await.len(), 1);
     let v: Value = env
         .client

@@ -12,6 +12,9 @@
 //! the change that calls for them, so a crash in between is repaired by the redelivery of the
 //! entry that caused it ([`Engine::resume`]), and duplicate requests cost work, never
 //! correctness (a member's proposal for a round is recorded once).
+//!
+//! The end of a council subtask's deliberation is told to the Planning service, once, by the
+//! step that first marks it settled, when the engine has a notifier ([`Engine::with_planning`]).
 
 use std::collections::BTreeSet;
 
@@ -32,6 +35,7 @@ use crate::envelope::{
     SelectionCallback, TaskCommand,
 };
 use crate::keys::Keys;
+use crate::planning::notifier::PlanningNotifier;
 use crate::stream::producer::{self, ProduceError};
 use crate::task::CONTROL_MAXLEN;
 use crate::time::now_ms;
@@ -121,6 +125,8 @@ pub struct Engine {
     pub store: DeliberationStore,
     pub councils: Councils,
     pub cfg: EngineConfig,
+    /// Told when a council subtask's deliberation ends ([`Engine::with_planning`]).
+    pub planning: Option<PlanningNotifier>,
 }
 
 fn proposal_id(id: &str, p: &Proposal) -> String {
@@ -159,7 +165,15 @@ impl Engine {
             store,
             councils,
             cfg,
+            planning: None,
         }
+    }
+
+    /// This engine, telling `planning` (when set) of the end of each council subtask's
+    /// deliberation that one of its steps settles: the callback-worker's, which ends them.
+    pub fn with_planning(mut self, planning: Option<PlanningNotifier>) -> Self {
+        self.planning = planning;
+        self
     }
 
     fn client(&self) -> &Client {
@@ -908,8 +922,9 @@ impl Engine {
     /// through it is finished by its redelivery, [`Engine::resume`], or by the sweeper,
     /// [`Engine::settle`]): the decision (or the failure) is published first, under
     /// deterministic envelope ids (a repeat is recognisable), then the first call to mark it
-    /// settled counts it in the stats and latency, and last its deadline entry is dropped, so a
-    /// failure anywhere before leaves the entry that brings the sweeper back.
+    /// settled counts it in the stats and latency and tells Planning of a council subtask's end
+    /// (best effort, in the background), and last its deadline entry is dropped, so a failure
+    /// anywhere before leaves the entry that brings the sweeper back.
     async fn after_end(&self, view: &DeliberationView) -> Result<()> {
         let keys = self.keys();
         let spec = &view.spec;
@@ -919,6 +934,11 @@ impl Engine {
             self.emit_failure(view).await?;
         }
         let first = !view.settled && self.store.settle(&spec.deliberation_id).await?;
+        if first && let Some(planning) = &self.planning {
+            // Here rather than after the counters: a call that fails below is finished by one
+            // that is not the first, which would not report it.
+            planning.deliberation_ended(view);
+        }
         let duration = view.duration_ms();
         let pipeline = self.client().pipeline();
         if first {
