@@ -152,12 +152,15 @@ pub fn once_key(id: uuid::Uuid, i: usize) -> String {
     format!("{}/{i}", id.hyphenated())
 }
 
-/// Applies `ops` to session `sid` and fans out their events (a nudge when `nudge` and nothing
-/// new was logged), in the session's line of `order`.
+/// Applies `ops` to session `sid`, tells `planning` (when set) of the planning subtasks that
+/// ended, and fans out their events (a nudge when `nudge` and nothing new was logged), in the
+/// session's line of `order`. Planning is told before the fan-out: a failed fan-out is retried
+/// by a redelivery whose apply ends nothing, which would not report them.
 pub(crate) async fn apply_in_order(
     tasks: &TaskStore,
     log: &SessionLog,
     order: &PublishOrder,
+    planning: Option<&PlanningNotifier>,
     sid: &str,
     ops: &[TaskOp],
     nudge: bool,
@@ -169,6 +172,9 @@ pub(crate) async fn apply_in_order(
         order.send(sid, apply).await
     };
     let applied = applied?;
+    if let Some(p) = planning {
+        p.tasks_ended(tasks, sid, &applied.ended);
+    }
     {
         let publish = pin!(log.publish_applied(sid, &applied, nudge));
         order.publish(turn, publish).await?;
@@ -339,9 +345,17 @@ impl CallbackHandler {
         if ops.iter().any(|op| op.attempt > Some(1)) {
             (kinds, ops) = with_restarts(sid, kinds, ops);
         }
-        let result = apply_in_order(&self.tasks, &self.log, &self.order, sid, &ops, redelivered)
-            .instrument(span)
-            .await;
+        let result = apply_in_order(
+            &self.tasks,
+            &self.log,
+            &self.order,
+            self.planning.as_ref(),
+            sid,
+            &ops,
+            redelivered,
+        )
+        .instrument(span)
+        .await;
         match result {
             Ok(applied) => {
                 for (&kind, status) in kinds.iter().zip(&applied.statuses) {
@@ -350,9 +364,6 @@ impl CallbackHandler {
                     if matches!(status, OpStatus::Stale | OpStatus::Missing) {
                         tracing::debug!(kind, status = status.as_str(), "callback dropped");
                     }
-                }
-                if let Some(p) = &self.planning {
-                    p.tasks_ended(&self.tasks, sid, &applied.ended);
                 }
                 let now = now_ms();
                 for t in &applied.ended {

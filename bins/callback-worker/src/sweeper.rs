@@ -120,14 +120,12 @@ impl Sweeper {
                 &self.tasks,
                 &self.log,
                 &self.order,
+                self.planning.as_ref(),
                 sid,
                 &ops,
                 true,
             )
             .await?;
-            if let Some(p) = &self.planning {
-                p.tasks_ended(&self.tasks, sid, &applied.ended);
-            }
             for t in &applied.ended {
                 metrics::counter!("fleet_tasks_timed_out_total").increment(1);
                 tracing::info!(session_id = %sid, task_id = %t.task_id, "task timed out");
