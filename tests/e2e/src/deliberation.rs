@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::{Fleet, SECRET, common_args};
+use crate::{AGENT, Fleet, SECRET, common_args, redis_args};
 
 /// Milliseconds between two deadline sweeps in test fleets (deadlines are noticed quickly).
 pub const SWEEP_MS: u64 = 50;
@@ -161,7 +161,7 @@ impl DelibFleet {
         let mut edges = Vec::new();
         for _ in 0..opts.edges {
             let args = [
-                common[..4].to_vec(),
+                redis_args(&base.redis_url, &base.prefix),
                 vec![
                     "--secret".into(),
                     SECRET.into(),
@@ -285,6 +285,41 @@ pub fn deliberate(
         num_agents: n,
         ..Default::default()
     }
+}
+
+/// Opens a chat session of the echo agent ([`AGENT`]) over gRPC `CreateSession`.
+pub async fn open_grpc_session(
+    client: &mut OrchestratorServiceClient<Channel>,
+) -> pb::CreateSessionResponse {
+    client
+        .create_session(pb::CreateSessionRequest {
+            agent_id: AGENT.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateSession")
+        .into_inner()
+}
+
+/// Waits (up to 15 s) until deliberation `task_id` has completed; returns its result.
+pub async fn completed_deliberation(
+    client: &OrchestratorServiceClient<Channel>,
+    task_id: &str,
+) -> pb::GetDeliberationResultResponse {
+    let what = format!("deliberation {task_id} completed");
+    fleet_test_support::eventually(Duration::from_secs(15), &what, || {
+        let mut client = client.clone();
+        let task_id = task_id.to_owned();
+        async move {
+            let r = client
+                .get_deliberation_result(pb::GetDeliberationResultRequest { task_id })
+                .await
+                .ok()?
+                .into_inner();
+            (r.status == pb::DeliberationStatus::Completed as i32).then_some(r)
+        }
+    })
+    .await
 }
 
 /// Waits until `n` agents of `role` are registered and ready.

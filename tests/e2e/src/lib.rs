@@ -10,7 +10,7 @@ use clap::Parser;
 use fleet::Keys;
 use fleet::agent::{AgentConfig, AgentStore};
 use fleet::events::ServerMessage;
-use fleet::session::{Chat, ChatLimits, TokenSigner};
+use fleet::session::{Chat, ChatLimits, InitSession, NewSession, SubmitMessage, TokenSigner};
 use fleet::session_log::{FanoutConfig, SessionLog};
 use fleet::stream::entry::{StreamId, parse_read};
 use fleet::task::{Retention, TaskStore};
@@ -54,18 +54,38 @@ impl Default for Options {
     }
 }
 
-/// Arguments every binary of a test fleet shares.
-pub fn common_args(redis: &str, prefix: &str) -> Vec<String> {
+/// `--redis-url` and `--prefix`: the Redis and key prefix of a test fleet, the first arguments
+/// of each of its binaries.
+pub fn redis_args(redis: &str, prefix: &str) -> Vec<String> {
     vec![
         "--redis-url".into(),
         redis.into(),
         "--prefix".into(),
         prefix.into(),
-        "--admin-addr".into(),
-        "127.0.0.1:0".into(),
-        "--shutdown-grace-secs".into(),
-        "10".into(),
     ]
+}
+
+/// Arguments every binary of a test fleet shares: [`redis_args`], admin routes on a free port,
+/// a 10 s shutdown grace. (Not `fleet::testing::worker_args` plus a flag: that one also sets
+/// `--block-ms`, which the front doors do not take and some tests here set themselves.)
+pub fn common_args(redis: &str, prefix: &str) -> Vec<String> {
+    let mut args = redis_args(redis, prefix);
+    args.extend(["--admin-addr", "127.0.0.1:0", "--shutdown-grace-secs", "10"].map(String::from));
+    args
+}
+
+/// [`common_args`] for binary `name` run as a process: edge-api serves its admin routes on its
+/// REST port, so it is given no `--admin-addr`.
+pub fn process_args(name: &str, redis: &str, prefix: &str) -> Vec<String> {
+    let mut args = common_args(redis, prefix);
+    if name == "edge-api" {
+        let at = args
+            .iter()
+            .position(|a| a == "--admin-addr")
+            .expect("common args name an admin address");
+        args.drain(at..at + 2);
+    }
+    args
 }
 
 /// A fleet running in this test process.
@@ -91,28 +111,15 @@ impl Fleet {
     /// Starts a dispatcher, a callback-worker and an echo exec-worker (and the front doors when
     /// asked) on a fresh prefix, with the echo agent configured.
     pub async fn start(opts: Options) -> Fleet {
-        let redis_url = fleet_test_support::redis();
-        let prefix = fleet_test_support::prefix();
-        let client = fleet::redis::connect(&redis_url)
-            .await
-            .expect("connect redis");
-        let keys = Keys::new(&prefix);
-        let agents = AgentStore::new(client.clone(), keys.clone());
-        agents.put(&echo_agent()).await.expect("seed agent");
-        let chat = Chat {
-            tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
-            agents,
-            tokens: TokenSigner::new(SECRET.as_bytes()),
-            limits: ChatLimits {
-                direct_dispatch: opts.direct_dispatch,
-                ..ChatLimits::default()
-            },
-            backpressure: Default::default(),
-        };
-        let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
-        let shutdown = CancellationToken::new();
+        let mut fleet = Fleet::harness(ChatLimits {
+            direct_dispatch: opts.direct_dispatch,
+            ..ChatLimits::default()
+        })
+        .await;
+        let (redis_url, prefix) = (&fleet.redis_url, &fleet.prefix);
+        let shutdown = fleet.shutdown.clone();
         let mut running = Vec::new();
-        let common = common_args(&redis_url, &prefix);
+        let common = common_args(redis_url, prefix);
         let claim = ["--claim-idle-ms".to_owned(), opts.claim_idle_ms.to_string()];
 
         if opts.workers {
@@ -149,13 +156,7 @@ impl Fleet {
                 "--direct-dispatch".to_owned(),
                 opts.direct_dispatch.to_string(),
             ];
-            let base = [
-                common_args(&redis_url, &prefix)[..4].to_vec(),
-                secret,
-                http,
-                direct,
-            ]
-            .concat();
+            let base = [redis_args(redis_url, prefix), secret, http, direct].concat();
 
             // The gateway first, so that edge-api hands out its real address.
             let cfg: ws_gateway::Config = parse(
@@ -178,23 +179,21 @@ impl Fleet {
             running.push(("edge-api", tokio::spawn(app.run(shutdown.clone()))));
         }
 
-        Fleet {
-            redis_url,
-            prefix,
-            keys,
-            client,
-            chat,
-            log,
-            edge,
-            gateway,
-            shutdown,
-            running,
-        }
+        fleet.edge = edge;
+        fleet.gateway = gateway;
+        fleet.running = running;
+        fleet
     }
 
     /// The harness alone (Redis, prefix, agent, chat API, no component), for tests that run
     /// every component as a process.
     pub async fn start_without_workers() -> Fleet {
+        Fleet::harness(ChatLimits::default()).await
+    }
+
+    /// A fresh prefix of the test's redis-server with the echo agent, and a chat API on it
+    /// with `limits`; nothing running yet.
+    async fn harness(limits: ChatLimits) -> Fleet {
         let redis_url = fleet_test_support::redis();
         let prefix = fleet_test_support::prefix();
         let client = fleet::redis::connect(&redis_url)
@@ -207,7 +206,7 @@ impl Fleet {
             tasks: TaskStore::new(client.clone(), keys.clone(), Retention::default()),
             agents,
             tokens: TokenSigner::new(SECRET.as_bytes()),
-            limits: ChatLimits::default(),
+            limits,
             backpressure: Default::default(),
         };
         let log = SessionLog::new(client.clone(), keys.clone(), FanoutConfig::default());
@@ -257,6 +256,126 @@ impl Fleet {
     /// `sid`'s log, reading the log as it grows. Returns every event of that task, in order.
     pub async fn task_events(&self, sid: &str, tid: &str, within: Duration) -> Vec<ServerMessage> {
         read_task_events(&self.client, &self.keys, sid, tid, within).await
+    }
+
+    /// Opens a session of `agent` through the chat API, as REST does (without HTTP).
+    pub async fn open_session(&self, agent: &str) -> NewSession {
+        self.chat
+            .init_session(InitSession {
+                agent_id: agent.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("open a session of {agent}: {e}"))
+    }
+
+    /// Submits `message` to session `sid` through the chat API, as REST does; returns the task
+    /// id.
+    pub async fn submit(&self, sid: &str, message: &str) -> String {
+        self.chat
+            .submit(
+                sid,
+                SubmitMessage {
+                    message: message.into(),
+                    source: "rest",
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("submit to {sid}: {e}"))
+            .task_id
+    }
+
+    /// Opens a session of `agent` ([`Fleet::open_session`]) and connects a WebSocket client to
+    /// it through the fleet's ws-gateway.
+    pub async fn watched_session(&self, agent: &str) -> (NewSession, WsClient) {
+        let s = self.open_session(agent).await;
+        let url = chat_ws_url(&self.ws(), &s.session_id, &s.session_token, None);
+        let client = WsClient::connect(&url).await;
+        (s, client)
+    }
+}
+
+/// The WebSocket URL of session `sid` at ws-gateway `ws` (`ws://...`), with its `token` and,
+/// to resume, the last event id the client saw.
+pub fn chat_ws_url(ws: &str, sid: &str, token: &str, last_event_id: Option<&str>) -> String {
+    let mut url = format!("{ws}/ws/chat/{sid}?token={token}");
+    if let Some(id) = last_event_id {
+        url.push_str(&format!("&last_event_id={id}"));
+    }
+    url
+}
+
+/// A chat session opened over REST (`POST /api/v1/chat/init`), as a browser opens one.
+#[derive(Clone, Debug)]
+pub struct RestSession {
+    pub id: String,
+    pub token: String,
+    /// What edge-api answered the init with, for tests that check it.
+    pub status: reqwest::StatusCode,
+    pub init: Json,
+}
+
+impl RestSession {
+    /// Opens a session of `agent` at edge-api `api` (`http://...`).
+    pub async fn open(api: &str, agent: &str) -> RestSession {
+        let res = reqwest::Client::new()
+            .post(format!("{api}/api/v1/chat/init"))
+            .json(&serde_json::json!({"agent_id": agent}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {api}/api/v1/chat/init: {e}"));
+        let status = res.status();
+        let init: Json = res.json().await.expect("init answer is JSON");
+        let field = |name: &str| {
+            init[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name} in the init answer ({status}): {init}"))
+                .to_owned()
+        };
+        RestSession {
+            id: field("session_id"),
+            token: field("session_token"),
+            status,
+            init,
+        }
+    }
+
+    /// This session's WebSocket URL at ws-gateway `ws` (see [`chat_ws_url`]).
+    pub fn ws_url(&self, ws: &str, last_event_id: Option<&str>) -> String {
+        chat_ws_url(ws, &self.id, &self.token, last_event_id)
+    }
+
+    /// Connects a WebSocket client to this session at ws-gateway `ws` (`ws://...`).
+    pub async fn connect(&self, ws: &str) -> WsClient {
+        WsClient::connect(&self.ws_url(ws, None)).await
+    }
+
+    /// `POST {api}/api/v1/chat/{id}/task` of `message` with this session's token, to send as
+    /// is or with more headers.
+    pub fn task_request(
+        &self,
+        http: &reqwest::Client,
+        api: &str,
+        message: &str,
+    ) -> reqwest::RequestBuilder {
+        http.post(format!("{api}/api/v1/chat/{}/task", self.id))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({"message": message}))
+    }
+
+    /// Sends `req` (a [`RestSession::task_request`]); checks edge-api accepted it (202) and
+    /// returns the task id.
+    pub async fn submit_request(req: reqwest::RequestBuilder) -> String {
+        let res = req.send().await.expect("submit over REST");
+        assert_eq!(res.status(), 202);
+        let body: Json = res.json().await.expect("submit answer is JSON");
+        body["task_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Submits `message` at edge-api `api`, which must accept it; returns the task id.
+    pub async fn submit(&self, api: &str, message: &str) -> String {
+        Self::submit_request(self.task_request(&reqwest::Client::new(), api, message)).await
     }
 }
 

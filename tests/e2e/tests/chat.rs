@@ -6,61 +6,27 @@ use std::time::Duration;
 use fleet::envelope::{Envelope, TaskCommand};
 use fleet::events::ServerMessage;
 use fleet::stream::entry::parse_entries;
-use fleet_e2e::{AGENT, Fleet, Options, WsClient, is_final_of};
+use fleet_e2e::{AGENT, Fleet, Options, RestSession, WsClient, is_final_of};
 use fred::prelude::{StreamsInterface, Value};
 use futures::StreamExt;
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Session {
-    id: String,
-    token: String,
-}
-
-async fn init(fleet: &Fleet) -> Session {
-    let res = reqwest::Client::new()
-        .post(format!("{}/api/v1/chat/init", fleet.api()))
-        .json(&json!({"agent_id": AGENT}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let body: Json = res.json().await.unwrap();
-    let s = Session {
-        id: body["session_id"].as_str().unwrap().to_owned(),
-        token: body["session_token"].as_str().unwrap().to_owned(),
-    };
+/// Opens a session over REST and connects a WebSocket client to it.
+async fn open(fleet: &Fleet) -> (RestSession, WsClient) {
+    let s = RestSession::open(&fleet.api(), AGENT).await;
+    assert_eq!(s.status, 201);
     // The URL edge-api hands out is the gateway's, with the token: usable as is.
     assert_eq!(
-        body["websocket_url"].as_str().unwrap(),
-        ws_url(fleet, &s, None)
+        s.init["websocket_url"].as_str().unwrap(),
+        s.ws_url(&fleet.ws(), None)
     );
-    s
+    let ws = s.connect(&fleet.ws()).await;
+    (s, ws)
 }
 
-fn ws_url(fleet: &Fleet, s: &Session, last_event_id: Option<&str>) -> String {
-    let mut url = format!("{}/ws/chat/{}?token={}", fleet.ws(), s.id, s.token);
-    if let Some(id) = last_event_id {
-        url.push_str(&format!("&last_event_id={id}"));
-    }
-    url
-}
-
-async fn submit_rest(fleet: &Fleet, s: &Session, message: &str) -> String {
-    let res = reqwest::Client::new()
-        .post(format!("{}/api/v1/chat/{}/task", fleet.api(), s.id))
-        .bearer_auth(&s.token)
-        .json(&json!({"message": message}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 202);
-    let body: Json = res.json().await.unwrap();
-    body["task_id"].as_str().unwrap().to_owned()
-}
-
-async fn task_over_rest(fleet: &Fleet, s: &Session, tid: &str) -> Json {
+async fn task_over_rest(fleet: &Fleet, s: &RestSession, tid: &str) -> Json {
     reqwest::Client::new()
         .get(format!("{}/api/v1/chat/{}/tasks/{tid}", fleet.api(), s.id))
         .bearer_auth(&s.token)
@@ -75,7 +41,7 @@ async fn task_over_rest(fleet: &Fleet, s: &Session, tid: &str) -> Json {
 /// Reads an SSE stream until `done` has seen what it wants; returns `(id, message)` pairs.
 async fn read_sse(
     fleet: &Fleet,
-    s: &Session,
+    s: &RestSession,
     mut done: impl FnMut(&[ServerMessage]) -> bool,
 ) -> Vec<(String, ServerMessage)> {
     let res = reqwest::Client::new()
@@ -128,8 +94,7 @@ async fn messages_over_ws_and_rest_stream_back_on_ws_and_sse() {
         ..Default::default()
     })
     .await;
-    let s = init(&fleet).await;
-    let mut ws = WsClient::connect(&ws_url(&fleet, &s, None)).await;
+    let (s, mut ws) = open(&fleet).await;
 
     let over_ws = "sent over the websocket";
     ws.send_chat(over_ws).await;
@@ -137,7 +102,7 @@ async fn messages_over_ws_and_rest_stream_back_on_ws_and_sse() {
     assert_eq!(queued.message_type, "task_queued");
     let t1 = queued.data["task_id"].as_str().unwrap().to_owned();
     let over_rest = "sent over rest";
-    let t2 = submit_rest(&fleet, &s, over_rest).await;
+    let t2 = s.submit(&fleet.api(), over_rest).await;
 
     let mut finals = 0;
     let events = ws
@@ -185,14 +150,13 @@ async fn messages_over_ws_and_rest_stream_back_on_ws_and_sse() {
 
 /// Submits one task over WebSocket and one over REST and waits for both answers; returns their
 /// ids.
-async fn two_tasks_answered(fleet: &Fleet) -> (Session, [String; 2]) {
-    let s = init(fleet).await;
-    let mut ws = WsClient::connect(&ws_url(fleet, &s, None)).await;
+async fn two_tasks_answered(fleet: &Fleet) -> (RestSession, [String; 2]) {
+    let (s, mut ws) = open(fleet).await;
     ws.send_chat("over the websocket").await;
     let queued = ws.next(WAIT).await;
     assert_eq!(queued.message_type, "task_queued");
     let t1 = queued.data["task_id"].as_str().unwrap().to_owned();
-    let t2 = submit_rest(fleet, &s, "over rest").await;
+    let t2 = s.submit(&fleet.api(), "over rest").await;
     let mut finals = 0;
     let events = ws
         .until(WAIT, |m| {
@@ -259,9 +223,8 @@ async fn a_client_that_reconnects_with_its_last_event_id_gets_exactly_what_it_mi
         ..Default::default()
     })
     .await;
-    let s = init(&fleet).await;
+    let (s, mut ws) = open(&fleet).await;
     let message: String = (0..30).map(|i| format!("w{i} ")).collect();
-    let mut ws = WsClient::connect(&ws_url(&fleet, &s, None)).await;
     ws.send_chat(&message).await;
     let tid = ws.next(WAIT).await.data["task_id"]
         .as_str()
@@ -280,7 +243,7 @@ async fn a_client_that_reconnects_with_its_last_event_id_gets_exactly_what_it_mi
     // The answer finishes while the client is away.
     fleet.task_events(&s.id, &tid, WAIT).await;
 
-    let mut again = WsClient::connect(&ws_url(&fleet, &s, Some(&last_seen))).await;
+    let mut again = WsClient::connect(&s.ws_url(&fleet.ws(), Some(&last_seen))).await;
     let after = again.until(WAIT, |m| is_final_of(m, &tid)).await;
     let indexes: Vec<u64> = after
         .iter()
@@ -307,8 +270,7 @@ async fn cancel_over_rest_during_streaming_stops_the_answer_at_the_client() {
         ..Default::default()
     })
     .await;
-    let s = init(&fleet).await;
-    let mut ws = WsClient::connect(&ws_url(&fleet, &s, None)).await;
+    let (s, mut ws) = open(&fleet).await;
     let long: String = (0..200).map(|i| format!("w{i} ")).collect();
     ws.send_chat(&long).await;
     let tid = ws.next(WAIT).await.data["task_id"]
@@ -353,8 +315,7 @@ async fn each_task_queued_comes_before_the_events_of_its_task() {
     // Messages sent in bursts are submitted concurrently and answered in order; a task that
     // runs while an earlier message's answer is still owed must not show its events first.
     let fleet = Fleet::start(Options::default()).await;
-    let s = init(&fleet).await;
-    let mut ws = WsClient::connect(&ws_url(&fleet, &s, None)).await;
+    let (_, mut ws) = open(&fleet).await;
     let (rounds, burst) = (4, 32);
     for _ in 0..rounds {
         for i in 0..burst {

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use fleet::session::{InitSession, SubmitMessage};
 use fleet_e2e::{
     AGENT, Fleet, Options, WsClient, assert_clean_delivery, assert_clean_streams, spawn_binary,
     sum_session_field,
@@ -33,39 +32,17 @@ async fn load() -> Load {
     let mut sids = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..SESSIONS {
-        let s = fleet
-            .chat
-            .init_session(InitSession {
-                agent_id: AGENT.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let url = format!(
-            "{}/ws/chat/{}?token={}",
-            fleet.ws(),
-            s.session_id,
-            s.session_token
-        );
-        clients.push(WsClient::connect(&url).await);
+        let (s, client) = fleet.watched_session(AGENT).await;
+        clients.push(client);
         sids.push(s.session_id);
     }
     let mut tids = vec![Vec::new(); SESSIONS];
     for i in 0..TASKS {
         let s = i % SESSIONS;
-        let t = fleet
-            .chat
-            .submit(
-                &sids[s],
-                SubmitMessage {
-                    message: format!("task {i} has five words"),
-                    source: "rest",
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        tids[s].push(t.task_id);
+        let tid = fleet
+            .submit(&sids[s], &format!("task {i} has five words"))
+            .await;
+        tids[s].push(tid);
     }
     Load {
         fleet,

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use fleet::session::{InitSession, SubmitMessage};
 use fleet::stream::entry::{StreamEntry, parse_entries};
 use fleet_e2e::{AGENT, Fleet, Options};
 use fred::prelude::*;
@@ -81,28 +80,8 @@ async fn garbage_on_every_stream_is_dead_lettered_and_work_goes_on() {
     }
 
     // Every worker is still there: a task goes all the way through.
-    let sid = fleet
-        .chat
-        .init_session(InitSession {
-            agent_id: AGENT.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .session_id;
-    let tid = fleet
-        .chat
-        .submit(
-            &sid,
-            SubmitMessage {
-                message: "still here".into(),
-                source: "rest",
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .task_id;
+    let sid = fleet.open_session(AGENT).await.session_id;
+    let tid = fleet.submit(&sid, "still here").await;
     let events = fleet.task_events(&sid, &tid, Duration::from_secs(10)).await;
     assert_eq!(events.last().unwrap().message_type, "chat_response");
     fleet.stop().await;

@@ -4,20 +4,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleet_e2e::{AGENT, Fleet, Options, SECRET, WsClient, is_final_of};
+use fleet_e2e::{AGENT, Fleet, Options, RestSession, SECRET, is_final_of};
 use fleet_test_support::{FleetProcess, eventually};
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 
 /// Starts front door `name` on ports the system chooses; returns it and its HTTP address.
 async fn front_door(name: &str, fleet: &Fleet) -> (FleetProcess, SocketAddr) {
-    let mut args = fleet_e2e::common_args(&fleet.redis_url, &fleet.prefix);
+    let mut args = fleet_e2e::process_args(name, &fleet.redis_url, &fleet.prefix);
     if name == "edge-api" {
-        // edge-api serves its admin routes on the REST port.
-        let at = args
-            .iter()
-            .position(|a| a == "--admin-addr")
-            .expect("common args name an admin address");
-        args.drain(at..at + 2);
         // Any free port for gRPC, so this test never competes for the default 50055.
         args.extend(["--grpc-addr".into(), "127.0.0.1:0".into()]);
     }
@@ -57,31 +51,18 @@ async fn front_doors_exit_zero_on_sigterm_and_what_they_accepted_completes() {
     let api_url = format!("http://{api_addr}");
     healthy(&format!("{api_url}/health/ready")).await;
 
-    let http = reqwest::Client::new();
-    let init: Json = http
-        .post(format!("{api_url}/api/v1/chat/init"))
-        .json(&json!({"agent_id": AGENT}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = init["session_id"].as_str().unwrap().to_owned();
-    let token = init["session_token"].as_str().unwrap().to_owned();
-    let mut ws = WsClient::connect(&format!("ws://{ws_addr}/ws/chat/{sid}?token={token}")).await;
+    let session = RestSession::open(&api_url, AGENT).await;
+    let mut ws = session.connect(&format!("ws://{ws_addr}")).await;
+    let sid = session.id.clone();
 
     // Load over REST until edge-api goes away; SIGTERM it once 50 tasks are accepted.
     let submitter = {
-        let (http, api_url, sid, token) =
-            (http.clone(), api_url.clone(), sid.clone(), token.clone());
+        let (http, api_url) = (reqwest::Client::new(), api_url.clone());
         tokio::spawn(async move {
             let mut accepted = Vec::new();
             for i in 0.. {
-                let res = http
-                    .post(format!("{api_url}/api/v1/chat/{sid}/task"))
-                    .bearer_auth(&token)
-                    .json(&json!({"message": format!("load {i} a b c")}))
+                let res = session
+                    .task_request(&http, &api_url, &format!("load {i} a b c"))
                     .send()
                     .await;
                 match res {

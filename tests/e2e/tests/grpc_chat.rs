@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fleet_e2e::AGENT;
-use fleet_e2e::deliberation::{DelibFleet, DelibOptions};
+use fleet_e2e::deliberation::{DelibFleet, DelibOptions, open_grpc_session};
 use fleet_proto::orchestrator::v1 as pb;
 use tonic::Code;
 
@@ -170,12 +170,8 @@ async fn chat_over_grpc_streams_resumes_and_closes() {
 async fn session_calls_check_their_token() {
     let fleet = DelibFleet::start(DelibOptions::default()).await;
     let mut grpc = fleet.grpc(0).await;
-    let open = || pb::CreateSessionRequest {
-        agent_id: AGENT.into(),
-        ..Default::default()
-    };
-    let a = grpc.create_session(open()).await.unwrap().into_inner();
-    let b = grpc.create_session(open()).await.unwrap().into_inner();
+    let a = open_grpc_session(&mut grpc).await;
+    let b = open_grpc_session(&mut grpc).await;
     let submit = |token: &str| pb::SubmitTaskRequest {
         session_id: a.session_id.clone(),
         session_token: token.into(),
@@ -225,14 +221,7 @@ async fn get_metrics_shows_chat_tasks_waiting_for_their_pool() {
     // No chat executor: what is submitted waits in the agent's pool.
     let fleet = DelibFleet::start(DelibOptions::default()).await;
     let mut grpc = fleet.grpc(0).await;
-    let s = grpc
-        .create_session(pb::CreateSessionRequest {
-            agent_id: AGENT.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = open_grpc_session(&mut grpc).await;
     let before = grpc
         .get_metrics(pb::GetMetricsRequest {})
         .await
@@ -274,12 +263,8 @@ async fn get_metrics_shows_chat_tasks_waiting_for_their_pool() {
 async fn an_open_session_gets_a_fresh_token_and_a_closed_one_does_not() {
     let fleet = DelibFleet::start(DelibOptions::default()).await;
     let mut grpc = fleet.grpc(0).await;
-    let open = || pb::CreateSessionRequest {
-        agent_id: AGENT.into(),
-        ..Default::default()
-    };
-    let a = grpc.create_session(open()).await.unwrap().into_inner();
-    let b = grpc.create_session(open()).await.unwrap().into_inner();
+    let a = open_grpc_session(&mut grpc).await;
+    let b = open_grpc_session(&mut grpc).await;
     let refresh = |sid: &str, token: &str| pb::RefreshSessionTokenRequest {
         session_id: sid.into(),
         session_token: token.into(),
@@ -338,14 +323,7 @@ async fn an_open_session_gets_a_fresh_token_and_a_closed_one_does_not() {
 async fn a_session_event_stream_ends_when_its_token_expires() {
     let fleet = DelibFleet::start(DelibOptions::default()).await;
     let mut grpc = fleet.grpc(0).await;
-    let s = grpc
-        .create_session(pb::CreateSessionRequest {
-            agent_id: AGENT.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = open_grpc_session(&mut grpc).await;
     let expires_ms = fleet::time::now_ms() + 1_500;
     let short = fleet::session::TokenSigner::new(fleet_e2e::SECRET.as_bytes())
         .sign(&s.session_id, expires_ms);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fleet::envelope::{AgentMessage, Envelope, Outbound, PlanningEvent, TaskCommand};
 use fleet::keys::GROUP_DISPATCHERS;
 use fleet::stream::{groups, producer};
-use fleet_e2e::deliberation::{AgentSpec, DelibFleet, DelibOptions};
+use fleet_e2e::deliberation::{AgentSpec, DelibFleet, DelibOptions, completed_deliberation};
 use fleet_proto::orchestrator::v1 as pb;
 
 fn event() -> pb::PlanningEventRequest {
@@ -236,20 +236,7 @@ async fn a_design_transition_starts_an_async_deliberation_queryable_by_its_id() 
         ("ARCHITECT", 3)
     );
     let id = architecture.task_id.clone();
-    let result =
-        fleet_test_support::eventually(Duration::from_secs(15), "the design deliberation", || {
-            let mut grpc = grpc.clone();
-            let id = id.clone();
-            async move {
-                let r = grpc
-                    .get_deliberation_result(pb::GetDeliberationResultRequest { task_id: id })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (r.status == pb::DeliberationStatus::Completed as i32).then_some(r)
-            }
-        })
-        .await;
+    let result = completed_deliberation(&grpc, &id).await;
     assert_eq!(
         (
             result.results.len(),

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fleet_e2e::deliberation::{AgentSpec, DelibFleet, DelibOptions};
+use fleet_e2e::deliberation::{AgentSpec, DelibFleet, DelibOptions, completed_deliberation};
 use fleet_proto::orchestrator::v1 as pb;
 
 fn transition(event_id: &str, from: &str, to: &str, timestamp: &str) -> pb::PlanningEventRequest {
@@ -125,23 +125,7 @@ async fn a_rework_over_grpc_derives_fresh_subtasks_and_a_retry_does_not() {
     }
     assert_ne!(councils[0], councils[1]);
     for id in councils {
-        let result = fleet_test_support::eventually(
-            Duration::from_secs(15),
-            "the design deliberation",
-            || {
-                let mut grpc = grpc.clone();
-                let id = id.clone();
-                async move {
-                    let r = grpc
-                        .get_deliberation_result(pb::GetDeliberationResultRequest { task_id: id })
-                        .await
-                        .ok()?
-                        .into_inner();
-                    (r.status == pb::DeliberationStatus::Completed as i32).then_some(r)
-                }
-            },
-        )
-        .await;
+        let result = completed_deliberation(&grpc, &id).await;
         assert_eq!(result.results.len(), 3);
     }
     fleet.stop().await;

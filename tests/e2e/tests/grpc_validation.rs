@@ -1,7 +1,7 @@
 //! Bad input over gRPC: every invalid request gets INVALID_ARGUMENT with a message naming what
 //! is wrong and changes nothing; unknown ids get NOT_FOUND.
 
-use fleet_e2e::deliberation::{DelibFleet, DelibOptions, deliberate};
+use fleet_e2e::deliberation::{DelibFleet, DelibOptions, deliberate, open_grpc_session};
 use fleet_proto::orchestrator::v1 as pb;
 use fred::prelude::*;
 use tonic::Code;
@@ -245,14 +245,7 @@ async fn unknown_ids_get_not_found() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let s = grpc
-        .create_session(pb::CreateSessionRequest {
-            agent_id: fleet_e2e::AGENT.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = open_grpc_session(&mut grpc).await;
     let err = grpc
         .get_task(pb::GetTaskRequest {
             session_id: s.session_id.clone(),

@@ -6,7 +6,6 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fleet::session::{InitSession, SubmitMessage};
 use fleet::stream::entry::parse_entries;
 use fleet_e2e::{Fleet, Options};
 use fred::prelude::*;
@@ -75,28 +74,8 @@ async fn fleet_with_agent(params: serde_json::Value) -> Fleet {
 
 /// Opens a session with agent `py` and submits `message`; answers (session id, task id).
 async fn submit(fleet: &Fleet, message: &str) -> (String, String) {
-    let sid = fleet
-        .chat
-        .init_session(InitSession {
-            agent_id: "py".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .session_id;
-    let tid = fleet
-        .chat
-        .submit(
-            &sid,
-            SubmitMessage {
-                message: message.into(),
-                source: "rest",
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .task_id;
+    let sid = fleet.open_session("py").await.session_id;
+    let tid = fleet.submit(&sid, message).await;
     (sid, tid)
 }
 

@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use fleet::session::{InitSession, SubmitMessage};
 use fleet::task::TaskState;
-use fleet_e2e::{AGENT, Fleet, Options, WsClient, spawn_binary};
+use fleet_e2e::{AGENT, Fleet, Options, spawn_binary};
 use fleet_test_support::eventually;
 
 /// Each line is a chunk. The first run (the one to create `<dir>/ran`) prints a line and then
@@ -47,34 +46,8 @@ async fn a_task_run_again_by_another_executor_streams_the_new_answer_whole() {
     let mut callbacks = spawn_binary("callback-worker", &redis, &prefix, &["--block-ms", "100"]);
     let mut first = spawn_binary("exec-worker", &redis, &prefix, &executor_args);
 
-    let s = fleet
-        .chat
-        .init_session(InitSession {
-            agent_id: AGENT.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let url = format!(
-        "{}/ws/chat/{}?token={}",
-        fleet.ws(),
-        s.session_id,
-        s.session_token
-    );
-    let mut client = WsClient::connect(&url).await;
-    let tid = fleet
-        .chat
-        .submit(
-            &s.session_id,
-            SubmitMessage {
-                message: "hello".into(),
-                source: "rest",
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .task_id;
+    let (s, mut client) = fleet.watched_session(AGENT).await;
+    let tid = fleet.submit(&s.session_id, "hello").await;
 
     // The first run streams its first line; its executor dies before the second.
     loop {

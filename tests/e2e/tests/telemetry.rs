@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use fleet_e2e::{AGENT, Fleet, SECRET, WsClient, is_final_of};
+use fleet_e2e::{AGENT, Fleet, RestSession, SECRET, WsClient, is_final_of};
 use fleet_test_support::{FleetProcess, NatsServer, eventually};
 use futures::StreamExt;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -226,12 +226,9 @@ impl Processes {
             "edge-api",
             "nats-bridge",
         ] {
-            let mut args = fleet_e2e::common_args(&fleet.redis_url, &fleet.prefix);
+            let mut args = fleet_e2e::process_args(name, &fleet.redis_url, &fleet.prefix);
             match name {
                 "edge-api" => {
-                    // Its admin routes are on its HTTP port.
-                    let at = args.iter().position(|a| a == "--admin-addr").unwrap();
-                    args.drain(at..at + 2);
                     args.extend(
                         [
                             "--http-addr",
@@ -327,30 +324,13 @@ impl Processes {
 /// Opens a session over REST, connects a WebSocket to it, and submits one task with the
 /// caller's `traceparent`; returns the task id once the client holds its final event.
 async fn chat_task(p: &Processes, message: &str, traceparent: Option<&str>) -> String {
-    let http = reqwest::Client::new();
-    let init: Json = http
-        .post(format!("{}/api/v1/chat/init", p.api))
-        .json(&json!({"agent_id": AGENT}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = init["session_id"].as_str().unwrap();
-    let token = init["session_token"].as_str().unwrap();
-    let mut ws = WsClient::connect(&format!("{}/ws/chat/{sid}?token={token}", p.ws)).await;
-    let mut req = http
-        .post(format!("{}/api/v1/chat/{sid}/task", p.api))
-        .bearer_auth(token)
-        .json(&json!({"message": message}));
+    let s = RestSession::open(&p.api, AGENT).await;
+    let mut ws = s.connect(&p.ws).await;
+    let mut req = s.task_request(&reqwest::Client::new(), &p.api, message);
     if let Some(tp) = traceparent {
         req = req.header("traceparent", tp);
     }
-    let res = req.send().await.unwrap();
-    assert_eq!(res.status(), 202);
-    let body: Json = res.json().await.unwrap();
-    let tid = body["task_id"].as_str().unwrap().to_owned();
+    let tid = RestSession::submit_request(req).await;
     ws.until(WITHIN, |m| is_final_of(m, &tid)).await;
     ws.close().await;
     tid
@@ -499,18 +479,8 @@ async fn grpc_and_websocket_submits_and_malformed_traceparents_each_make_one_tra
         pb::orchestrator_service_client::OrchestratorServiceClient::connect(p.grpc.clone())
             .await
             .unwrap();
-    let s = grpc
-        .create_session(pb::CreateSessionRequest {
-            agent_id: AGENT.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let url = format!(
-        "{}/ws/chat/{}?token={}",
-        p.ws, s.session_id, s.session_token
-    );
+    let s = fleet_e2e::deliberation::open_grpc_session(&mut grpc).await;
+    let url = fleet_e2e::chat_ws_url(&p.ws, &s.session_id, &s.session_token, None);
     let mut ws = WsClient::connect(&url).await;
     let (tp, trace, caller) = caller_context();
     let mut req = tonic::Request::new(pb::SubmitTaskRequest {

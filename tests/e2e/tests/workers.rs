@@ -2,39 +2,10 @@
 
 use std::time::Duration;
 
-use fleet::session::{InitSession, SubmitMessage};
 use fleet::session_log::FanoutEntry;
 use fleet::stream::entry::parse_read;
 use fleet_e2e::{AGENT, Fleet, Options};
 use fred::prelude::*;
-
-async fn open_session(fleet: &Fleet) -> String {
-    fleet
-        .chat
-        .init_session(InitSession {
-            agent_id: AGENT.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .session_id
-}
-
-async fn submit(fleet: &Fleet, sid: &str, message: &str) -> String {
-    fleet
-        .chat
-        .submit(
-            sid,
-            SubmitMessage {
-                message: message.into(),
-                source: "rest",
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .task_id
-}
 
 #[tokio::test]
 async fn a_submitted_message_streams_back_and_completes() {
@@ -43,8 +14,8 @@ async fn a_submitted_message_streams_back_and_completes() {
         ..Default::default()
     })
     .await;
-    let sid = open_session(&fleet).await;
-    let tid = submit(&fleet, &sid, "hello from the fleet").await;
+    let sid = fleet.open_session(AGENT).await.session_id;
+    let tid = fleet.submit(&sid, "hello from the fleet").await;
 
     let events = fleet.task_events(&sid, &tid, Duration::from_secs(10)).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.message_type.as_str()).collect();
@@ -88,9 +59,9 @@ async fn a_task_whose_agent_was_deleted_fails_with_agent_not_found() {
         ..Default::default()
     })
     .await;
-    let sid = open_session(&fleet).await;
+    let sid = fleet.open_session(AGENT).await.session_id;
     assert!(fleet.chat.agents.delete(AGENT).await.unwrap());
-    let tid = submit(&fleet, &sid, "anyone there?").await;
+    let tid = fleet.submit(&sid, "anyone there?").await;
 
     let events = fleet.task_events(&sid, &tid, Duration::from_secs(10)).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.message_type.as_str()).collect();
@@ -117,9 +88,9 @@ async fn cancel_during_streaming_ends_the_task_and_no_chunk_follows() {
         ..Default::default()
     })
     .await;
-    let sid = open_session(&fleet).await;
+    let sid = fleet.open_session(AGENT).await.session_id;
     let long: String = (0..200).map(|i| format!("w{i} ")).collect();
-    let tid = submit(&fleet, &sid, &long).await;
+    let tid = fleet.submit(&sid, &long).await;
 
     // Wait until it streams, then cancel.
     fleet_test_support::eventually(Duration::from_secs(10), "the first chunk", || async {
@@ -144,7 +115,7 @@ async fn cancel_during_streaming_ends_the_task_and_no_chunk_follows() {
 
     // The executor stops: a new task on the same executor completes promptly, and the
     // cancelled task never gains a chunk.
-    let next = submit(&fleet, &sid, "still alive").await;
+    let next = fleet.submit(&sid, "still alive").await;
     let events = fleet
         .task_events(&sid, &next, Duration::from_secs(10))
         .await;
@@ -182,17 +153,9 @@ async fn a_task_past_its_deadline_times_out() {
     agent.id = "slow".into();
     agent.timeout_secs = Some(1);
     fleet.chat.agents.put(&agent).await.unwrap();
-    let sid = fleet
-        .chat
-        .init_session(InitSession {
-            agent_id: "slow".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .session_id;
+    let sid = fleet.open_session("slow").await.session_id;
     let long: String = (0..50).map(|i| format!("w{i} ")).collect();
-    let tid = submit(&fleet, &sid, &long).await;
+    let tid = fleet.submit(&sid, &long).await;
 
     let events = fleet.task_events(&sid, &tid, Duration::from_secs(10)).await;
     let last = events.last().unwrap();
@@ -213,9 +176,9 @@ async fn closing_a_session_cancels_its_open_tasks() {
         ..Default::default()
     })
     .await;
-    let sid = open_session(&fleet).await;
+    let sid = fleet.open_session(AGENT).await.session_id;
     let long: String = (0..100).map(|i| format!("w{i} ")).collect();
-    let tid = submit(&fleet, &sid, &long).await;
+    let tid = fleet.submit(&sid, &long).await;
     fleet.chat.close(&sid, "done").await.unwrap();
 
     let events = fleet.task_events(&sid, &tid, Duration::from_secs(10)).await;
@@ -264,22 +227,14 @@ async fn the_command_executor_streams_stdout_and_reports_failures() {
     let app = exec_worker::App::build(cfg).await.unwrap();
     let shell = tokio::spawn(app.run(stop.clone()));
 
-    let sid = fleet
-        .chat
-        .init_session(InitSession {
-            agent_id: "shell".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .session_id;
-    let ok = submit(&fleet, &sid, "go").await;
+    let sid = fleet.open_session("shell").await.session_id;
+    let ok = fleet.submit(&sid, "go").await;
     let events = fleet.task_events(&sid, &ok, Duration::from_secs(10)).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.message_type.as_str()).collect();
     assert_eq!(kinds, ["chat_streaming", "chat_streaming", "chat_response"]);
     assert_eq!(events[2].data["content"], "line one\nline two\n");
 
-    let bad = submit(&fleet, &sid, "please fail").await;
+    let bad = fleet.submit(&sid, "please fail").await;
     let events = fleet.task_events(&sid, &bad, Duration::from_secs(10)).await;
     let err = &events.last().unwrap().data["error"];
     assert_eq!(err["error_type"], "exit_status");
@@ -303,9 +258,9 @@ async fn a_sessions_fan_out_follows_its_log_order_under_load() {
         ..Default::default()
     })
     .await;
-    let sid = open_session(&fleet).await;
+    let sid = fleet.open_session(AGENT).await.session_id;
     let tids = futures::future::join_all(
-        (0..TASKS).map(|i| submit(&fleet, &sid, if i % 2 == 0 { "even" } else { "odd" })),
+        (0..TASKS).map(|i| fleet.submit(&sid, if i % 2 == 0 { "even" } else { "odd" })),
     )
     .await;
     assert_eq!(tids.len(), TASKS);
