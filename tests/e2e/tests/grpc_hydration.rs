@@ -2,15 +2,11 @@
 //! agent requests carry its `GetContext` answer; with a Planning service configured, subtasks
 //! that end are reported with `UpdateTask`.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
+use fleet::testing::PlanningServer;
 use fleet_e2e::deliberation::{AgentSpec, DelibFleet, DelibOptions, deliberate};
 use fleet_proto::context::v1::context_service_server::{ContextService, ContextServiceServer};
 use fleet_proto::context::v1::{GetContextRequest, GetContextResponse};
 use fleet_proto::orchestrator::v1 as pb;
-use fleet_proto::planning::v1::planning_service_server::{PlanningService, PlanningServiceServer};
-use fleet_proto::planning::v1::{UpdateTaskRequest, UpdateTaskResponse};
 use tonic::{Request, Response, Status};
 
 struct Context;
@@ -29,20 +25,6 @@ impl ContextService for Context {
     }
 }
 
-#[derive(Clone, Default)]
-struct Planning(Arc<Mutex<Vec<UpdateTaskRequest>>>);
-
-#[tonic::async_trait]
-impl PlanningService for Planning {
-    async fn update_task(
-        &self,
-        req: Request<UpdateTaskRequest>,
-    ) -> Result<Response<UpdateTaskResponse>, Status> {
-        self.0.lock().unwrap().push(req.into_inner());
-        Ok(Response::new(UpdateTaskResponse { ok: true }))
-    }
-}
-
 /// Serves `router` on a free port; returns its address.
 async fn serve(router: tonic::transport::server::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -56,12 +38,7 @@ async fn agent_requests_carry_context_and_subtask_endings_reach_planning() {
     let context =
         serve(tonic::transport::Server::builder().add_service(ContextServiceServer::new(Context)))
             .await;
-    let planning = Planning::default();
-    let planning_addr = serve(
-        tonic::transport::Server::builder()
-            .add_service(PlanningServiceServer::new(planning.clone())),
-    )
-    .await;
+    let mut planning = PlanningServer::start().await;
     // DEV agents echo their whole request (the context included) as their answer.
     let fleet = DelibFleet::start(DelibOptions {
         agents: vec![
@@ -73,7 +50,7 @@ async fn agent_requests_carry_context_and_subtask_endings_reach_planning() {
             AgentSpec::mock(&["QA", "DEVOPS"]),
         ],
         dispatcher_args: vec!["--context-addr".into(), context],
-        callback_args: vec!["--planning-addr".into(), planning_addr],
+        callback_args: vec!["--planning-addr".into(), planning.addr.clone()],
         ..Default::default()
     })
     .await;
@@ -97,16 +74,7 @@ async fn agent_requests_carry_context_and_subtask_endings_reach_planning() {
     })
     .await
     .unwrap();
-    let seen = planning.0.clone();
-    let updates =
-        fleet_test_support::eventually(Duration::from_secs(15), "three UpdateTask calls", || {
-            let seen = seen.clone();
-            async move {
-                let s = seen.lock().unwrap().clone();
-                (s.len() == 3).then_some(s)
-            }
-        })
-        .await;
+    let updates = planning.next_updates(3).await;
     assert!(
         updates
             .iter()
