@@ -1,10 +1,10 @@
 //! Extractors that answer bad input with [`ApiError`] JSON instead of axum's plain-text
-//! rejections: [`ApiJson`] for bodies (400 `invalid_json`, 413 `payload_too_large`) and
-//! [`ApiPath`] for path parameters.
+//! rejections: [`ApiJson`] for bodies (400 `invalid_json`, 413 `payload_too_large`, at once when
+//! `Content-Length` is over the limit) and [`ApiPath`] for path parameters.
 
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -22,18 +22,36 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        // The client needs the limit to know how far to shrink its request.
+        let too_large = || {
+            ApiError::PayloadTooLarge(format!(
+                "the request body is larger than the limit of {} bytes",
+                state.max_body_bytes
+            ))
+        };
+        // A declared length over the limit is refused before any of the body is read: reading
+        // first, the answer waited for the client to send a limit's worth (forever for one
+        // that waits for it, or for `100 Continue`, before it sends).
+        if declared_length(&req).is_some_and(|n| n > state.max_body_bytes as u64) {
+            return Err(too_large());
+        }
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            // The client needs the limit to know how far to shrink its request.
-            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::PayloadTooLarge(format!(
-                    "the request body is larger than the limit of {} bytes",
-                    state.max_body_bytes
-                )))
-            }
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
             Err(r) => Err(r.into()),
         }
     }
+}
+
+/// The body length the request's `Content-Length` header declares, if it holds a number.
+fn declared_length(req: &Request) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Path parameters of type `T`.

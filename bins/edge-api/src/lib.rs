@@ -13,6 +13,7 @@
 //! | [`extract`] | JSON and path extractors that answer with [`error::ApiError`] |
 //! | [`http_metrics`] | per-route request counters and latency histograms |
 //! | [`public_url`] | the WebSocket / SSE URLs handed to clients |
+//! | [`unread_body`] | `Connection: close` on an answer given before the body was read |
 //!
 //! [`App::build`] validates the config, connects Redis, seeds agents from a file and binds the
 //! listeners; [`App::run`] serves REST and gRPC until its token is cancelled, then drains both.
@@ -25,6 +26,7 @@ pub mod grpc;
 pub mod http_metrics;
 pub mod public_url;
 pub mod routes;
+pub mod unread_body;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

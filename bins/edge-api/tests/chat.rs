@@ -675,6 +675,46 @@ async fn bad_bodies_are_refused_with_json_errors_and_change_nothing() {
 }
 
 #[tokio::test]
+async fn a_body_declared_over_the_limit_is_refused_before_it_is_sent() {
+    let app = spawn_app(&["--max-body-bytes", "1024"]).await;
+    let s = app.open_session().await;
+    let before = snapshot(&app, &s).await;
+    let routes = [
+        ("POST", format!("/api/v1/chat/{}/task", s.id)),
+        ("POST", "/api/v1/chat/init".to_owned()),
+        ("PUT", "/api/v1/agents/big".to_owned()),
+    ];
+    for ((method, path), expect) in routes.iter().flat_map(|r| [(r, true), (r, false)]) {
+        // Headers only, as a client does that waits for `100 Continue` (or, without `Expect`,
+        // a slow one) before it sends its body: the answer must not wait for the body.
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: 1025\r\n{}\r\n",
+            s.token,
+            if expect {
+                "expect: 100-continue\r\n"
+            } else {
+                ""
+            },
+        );
+        let (_tcp, head) = app.raw_answer_head(&request).await;
+        // Not `100 Continue`: the client would send a body that is refused anyway.
+        assert!(head.starts_with("http/1.1 413"), "{method} {path}: {head}");
+        assert!(head.contains("application/json"), "{method} {path}: {head}");
+        assert!(
+            head.contains("connection: close"),
+            "{method} {path}: {head}"
+        );
+    }
+    // The same body, sent: the same answer, through the same extractor.
+    let resp = app.submit(&s, json!({"message": "x".repeat(2000)})).await;
+    let message = assert_error(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    assert!(message.contains("limit of 1024 bytes"), "{message}");
+    assert_eq!(snapshot(&app, &s).await, before);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn cancelling_a_task_sends_task_cancel_and_an_ended_task_answers_its_state() {
     let app = spawn_app(&[]).await;
     let s = app.open_session().await;

@@ -266,6 +266,81 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn an_answer_given_before_the_body_is_read_says_connection_close() {
+    use tokio::io::AsyncWriteExt;
+
+    let app = spawn_app(&[]).await;
+    app.put_agent("demo").await;
+    let body = r#"{"agent_id":"demo"}"#;
+    let ghost = app.signer().sign("ghost", i64::MAX);
+    // Answered before the body arrives (it is never sent): a client must not send its next
+    // request on this connection, which cannot serve it, and is told so.
+    for (what, head) in [
+        (
+            "no token",
+            "POST /api/v1/chat/s1/task HTTP/1.1\r\n".to_owned(),
+        ),
+        (
+            "a token of another session",
+            format!("POST /api/v1/chat/s1/task HTTP/1.1\r\nauthorization: Bearer {ghost}\r\n"),
+        ),
+        ("no route", "POST /api/v1/nope HTTP/1.1\r\n".to_owned()),
+        (
+            "another method",
+            "PATCH /api/v1/chat/init HTTP/1.1\r\n".to_owned(),
+        ),
+    ] {
+        let request = format!(
+            "{head}host: edge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let (_tcp, answer) = app.raw_answer_head(&request).await;
+        assert!(answer.starts_with("http/1.1 4"), "{what}: {answer}");
+        assert!(answer.contains("connection: close"), "{what}: {answer}");
+    }
+    let request = format!(
+        "POST /api/v1/chat/init HTTP/1.1\r\nhost: edge\r\ncontent-type: text/plain\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (_tcp, answer) = app.raw_answer_head(&request).await;
+    assert!(answer.starts_with("http/1.1 400"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+
+    // A body read to its end leaves the connection open for the next request, refused or not.
+    let request = format!(
+        "POST /api/v1/chat/init HTTP/1.1\r\nhost: edge\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (mut tcp, answer) = app.raw_answer_head(&request).await;
+    assert!(answer.starts_with("http/1.1 201"), "{answer}");
+    assert!(!answer.contains("connection: close"), "{answer}");
+    let length: usize = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .expect("content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut rest = vec![0u8; length];
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut rest)
+        .await
+        .unwrap();
+    let bad = r#"{"agent_id":5}"#;
+    let next = format!(
+        "POST /api/v1/chat/init HTTP/1.1\r\nhost: edge\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{bad}",
+        bad.len()
+    );
+    tcp.write_all(next.as_bytes()).await.unwrap();
+    let answer = common::read_head(&mut tcp).await;
+    assert!(answer.starts_with("http/1.1 400"), "{answer}");
+    assert!(!answer.contains("connection: close"), "{answer}");
+    app.stop().await;
+}
+
 async fn build_error(args: &[&str]) -> String {
     let cfg = Config::try_parse_from(common::args(&fleet_test_support::prefix(), args))
         .expect("test config parses");

@@ -1,5 +1,6 @@
 //! The REST router: chat and agent routes, health and metrics, JSON 404 / 405 fallbacks, body
-//! limit, request tracing and per-route metrics.
+//! limit, request tracing, per-route metrics and `Connection: close` when an answer leaves the
+//! body unread ([`crate::unread_body`]).
 //!
 //! | route | auth | does |
 //! |---|---|---|
@@ -110,6 +111,7 @@ pub fn router(state: AppState) -> Router {
                 ),
         )
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn(crate::unread_body::close_if_unread))
 }
 
 /// The server span of a request (OpenTelemetry HTTP conventions), continuing the caller's

@@ -240,6 +240,18 @@ impl TestApp {
             .collect()
     }
 
+    /// Opens a TCP connection, writes `request` (raw HTTP/1.1) and reads the head of the answer
+    /// (status line and headers, lowercased), without sending anything more. Panics if no
+    /// answer comes within 5 s. Returns the connection, for what the test sends next.
+    pub async fn raw_answer_head(&self, request: &str) -> (tokio::net::TcpStream, String) {
+        use tokio::io::AsyncWriteExt;
+        let addr = self.base.trim_start_matches("http://");
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let head = read_head(&mut tcp).await;
+        (tcp, head)
+    }
+
     /// A signer with the test secret, to forge valid tokens for any session id.
     pub fn signer(&self) -> TokenSigner {
         TokenSigner::new(SECRET.as_bytes())
@@ -271,4 +283,27 @@ pub async fn assert_error(resp: reqwest::Response, status: StatusCode, code: &st
     let message = body["error"]["message"].as_str().unwrap().to_owned();
     assert!(!message.is_empty(), "{body}");
     message
+}
+
+/// Reads the head of one HTTP/1.1 answer from `tcp` (status line and headers, lowercased); panics
+/// if the connection closes first or nothing comes within 5 s.
+pub async fn read_head(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tcp.read(&mut byte).await.expect("read the answer");
+            assert!(
+                n > 0,
+                "closed without an answer: {}",
+                String::from_utf8_lossy(&head)
+            );
+            head.push(byte[0]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("an answer within 5 s");
+    String::from_utf8_lossy(&head).to_lowercase()
 }
