@@ -4,13 +4,11 @@
 //! cannot set headers on a WebSocket or an `EventSource`). Each refusal has a WebSocket close code
 //! and an HTTP status ([`Refusal`]).
 
-use axum::Json;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fleet::session::{Chat, ChatError, TokenError};
 use fleet::stream::entry::StreamId;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::connection::Resume;
 
@@ -46,7 +44,7 @@ pub mod close {
         /// The gateway cannot serve the connection (session storage or log unavailable);
         /// reconnect with `last_event_id`.
         INTERNAL = 1011;
-        /// Malformed request: bad `last_event_id` or query string.
+        /// Malformed request: bad `last_event_id`, query string or session id.
         BAD_REQUEST = 4000;
         /// Missing, invalid, expired token, or a token of another session; also sent when the
         /// token of an open socket expires.
@@ -71,6 +69,9 @@ pub enum Refusal {
     BadLastEventId(String),
     #[error("malformed query string: {0}")]
     BadQuery(String),
+    /// The path's session id does not decode (percent-encoded bytes that are not UTF-8).
+    #[error("malformed session id in the path: {0}")]
+    BadSessionId(String),
     #[error("session storage unavailable; retry later")]
     Unavailable,
 }
@@ -88,6 +89,7 @@ impl Refusal {
             Refusal::NotFound => (close::NOT_FOUND, "session not found"),
             Refusal::BadLastEventId(_) => (close::BAD_REQUEST, "malformed last_event_id"),
             Refusal::BadQuery(_) => (close::BAD_REQUEST, "malformed query string"),
+            Refusal::BadSessionId(_) => (close::BAD_REQUEST, "malformed session id"),
             Refusal::Unavailable => (close::INTERNAL, "session storage unavailable"),
         }
     }
@@ -96,7 +98,7 @@ impl Refusal {
         match self {
             Refusal::MissingToken | Refusal::Token(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Refusal::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            Refusal::BadLastEventId(_) | Refusal::BadQuery(_) => {
+            Refusal::BadLastEventId(_) | Refusal::BadQuery(_) | Refusal::BadSessionId(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
             Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -110,11 +112,7 @@ impl Refusal {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let mut res = (
-            status,
-            Json(json!({"error": {"code": code, "message": self.to_string()}})),
-        )
-            .into_response();
+        let mut res = crate::routes::json_error(status, code, &self.to_string());
         if status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

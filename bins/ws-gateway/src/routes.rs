@@ -5,14 +5,17 @@
 //! | `GET /ws/chat/{session_id}` | [`crate::ws::upgrade`] |
 //! | `GET /sse/chat/{session_id}` | [`crate::sse::stream`] |
 //!
-//! Anything else answers 404 with the JSON error shape.
+//! Every error is the JSON shape edge-api answers with, `{"error": {"code", "message"}}`: 404
+//! for any other path, 405 (with `Allow`) for a method other than `GET` (or `HEAD`), 400 for a
+//! session id that is not UTF-8 once percent-decoded or a `/ws/...` request that is not a
+//! WebSocket handshake.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::http::{HeaderName, Method, StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderName, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use fleet::session::Chat;
 use fleet::session_log::SessionLog;
@@ -109,16 +112,34 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/ws/chat/{session_id}", get(crate::ws::upgrade))
         .route("/sse/chat/{session_id}", get(crate::sse::stream))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(gateway)
         .layer(cors)
 }
 
-async fn not_found() -> impl IntoResponse {
+/// The JSON error answer: `{"error": {"code": <code>, "message": <message>}}`.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    json_error(
         StatusCode::NOT_FOUND,
-        Json(
-            json!({"error": {"code": "not_found", "message": "no such route; use /ws/chat/{session_id} or /sse/chat/{session_id}"}}),
-        ),
+        "not_found",
+        "no such route; use /ws/chat/{session_id} or /sse/chat/{session_id}",
+    )
+}
+
+/// A known path with another method than `GET`; axum adds the `Allow` header.
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("{method} is not allowed on {}; use GET", uri.path()),
     )
 }

@@ -2,7 +2,7 @@
 //!
 //! The resume point is the `Last-Event-ID` header (what `EventSource` sends when it reconnects)
 //! or `?last_event_id=`. A refusal is an HTTP error with the JSON error shape: 401 (token), 404
-//! (session), 400 (malformed id or query string). Each event is one frame,
+//! (session), 400 (a malformed event id, query string or session id). Each event is one frame,
 //! `id: <event_id>\ndata: <json>\n\n`, without an `event:` name so that `onmessage` fires;
 //! replies outside the log (`events_lost`) carry no `id`. A comment goes out every
 //! [`KEEP_ALIVE`] so that proxies keep the stream open. The stream ends on shutdown (the client's
@@ -27,6 +27,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -69,13 +70,18 @@ impl Drop for StreamGuard {
 }
 
 /// The SSE handler.
-#[tracing::instrument(skip_all, fields(session_id = %sid))]
+#[tracing::instrument(skip_all, fields(session_id))]
 pub async fn stream(
     State(gw): State<Arc<Gateway>>,
-    Path(sid): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
+    let sid = match path {
+        Ok(Path(sid)) => sid,
+        Err(e) => return Refusal::BadSessionId(e.body_text()).into_response(),
+    };
+    tracing::Span::current().record("session_id", sid.as_str());
     let query = match Query::<AccessQuery>::try_from_uri(&uri) {
         Ok(Query(query)) => query,
         Err(e) => return Refusal::BadQuery(query_error(&e)).into_response(),

@@ -1,10 +1,11 @@
 //! `GET /ws/chat/{session_id}`: the WebSocket of a chat session.
 //!
-//! The upgrade always succeeds; a refused client is told why with a close code: 4001 (token
-//! missing, invalid, expired or of another session), 4004 (no such session), 4000 (malformed
-//! `last_event_id` or query string), 1011 (session storage unavailable). An admitted client gets
-//! the session's events ([`crate::connection`]) until its token expires (4001 then: REST refuses
-//! the token from that time on), and may send, as JSON text frames:
+//! A WebSocket handshake always succeeds (a request that is not one gets a JSON 400); a refused
+//! client is told why with a close code: 4001 (token missing, invalid, expired or of another
+//! session), 4004 (no such session), 4000 (malformed `last_event_id`, query string or session
+//! id), 1011 (session storage unavailable). An admitted client gets the session's events
+//! ([`crate::connection`]) until its token expires (4001 then: REST refuses the token from that
+//! time on), and may send, as JSON text frames:
 //!
 //! * `{"message_type":"chat_message","data":{"message":"...","metadata":{},"task_id"?,"idempotency_key"?}}`:
 //!   submitted like `POST /api/v1/chat/{id}/task`; answered with `task_queued` (or an `error`
@@ -20,7 +21,9 @@
 //! Anything else gets an `error` message; the [`MAX_MALFORMED`]th bad frame closes the socket with
 //! 4008, and so does a frame (text or binary) over `--max-frame-bytes`. A frame that breaks the
 //! WebSocket protocol closes it with 1007 (text that is not UTF-8) or 1002 (anything else, such
-//! as reserved bits set). On shutdown every socket closes with 1001.
+//! as reserved bits set). On shutdown every socket closes with 1001. A client's close is answered
+//! once the chat messages it sent before it have been submitted (their replies are not sent: no
+//! message may follow a close frame), so nothing it sent is dropped.
 //!
 //! One task per socket (the one axum spawns for the upgrade) does everything: it reads frames,
 //! drives the socket's submits, sends events and pings. Rarely taken, large futures (replay
@@ -30,9 +33,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::PathRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use fleet::events::{ChatMessageData, ClientMessage, ServerMessage, message_type};
 use fleet::session::{ChatError, SubmitMessage, TokenError, new_task_id};
@@ -70,17 +75,30 @@ pub const READ_BUFFER_BYTES: usize = 1024;
 /// (at most this plus one frame), so it stays small.
 pub const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
-/// The upgrade handler.
+/// The upgrade handler. A request that is not a WebSocket handshake is answered with the JSON
+/// error shape (400, or 405 for `HEAD`); a handshake is always accepted, and a refused client
+/// (a session id that does not decode included) is told why with a close code.
 pub async fn upgrade(
     State(gw): State<Arc<Gateway>>,
-    Path(sid): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     uri: Uri,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let (token, last_event_id, bad_query) = match Query::<AccessQuery>::try_from_uri(&uri) {
-        Ok(Query(q)) => (access::token(&headers, &q), q.last_event_id, false),
-        Err(_) => (None, None, true),
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return not_a_handshake(&rejection),
+    };
+    let (sid, mut refused) = match path {
+        Ok(Path(sid)) => (sid, None),
+        Err(e) => (String::new(), Some(Refusal::BadSessionId(e.body_text()))),
+    };
+    let (token, last_event_id) = match Query::<AccessQuery>::try_from_uri(&uri) {
+        Ok(Query(q)) => (access::token(&headers, &q), q.last_event_id),
+        Err(e) => {
+            refused.get_or_insert(Refusal::BadQuery(e.body_text()));
+            (None, None)
+        }
     };
     // Taken before the upgrade, so that shutdown waits for this connection's close.
     let tracked = gw.connections.token();
@@ -97,7 +115,7 @@ pub async fn upgrade(
                     sid,
                     token,
                     last_event_id,
-                    bad_query,
+                    refused,
                 };
                 serve(gw, socket, request).await;
             }
@@ -105,11 +123,28 @@ pub async fn upgrade(
         })
 }
 
+/// The answer to a request of `/ws/chat/{id}` that is not a WebSocket handshake (no `Upgrade:
+/// websocket`, a missing key, another version): the JSON error shape, saying what is missing.
+fn not_a_handshake(rejection: &WebSocketUpgradeRejection) -> Response {
+    let status = rejection.status();
+    let code = if status == StatusCode::METHOD_NOT_ALLOWED {
+        "method_not_allowed"
+    } else {
+        "invalid_request"
+    };
+    let message = format!(
+        "this route takes a WebSocket handshake (RFC 6455): {}",
+        rejection.body_text()
+    );
+    crate::routes::json_error(status, code, &message)
+}
+
 struct Request {
     sid: String,
     token: Option<String>,
     last_event_id: Option<String>,
-    bad_query: bool,
+    /// Refused before admission: a session id or query string that does not parse.
+    refused: Option<Refusal>,
 }
 
 /// How a connection ends.
@@ -140,12 +175,10 @@ enum Action {
 type PendingReply = BoxFuture<'static, ServerMessage>;
 
 async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
-    if req.bad_query {
-        return finish(
-            socket,
-            End::Close(close::BAD_REQUEST, "malformed query string"),
-        )
-        .await;
+    if let Some(refusal) = &req.refused {
+        tracing::debug!(reason = %refusal, "websocket refused");
+        let (code, reason) = refusal.close_frame();
+        return finish(socket, End::Close(code, reason)).await;
     }
     // Held until the connection is admitted: status, replay start and presence.
     let admission = tokio::select! {
@@ -309,10 +342,13 @@ async fn serve(gw: Arc<Gateway>, mut socket: WebSocket, req: Request) {
     // Unregister before the close handshake: nothing more will be sent.
     drop(delivery);
     // A submit that started runs to its end (its task is created and queued, or not at all);
-    // its reply still goes out if the client is there to read it.
+    // its reply still goes out if the client is there to read it. Not after the client's close
+    // frame: no data frame may follow it (RFC 6455, 5.5.1), and a send would fail and drop the
+    // connection without the close reply. That reply goes out once the submits have ended, so
+    // a client whose close was answered knows the messages it sent before were taken.
     let mut end = end;
     while let Some(reply) = replies.next().await {
-        if !matches!(end, End::Gone)
+        if !matches!(end, End::Gone | End::ClientClosed)
             && send(&mut socket, Outgoing::reply(&reply).json)
                 .await
                 .is_err()

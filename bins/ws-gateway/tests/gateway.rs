@@ -1013,3 +1013,111 @@ async fn a_client_resumes_on_another_gateway_after_a_restart() {
     ping_pong(&mut ws).await;
     second.stop().await.expect("clean stop");
 }
+
+/// The status, `error.code` and `error.message` of a JSON error answer.
+async fn json_error(res: reqwest::Response) -> (u16, String, String) {
+    let status = res.status().as_u16();
+    let ctype = res.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ctype.starts_with("application/json"), "{status} {ctype}");
+    let body: Json = res.json().await.expect("JSON error");
+    let code = body["error"]["code"].as_str().expect("code").to_owned();
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("message")
+        .to_owned();
+    assert!(!message.is_empty(), "{body}");
+    (status, code, message)
+}
+
+#[tokio::test]
+async fn requests_that_are_no_handshake_or_use_another_method_get_json_errors() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let http = reqwest::Client::new();
+    let send = |req: reqwest::RequestBuilder| async move {
+        tokio::time::timeout(WAIT, req.send())
+            .await
+            .expect("an answer in time")
+            .expect("an answer")
+    };
+
+    // A plain GET of the WebSocket route: no handshake.
+    let url = format!("{}?token={}", gw.sse_url(&s.sid), s.token).replace("/sse/", "/ws/");
+    let (status, code, message) = json_error(send(http.get(&url)).await).await;
+    assert_eq!((status, code.as_str()), (400, "invalid_request"));
+    assert!(message.contains("WebSocket handshake"), "{message}");
+    // A handshake of another version.
+    let res = send(
+        http.get(&url)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "8"),
+    )
+    .await;
+    let (status, code, message) = json_error(res).await;
+    assert_eq!((status, code.as_str()), (400, "invalid_request"));
+    assert!(message.contains("Sec-WebSocket-Version"), "{message}");
+
+    // Another method than GET, on either route: 405 with Allow.
+    for path in [
+        format!("/ws/chat/{}", s.sid),
+        format!("/sse/chat/{}", s.sid),
+    ] {
+        let res = send(
+            http.post(format!("http://{}{path}", gw.http))
+                .bearer_auth(&s.token),
+        )
+        .await;
+        let allow = res.headers()["allow"].to_str().unwrap().to_owned();
+        assert!(allow.contains("GET"), "{allow}");
+        let (status, code, _) = json_error(res).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (405, "method_not_allowed"),
+            "{path}"
+        );
+    }
+
+    // A session id whose percent-encoding is not UTF-8: 400 over SSE, 4000 over WebSocket.
+    let res = send(http.get(gw.sse_url("%FF")).bearer_auth(&s.token)).await;
+    let (status, code, message) = json_error(res).await;
+    assert_eq!((status, code.as_str()), (400, "invalid_request"));
+    assert!(message.contains("session id"), "{message}");
+    let mut ws = ws_connect(&format!("{}?token={}", gw.ws_url("%FF"), s.token)).await;
+    assert_eq!(
+        recv_close(&mut ws).await,
+        (4000, "malformed session id".to_owned())
+    );
+    gw.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_client_closing_with_chat_messages_in_flight_gets_its_close_answered_and_loses_none() {
+    let fleet = Fleet::new().await;
+    let gw = fleet.gateway().await;
+    let s = fleet.session().await;
+    let mut ws = ws_connect(&ws_url(&gw, &s, None)).await;
+    // Chat messages and the close in one write: the close is read while they are submitted.
+    for i in 0..5 {
+        let msg = json!({"message_type": "chat_message", "data": {"message": format!("m{i}")}});
+        ws.feed(Message::text(msg.to_string())).await.expect("feed");
+    }
+    ws.feed(Message::Close(Some(
+        tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: 1000.into(),
+            reason: "bye".into(),
+        },
+    )))
+    .await
+    .expect("feed close");
+    ws.flush().await.expect("flush");
+    // The close is answered (not the TCP connection dropped, 1006 for the client), repeating
+    // its code, and no reply comes after it.
+    assert_eq!(recv_close(&mut ws).await, (1000, "bye".to_owned()));
+    // Answered once every message was taken.
+    let status = fleet.chat.status(&s.sid).await.expect("status");
+    assert_eq!(status.totals.tasks, 5, "{status:?}");
+    gw.stop().await.expect("clean stop");
+}
