@@ -223,18 +223,44 @@ impl Dispatcher {
     /// Returns (created now, started now).
     async fn council_subtask(&self, s: &Subtask, redelivered: bool) -> Result<(bool, bool)> {
         let spec = s.deliberation_spec(now_ms());
-        let existed = self
-            .engine
-            .store
+        let sid = &s.session_id;
+        let store = &self.engine.store;
+        let existed = store
             .get(&spec.deliberation_id)
             .await
             .map_err(anyhow::Error::from)?
             .is_some();
+        // Registered with its session before it exists, so that a close finds every council
+        // that runs; refused once the session is closed, like a subtask's task.
+        let state = store
+            .register_council(sid, &spec.deliberation_id)
+            .await
+            .map_err(anyhow::Error::from)?;
+        match state.as_str() {
+            "open" => {}
+            "missing" => {
+                return Err(
+                    anyhow::anyhow!("planning session {sid} expired while deriving").into(),
+                );
+            }
+            _ if existed => return Ok((false, false)),
+            _ => return Err(session_closed(sid)),
+        }
         let context = match &self.context {
             Some(c) => c.context(&s.case_id, &s.role, &s.action).await,
             None => String::new(),
         };
         let handled = self.engine.dispatch(&spec, &context, redelivered).await?;
+        // A close between the registration and the start may have found no deliberation to
+        // cancel yet: cancel it here then.
+        let state = store
+            .session_state(sid)
+            .await
+            .map_err(anyhow::Error::from)?;
+        if matches!(state.as_deref(), Some(st) if st != "open") {
+            self.cancel_council(sid, &spec.deliberation_id, "the session was closed", false)
+                .await?;
+        }
         Ok((
             !existed,
             matches!(handled, fleet::deliberation::engine::Handled::Applied(_)),
@@ -450,6 +476,13 @@ impl Dispatcher {
                 &[TaskOp::cancel(&c.session_id, &c.task_id, reason)],
             )
             .await?;
+        if applied.statuses.first() == Some(&OpStatus::Missing)
+            && c.session_id.starts_with(planning::SESSION_PREFIX)
+        {
+            // No such task: a council subtask of a planning session is a deliberation.
+            return Box::pin(self.cancel_council(&c.session_id, &c.task_id, reason, redelivered))
+                .await;
+        }
         self.publish(&c.session_id, &applied, redelivered).await?;
         let mut pools: Vec<String> = applied.ended.iter().map(|t| t.pool.clone()).collect();
         if redelivered && applied.statuses.first() == Some(&OpStatus::Terminal) {
@@ -463,6 +496,46 @@ impl Dispatcher {
         for pool in pools.into_iter().filter(|p| !p.is_empty()) {
             self.tasks
                 .cancel_on_executors(&pool, &c.session_id, &c.task_id, reason)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The engine that tells Planning of the council subtasks this dispatcher's cancels end.
+    fn reporting_engine(&self) -> Engine {
+        self.engine.clone().with_planning(self.notifier.clone())
+    }
+
+    /// Cancels the deliberation of council subtask `id` of planning session `sid` (nothing when
+    /// `id` names none, or it has ended: [`Engine::cancel_deliberation`]).
+    async fn cancel_council(
+        &self,
+        sid: &str,
+        id: &str,
+        reason: &str,
+        redelivered: bool,
+    ) -> Result<()> {
+        let engine = self.reporting_engine();
+        if engine.council_of(sid, id).await?.is_none() {
+            tracing::debug!(task_id = %id, "no task or council subtask to cancel");
+            return Ok(());
+        }
+        let outcome = engine.cancel_deliberation(id, reason, redelivered).await?;
+        tracing::info!(deliberation_id = %id, ?outcome, "council subtask cancel");
+        Ok(())
+    }
+
+    /// Cancels the council subtasks of planning session `sid` that still run (registered on the
+    /// session when they were derived, [`fleet::deliberation::DeliberationStore::register_council`]).
+    async fn close_councils(&self, sid: &str, redelivered: bool) -> Result<()> {
+        let ids = self
+            .engine
+            .store
+            .session_councils(sid)
+            .await
+            .map_err(anyhow::Error::from)?;
+        for id in ids {
+            self.cancel_council(sid, &id, "the session was closed", redelivered)
                 .await?;
         }
         Ok(())
@@ -510,6 +583,12 @@ impl Dispatcher {
             self.tasks
                 .cancel_on_executors(pool, sid, tid, "the session was closed")
                 .await?;
+        }
+        if sid.starts_with(planning::SESSION_PREFIX) {
+            // After the close: no council is registered with the session from now on, and one
+            // registered before it is found here (or by its planning event, which checks the
+            // session again once it has started it).
+            self.close_councils(sid, redelivered).await?;
         }
         Ok(())
     }

@@ -7,6 +7,8 @@
 //! | [`Engine::on_proposal`] | callback-worker | records it; a complete round moves to the next review round or to scoring |
 //! | [`Engine::on_selection`] | callback-worker | the architect's choice completes it |
 //! | [`Engine::expire`] | callback-worker's sweeper | at the deadline: quorum -> completed, else timed_out; stragglers cancelled |
+//! | [`Engine::request_council_cancel`] | edge-api (`CancelTask`) | a council subtask of the session: sends `task.cancel` to the dispatchers |
+//! | [`Engine::cancel_deliberation`] | dispatcher (`task.cancel`, `session.close`) | any open state -> cancelled; outstanding requests cancelled |
 //!
 //! Every state change is a compare-and-set ([`super::store`]); requests to agents are sent after
 //! the change that calls for them, so a crash in between is repaired by the redelivery of the
@@ -32,10 +34,11 @@ use crate::council::{CouncilError, Councils};
 use crate::envelope::{
     AgentAction, AgentCancel, AgentControl, AgentMessage, AgentRequest, Alternative, Decision,
     DecisionMessage, Envelope, NatsPublish, Outbound, PeerProposal, ProposalCallback,
-    SelectionCallback, TaskCommand,
+    SelectionCallback, TaskCancel, TaskCommand,
 };
 use crate::keys::Keys;
 use crate::planning::notifier::PlanningNotifier;
+use crate::planning::{SESSION_PREFIX, is_council_subtask};
 use crate::stream::producer::{self, ProduceError};
 use crate::task::CONTROL_MAXLEN;
 use crate::time::now_ms;
@@ -110,6 +113,25 @@ pub enum Expired {
     /// Nothing to end: it had ended already (by its deadline elsewhere, or by its own steps),
     /// or is unknown.
     NotOpen,
+}
+
+/// What [`Engine::cancel_deliberation`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    /// This call ended it `cancelled`. Exactly one call answers this per deliberation.
+    Now,
+    /// It had ended already, in this state: nothing changed.
+    AlreadyEnded(Status),
+    /// No such deliberation.
+    Missing,
+}
+
+/// Whether `spec` is the deliberation of a council subtask of planning session `sid`: a
+/// council subtask ([`is_council_subtask`]) whose metadata names `sid` as its session.
+pub fn is_council_of_session(spec: &DeliberationSpec, sid: &str) -> bool {
+    sid.starts_with(SESSION_PREFIX)
+        && spec.metadata.get("session_id").map(String::as_str) == Some(sid)
+        && is_council_subtask(spec)
 }
 
 /// How a callback fared, for metrics and logs.
@@ -678,6 +700,134 @@ impl Engine {
             self.after_end(&done).await?;
         }
         Ok(true)
+    }
+
+    /// The deliberation `id` when it is a council subtask of planning session `sid`
+    /// ([`is_council_of_session`]).
+    pub async fn council_of(&self, sid: &str, id: &str) -> Result<Option<DeliberationView>> {
+        if !sid.starts_with(SESSION_PREFIX) || !crate::agent::valid_name(id) {
+            return Ok(None);
+        }
+        Ok(self
+            .store
+            .get(id)
+            .await?
+            .filter(|v| is_council_of_session(&v.spec, sid)))
+    }
+
+    /// Front doors (`CancelTask`): when `id` names a council subtask of planning session `sid`,
+    /// asks the dispatchers to cancel its deliberation with the same `task.cancel` a task
+    /// cancel sends, unless it has ended, and answers its status as read (`None`: `id` is no
+    /// council subtask of `sid`).
+    pub async fn request_council_cancel(
+        &self,
+        sid: &str,
+        id: &str,
+        reason: &str,
+    ) -> Result<Option<Status>> {
+        let Some(view) = self.council_of(sid, id).await? else {
+            return Ok(None);
+        };
+        if !view.status.is_terminal() {
+            let env = Envelope::new(TaskCommand::Cancel(TaskCancel {
+                session_id: sid.to_owned(),
+                task_id: id.to_owned(),
+                reason: reason.to_owned(),
+            }));
+            producer::send(self.client(), &self.keys().tasks(), None, &env).await?;
+        }
+        Ok(Some(view.status))
+    }
+
+    /// Dispatcher: ends deliberation `id` `cancelled` with `reason` as its error, from whatever
+    /// open state it is in (one compare-and-set: `pending`, any round, scoring, selecting), with
+    /// what came in ranked and no winner. Then the members that had not answered its round (and
+    /// an architect asked to choose) get an `agent.cancel`, and what follows every end runs
+    /// (the failure event on `orchestrator.events`, stats, Planning's report, its deadline entry
+    /// dropped). One that had ended already is left as it is ([`Cancelled::AlreadyEnded`]); a
+    /// redelivered command finding it cancelled sends the cancels again and finishes what a
+    /// crash may have left undone.
+    pub async fn cancel_deliberation(
+        &self,
+        id: &str,
+        reason: &str,
+        redelivered: bool,
+    ) -> Result<Cancelled> {
+        let Some(view) = self.store.get(id).await? else {
+            return Ok(Cancelled::Missing);
+        };
+        let outcome = if view.status.is_terminal() {
+            Cancelled::AlreadyEnded(view.status)
+        } else {
+            let ranked = rank(
+                latest_per_member(self.store.proposals(id).await?),
+                &view.spec.rubric,
+            );
+            let result = FinalResult {
+                status: Status::Cancelled.as_str().into(),
+                results: ranked.clone(),
+                error: reason.to_owned(),
+                duration_ms: (now_ms() - view.created_ms).max(0),
+                ..Default::default()
+            };
+            let mut t = Transition::new(&[], Status::Cancelled, format!("cancelled: {reason}"))
+                .field(
+                    "ranked",
+                    serde_json::to_string(&ranked).expect("ranked proposals serialize"),
+                )
+                .field("error", reason);
+            t.received = ranked.len() as u32;
+            t.data = serde_json::to_string(&result).expect("a result serializes");
+            match self.store.transition(id, &t).await? {
+                Moved::Applied => Cancelled::Now,
+                Moved::Terminal(s) => Cancelled::AlreadyEnded(s),
+                Moved::Missing => return Ok(Cancelled::Missing),
+                // From any open state and round: only an end refuses it.
+                Moved::Refused(s, _) => {
+                    return Err(StoreError::Reply(format!("cancel refused in state {s}")).into());
+                }
+            }
+        };
+        let again = outcome == Cancelled::AlreadyEnded(Status::Cancelled);
+        if outcome == Cancelled::Now || again {
+            let Some(done) = self.store.get(id).await? else {
+                return Ok(outcome);
+            };
+            if outcome == Cancelled::Now || redelivered {
+                self.stop_outstanding(&done, reason).await?;
+            }
+            if outcome == Cancelled::Now || !done.settled {
+                self.after_end(&done).await?;
+            }
+        }
+        if let Cancelled::AlreadyEnded(status) = outcome {
+            tracing::info!(deliberation_id = %id, %status, "the deliberation had ended; the cancel changes nothing");
+        }
+        Ok(outcome)
+    }
+
+    /// Sends `agent.cancel` to whoever still works on ended deliberation `view`: the members
+    /// without a proposal in its round, and the architect asked to choose when none was chosen.
+    async fn stop_outstanding(&self, view: &DeliberationView, reason: &str) -> Result<()> {
+        let id = &view.spec.deliberation_id;
+        if view.round >= 1 && !view.members.is_empty() {
+            let answered = self.answered(id, view.round).await?;
+            let stragglers: Vec<String> = view
+                .members
+                .iter()
+                .filter(|m| !answered.contains(&m.id))
+                .map(|m| m.id.clone())
+                .collect();
+            self.cancel(id, &view.spec.role, &stragglers, reason)
+                .await?;
+        }
+        if let Some(architect) = &view.architect
+            && view.winner.is_none()
+        {
+            self.cancel(id, ARCHITECT, std::slice::from_ref(architect), reason)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Redelivery repair: re-runs whatever step the deliberation's state says is due.

@@ -6,7 +6,12 @@
 //!  pending ─▶ generating ─▶ reviewing (rounds 2..) ─▶ scoring ─▶ (selecting) ─▶ completed
 //!     │           │              │                       │             │
 //!     └───────────┴──────────────┴───────────────────────┴─────────────┴──▶ timed_out | failed
+//!                                                                                  | cancelled
 //! ```
+//!
+//! `cancelled` is reached from any open state, only for a council subtask's deliberation,
+//! through its planning session (`CancelTask` of the subtask, `CloseSession`): the dispatcher
+//! runs [`engine::Engine::cancel_deliberation`].
 //!
 //! Who moves it:
 //! * edge-api (`Deliberate`, `Orchestrate`, `StreamDeliberation`) creates the hash (`pending`)
@@ -85,10 +90,12 @@ pub enum Status {
     Completed,
     Failed,
     TimedOut,
+    /// Cancelled through its planning session; the reason is its error.
+    Cancelled,
 }
 
 impl Status {
-    pub const ALL: [Status; 8] = [
+    pub const ALL: [Status; 9] = [
         Status::Pending,
         Status::Generating,
         Status::Reviewing,
@@ -97,6 +104,7 @@ impl Status {
         Status::Completed,
         Status::Failed,
         Status::TimedOut,
+        Status::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +117,7 @@ impl Status {
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::TimedOut => "timed_out",
+            Status::Cancelled => "cancelled",
         }
     }
 
@@ -118,7 +127,10 @@ impl Status {
 
     /// Nothing moves a deliberation out of a terminal state.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Completed | Status::Failed | Status::TimedOut)
+        matches!(
+            self,
+            Status::Completed | Status::Failed | Status::TimedOut | Status::Cancelled
+        )
     }
 }
 
@@ -607,6 +619,7 @@ mod tests {
             assert_eq!(Status::parse(s.as_str()), Some(s));
         }
         assert!(Status::TimedOut.is_terminal() && !Status::Selecting.is_terminal());
+        assert!(Status::Cancelled.is_terminal());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! | `<p>:{d:<id>}` | hash, TTL | `spec` (JSON), `spec_fp` ([`DeliberationSpec::fingerprint`]), `kind`, `role`, `n`, `quorum`, `rounds`, `deadline_ms`, `architect_top_k`, `case_id`, `story_id`, `plan_id`, `status`, `round`, `members` (JSON), `member_ids`, `received:<round>`, `context`, `ranked` (JSON, once scored), `winner`, `winner_id`, `selected_by`, `architect`, `error`, `created_ms`, `started_ms`, `updated_ms`, `finished_ms`, `settled_ms` (once what follows its end is done: [`DeliberationStore::settle`]) |
 //! | `<p>:{d:<id>}:proposals` | hash, TTL | `<round>:<member>` -> [`Proposal`] JSON |
 //! | `<p>:{d:<id>}:events` | stream, capped, TTL | one [`Update`] per state change or proposal |
+//! | `<p>:{s:<sid>}` field `council:<id>` | session hash field | a council subtask's deliberation `<id>` of planning session `<sid>` ([`DeliberationStore::register_council`]), so that closing the session finds it; expires with the session |
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
@@ -37,7 +38,12 @@ pub struct Scripts {
     pub start: Script,
     pub propose: Script,
     pub transition: Script,
+    pub register_council: Script,
 }
+
+/// Prefix of the planning session's hash fields naming its council subtasks' deliberations
+/// (`council:<id>`), the way `open:<tid>` names its open tasks.
+pub const COUNCIL_FIELD_PREFIX: &str = "council:";
 
 /// The compiled-in scripts.
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -45,6 +51,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     start: Script::from_lua(lua!("deliberation_start.lua")),
     propose: Script::from_lua(lua!("deliberation_propose.lua")),
     transition: Script::from_lua(lua!("deliberation_transition.lua")),
+    register_council: Script::from_lua(lua!("deliberation_session.lua")),
 });
 
 /// Errors of the deliberation store.
@@ -544,6 +551,42 @@ impl DeliberationStore {
             Some("missing") => Moved::Missing,
             other => return Err(StoreError::Reply(format!("transition: {other:?}"))),
         })
+    }
+
+    /// Registers deliberation `id` as a council subtask of planning session `sid` while the
+    /// session is open (`council:<id>` on the session hash, in the session's slot). Returns the
+    /// session's state: `open` when registered, `missing` for no session; any other state
+    /// (closed) wrote nothing.
+    pub async fn register_council(&self, sid: &str, id: &str) -> Result<String, StoreError> {
+        let reply = self
+            .eval(
+                &SCRIPTS.register_council,
+                vec![self.keys.session(sid)],
+                vec![
+                    format!("{COUNCIL_FIELD_PREFIX}{id}").into(),
+                    now_ms().into(),
+                ],
+            )
+            .await?;
+        reply
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Reply("register_council: empty".into()))
+    }
+
+    /// The deliberations registered with planning session `sid` ([`Self::register_council`]),
+    /// running or ended.
+    pub async fn session_councils(&self, sid: &str) -> Result<Vec<String>, StoreError> {
+        let fields: Vec<String> = self.client.hkeys(self.keys.session(sid)).await?;
+        Ok(fields
+            .into_iter()
+            .filter_map(|f| f.strip_prefix(COUNCIL_FIELD_PREFIX).map(str::to_owned))
+            .collect())
+    }
+
+    /// The state of session `sid` (`open`, `closed`), `None` when it does not exist.
+    pub async fn session_state(&self, sid: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.client.hget(self.keys.session(sid), "state").await?)
     }
 
     /// Marks ended deliberation `id` settled: true for the one call that marked it, so that what

@@ -4,7 +4,7 @@
 -- atomic on Redis Cluster too. Each state change appends its progress update to the
 -- deliberation's event stream in the same atomic step, so a waiting caller never misses one.
 
-local D_TERMINAL = { completed = true, failed = true, timed_out = true }
+local D_TERMINAL = { completed = true, failed = true, timed_out = true, cancelled = true }
 
 -- Appends one progress update; returns its entry id.
 -- Entry fields: status, round, received (proposals of the round so far), step (words),

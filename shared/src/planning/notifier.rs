@@ -10,6 +10,7 @@
 //! | the deadline | callback-worker's sweeper | TIMED_OUT |
 //! | `CancelTask`, `CloseSession` | dispatcher | CANCELLED with the task's reason |
 //! | a council subtask's deliberation ends | callback-worker (handler or sweeper) | COMPLETED with the winning proposal's content; FAILED (nothing to score) or TIMED_OUT (no quorum by the deadline) with the deliberation's error |
+//! | a council subtask's deliberation is cancelled (`CancelTask` of the subtask, `CloseSession`) | dispatcher (or the sweeper that finishes a cancel a crash interrupted) | CANCELLED with the cancel's reason |
 //!
 //! Once per end in the normal case: a task is reported by the `apply` call that ended it (a
 //! redelivery that ends nothing reports nothing), a deliberation by the step that first marks
@@ -76,12 +77,12 @@ pub fn planning_status(state: TaskState) -> &'static str {
     }
 }
 
-/// The task state a final deliberation status stands for (a deliberation cannot be
-/// cancelled: it ends completed, failed or timed out).
+/// The task state a final deliberation status stands for.
 fn task_state_of(status: Status) -> TaskState {
     match status {
         Status::Completed => TaskState::Completed,
         Status::TimedOut => TaskState::TimedOut,
+        Status::Cancelled => TaskState::Cancelled,
         _ => TaskState::Failed,
     }
 }
@@ -271,6 +272,17 @@ mod tests {
             assert_eq!(u.status, expected);
             assert!(u.result.contains("quorum 2"), "{}", u.result);
         }
+    }
+
+    #[test]
+    fn a_cancelled_council_subtask_is_reported_cancelled_with_its_reason() {
+        let mut view = council_subtask(Status::Cancelled);
+        view.error = "the session was closed".into();
+        let u = deliberation_update(&view).unwrap();
+        assert_eq!(
+            (u.status.as_str(), u.result.as_str()),
+            ("CANCELLED", "the session was closed")
+        );
     }
 
     #[test]

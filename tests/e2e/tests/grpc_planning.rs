@@ -1,6 +1,7 @@
 //! Planning events over gRPC (and replayed as NATS would): subtasks derived once per transition
 //! with deterministic ids, tracked as tasks of the case's planning session, sent once to the
-//! role's agents and to NATS `agent.requests`, answered by mock agents.
+//! role's agents and to NATS `agent.requests`, answered by mock agents; a council subtask is
+//! cancelled by `CancelTask` and by `CloseSession` of its planning session.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -8,8 +9,12 @@ use std::time::Duration;
 use fleet::envelope::{AgentMessage, Envelope, Outbound, PlanningEvent, TaskCommand};
 use fleet::keys::GROUP_DISPATCHERS;
 use fleet::stream::{groups, producer};
+use fleet::testing::PlanningServer;
 use fleet_e2e::deliberation::{AgentSpec, DelibFleet, DelibOptions, completed_deliberation};
 use fleet_proto::orchestrator::v1 as pb;
+use fleet_proto::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
+use fred::prelude::*;
+use tonic::transport::Channel;
 
 fn event() -> pb::PlanningEventRequest {
     pb::PlanningEventRequest {
@@ -321,5 +326,146 @@ async fn an_event_for_a_closed_planning_session_is_refused() {
         .unwrap()
         .into_inner();
     assert_eq!(retry.already_derived, 3);
+    fleet.stop().await;
+}
+
+/// Waits (up to 15 s) until deliberation `task_id` reads `status`; returns its result.
+async fn deliberation_in(
+    grpc: &OrchestratorServiceClient<Channel>,
+    task_id: &str,
+    status: pb::DeliberationStatus,
+) -> pb::GetDeliberationResultResponse {
+    let what = format!("deliberation {task_id} {status:?}");
+    fleet_test_support::eventually(Duration::from_secs(15), &what, || {
+        let mut grpc = grpc.clone();
+        let task_id = task_id.to_owned();
+        async move {
+            let r = grpc
+                .get_deliberation_result(pb::GetDeliberationResultRequest { task_id })
+                .await
+                .ok()?
+                .into_inner();
+            (r.status == status as i32).then_some(r)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_council_subtask_is_cancelled_by_cancel_task_and_by_closing_its_session() {
+    // No ARCHITECT agent: the councils wait for proposals until they are cancelled.
+    let mut planning = PlanningServer::start().await;
+    let fleet = DelibFleet::start(DelibOptions {
+        dispatcher_args: vec!["--planning-addr".into(), planning.addr.clone()],
+        callback_args: vec!["--planning-addr".into(), planning.addr.clone()],
+        ..Default::default()
+    })
+    .await;
+    let mut grpc = fleet.grpc(0).await;
+    let design = |case: &str| pb::PlanningEventRequest {
+        event_type: "TRANSITION".into(),
+        case_id: case.into(),
+        plan_id: "P-5".into(),
+        from_state: "DRAFT".into(),
+        to_state: "DESIGN".into(),
+        event_id: format!("agile.events:{case}"),
+        ..Default::default()
+    };
+    let first = grpc
+        .process_planning_event(design("US-90"))
+        .await
+        .unwrap()
+        .into_inner();
+    let council = first.subtasks[0].task_id.clone();
+    assert_eq!(first.subtasks[0].council, 3);
+    deliberation_in(&grpc, &council, pb::DeliberationStatus::InProgress).await;
+    let second = grpc
+        .process_planning_event(design("US-91"))
+        .await
+        .unwrap()
+        .into_inner();
+    let other = second.subtasks[0].task_id.clone();
+    deliberation_in(&grpc, &other, pb::DeliberationStatus::InProgress).await;
+
+    // Not a council of the caller's session: NOT_FOUND, as before.
+    let err = grpc
+        .cancel_task(pb::CancelTaskRequest {
+            session_id: second.session_id.clone(),
+            session_token: second.session_token.clone(),
+            task_id: council.clone(),
+            reason: "wrong case".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    let cancel = || pb::CancelTaskRequest {
+        session_id: first.session_id.clone(),
+        session_token: first.session_token.clone(),
+        task_id: council.clone(),
+        reason: "the design is settled elsewhere".into(),
+    };
+    let res = grpc.cancel_task(cancel()).await.unwrap().into_inner();
+    assert_eq!(
+        (res.task_id.as_str(), res.status.as_str()),
+        (council.as_str(), "cancelling")
+    );
+    let result = deliberation_in(&grpc, &council, pb::DeliberationStatus::Cancelled).await;
+    assert_eq!(result.error, "the design is settled elsewhere");
+    let told = planning.next_update().await;
+    assert_eq!(
+        (
+            told.task_id.as_str(),
+            told.status.as_str(),
+            told.result.as_str()
+        ),
+        (
+            council.as_str(),
+            "CANCELLED",
+            "the design is settled elsewhere"
+        )
+    );
+    // Again: answered with its final state.
+    let res = grpc.cancel_task(cancel()).await.unwrap().into_inner();
+    assert_eq!(res.status, "cancelled");
+
+    // Its update stream ends with the cancel.
+    let reader = fleet.client().clone_new();
+    reader.init().await.unwrap();
+    let updates = fleet::deliberation::DeliberationStore::read_updates(
+        &reader,
+        fleet.keys(),
+        &council,
+        fleet::stream::entry::StreamId::ZERO,
+        100,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(updates.last().unwrap().status, "cancelled");
+
+    // Closing US-91's planning session cancels its council (and its DATA task).
+    grpc.close_session(pb::CloseSessionRequest {
+        session_id: second.session_id.clone(),
+        session_token: second.session_token.clone(),
+        reason: "case abandoned".into(),
+    })
+    .await
+    .unwrap();
+    let result = deliberation_in(&grpc, &other, pb::DeliberationStatus::Cancelled).await;
+    assert_eq!(result.error, "the session was closed");
+    let mut told: Vec<_> = planning
+        .next_updates(2)
+        .await
+        .into_iter()
+        .map(|u| (u.task_id, u.status))
+        .collect();
+    told.sort();
+    let mut want = vec![
+        (other.clone(), "CANCELLED".to_owned()),
+        (second.subtasks[1].task_id.clone(), "CANCELLED".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(told, want);
     fleet.stop().await;
 }

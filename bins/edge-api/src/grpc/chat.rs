@@ -3,11 +3,13 @@
 //! `StreamSessionEvents` replays the session log after `last_event_id`
 //! ([`fleet::session_log::SessionLog::replay_after`]), then follows it live; it ends after
 //! `session_closed`, or, for a session closed before the call, once its log is replayed.
+//! `CancelTask` of a planning session also cancels a council subtask, whose id names a
+//! deliberation, not a task ([`fleet::deliberation::Engine::request_council_cancel`]).
 
 use std::collections::VecDeque;
 
 use fleet::events::with_event_id;
-use fleet::session::{InitSession, SubmitMessage};
+use fleet::session::{ChatError, InitSession, SubmitMessage};
 use fleet::stream::entry::{StreamId, parse_read};
 use fleet_proto::orchestrator::v1 as pb;
 use fred::prelude::*;
@@ -176,11 +178,34 @@ impl Orchestrator {
         } else {
             req.reason.chars().take(256).collect()
         };
-        let t = self
+        let t = match self
             .chat
             .cancel(&req.session_id, &req.task_id, &reason)
             .await
-            .map_err(error::chat)?;
+        {
+            Ok(t) => t,
+            // Not a task: a council subtask of a planning session is a deliberation, cancelled
+            // through the dispatchers with the same command.
+            Err(e @ ChatError::NotFound { what: "task", .. }) => {
+                let Some(status) = self
+                    .engine
+                    .request_council_cancel(&req.session_id, &req.task_id, &reason)
+                    .await
+                    .map_err(error::engine)?
+                else {
+                    return Err(error::chat(e));
+                };
+                return Ok(pb::CancelTaskResponse {
+                    status: if status.is_terminal() {
+                        status.as_str().into()
+                    } else {
+                        "cancelling".into()
+                    },
+                    task_id: req.task_id,
+                });
+            }
+            Err(e) => return Err(error::chat(e)),
+        };
         Ok(pb::CancelTaskResponse {
             status: if t.cancellable() {
                 "cancelling".into()

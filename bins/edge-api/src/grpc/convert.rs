@@ -72,6 +72,7 @@ pub fn deliberation_status(s: Status) -> pb::DeliberationStatus {
         Status::Completed => pb::DeliberationStatus::Completed,
         Status::Failed => pb::DeliberationStatus::Failed,
         Status::TimedOut => pb::DeliberationStatus::TimedOut,
+        Status::Cancelled => pb::DeliberationStatus::Cancelled,
     }
 }
 
@@ -85,6 +86,7 @@ pub fn update_status(s: Option<Status>) -> pb::UpdateStatus {
         Some(Status::Completed) => pb::UpdateStatus::Complete,
         Some(Status::Failed) => pb::UpdateStatus::Failed,
         Some(Status::TimedOut) => pb::UpdateStatus::TimedOut,
+        Some(Status::Cancelled) => pb::UpdateStatus::Cancelled,
         None => pb::UpdateStatus::Unspecified,
     }
 }
@@ -268,5 +270,26 @@ mod tests {
         assert_eq!(p(Status::Scoring, 2, 3), 95);
         assert_eq!(p(Status::Completed, 2, 3), 100);
         assert_eq!(p(Status::TimedOut, 1, 1), 100);
+        assert_eq!(p(Status::Cancelled, 1, 1), 100);
+    }
+
+    #[test]
+    fn every_status_maps_to_a_proto_status_and_cancelled_to_its_own() {
+        for s in Status::ALL {
+            assert_ne!(
+                deliberation_status(s),
+                pb::DeliberationStatus::Unspecified,
+                "{s}"
+            );
+            assert_ne!(update_status(Some(s)), pb::UpdateStatus::Unspecified, "{s}");
+        }
+        assert_eq!(
+            deliberation_status(Status::Cancelled),
+            pb::DeliberationStatus::Cancelled
+        );
+        assert_eq!(
+            update_status(Some(Status::Cancelled)),
+            pb::UpdateStatus::Cancelled
+        );
     }
 }

@@ -79,6 +79,7 @@ impl Orchestrator {
         out.deliberations_completed = n("deliberations_completed");
         out.deliberations_failed = n("deliberations_failed");
         out.deliberations_timed_out = n("deliberations_timed_out");
+        out.deliberations_cancelled = n("deliberations_cancelled");
         out.orchestrations_total = n(STAT_ORCHESTRATIONS_TOTAL);
         out.planning_events_total = n(STAT_PLANNING_EVENTS_TOTAL);
         let councils = self.engine.councils.list().await.map_err(error::council)?;
