@@ -4,6 +4,11 @@
 //! `timeout_secs`, `params` as JSON, `updated_ms`) plus the set `fleet:agent-ids`. Written by
 //! edge-api (`PUT /api/v1/agents/{id}`) or loaded at start from `FLEET_AGENTS_FILE` (TOML or
 //! YAML, see [`AgentsFile`]). Readers on the hot path use [`AgentStore::get_cached`].
+//!
+//! Validation lives here too, for every front door (REST, gRPC, the agents file) and every id
+//! the fleet puts in a key: [`valid_name`] for ids (of agents, pools, sessions, tasks, ...),
+//! [`check_label`] for free text kept as it came (agent names, roles, tenant and user ids), and
+//! [`excerpt`] for quoting a refused value in an error message.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -65,30 +70,104 @@ pub enum AgentError {
     Redis(#[from] Error),
 }
 
-/// Ids, names and pools are short and free of characters that would break keys or logs.
+/// The longest id ([`valid_name`]), in bytes (each of its characters is one).
+pub const MAX_ID_LEN: usize = 128;
+
+/// What [`valid_name`] accepts, as error messages state it.
+pub const ID_RULE: &str = "1-128 characters of A-Z a-z 0-9 - _ . : other than `.` and `..`";
+
+/// The longest agent name, in characters.
+pub const MAX_NAME_CHARS: usize = 256;
+
+/// The longest role, tenant id or user id, in characters.
+pub const MAX_LABEL_CHARS: usize = 128;
+
+/// How many characters of a refused value an error message quotes ([`excerpt`]).
+pub const EXCERPT_CHARS: usize = 64;
+
+/// Whether `s` may be an id: of an agent, a pool, a session, a task, a deliberation, ... Ids are
+/// short and free of characters that would break keys (`fleet:exec:<pool>`) or logs. `.` and
+/// `..` are refused: a URL holding one as a segment (even written `%2E%2E`) is collapsed by
+/// browsers, curl and URL libraries before it is sent, so a resource of that id could be created
+/// but never read or deleted.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 128
+        && s.len() <= MAX_ID_LEN
+        && s != "."
+        && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+/// Checks free text that is kept and shown as it came (an agent's name or role, a tenant or
+/// user id): at most `max_chars` characters and no control character (NUL, line breaks, tabs,
+/// escapes: C0, DEL and C1), which would corrupt logs and terminals. Unicode is welcome. The
+/// error names `field` and the rule broken; emptiness is the caller's to judge.
+pub fn check_label(field: &str, value: &str, max_chars: usize) -> Result<(), String> {
+    // Each character is at least a byte: most values are decided without counting.
+    if value.len() > max_chars {
+        let chars = value.chars().count();
+        if chars > max_chars {
+            return Err(format!(
+                "{field} is {chars} characters; the limit is {max_chars}"
+            ));
+        }
+    }
+    if let Some((at, c)) = value.chars().enumerate().find(|(_, c)| c.is_control()) {
+        return Err(format!(
+            "{field} must not hold control characters (U+{:04X} at character {})",
+            u32::from(c),
+            at + 1
+        ));
+    }
+    Ok(())
+}
+
+/// `value` as an error message may quote it: its first [`EXCERPT_CHARS`] characters, then `…`
+/// when there were more, with control characters escaped (`\0`, `\n`, `\u{1b}`). A refused
+/// id can be as long as the request body; the answer should not be.
+pub fn excerpt(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(EXCERPT_CHARS * 2) + 3);
+    let mut chars = value.chars();
+    for c in chars.by_ref().take(EXCERPT_CHARS) {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    if chars.next().is_some() {
+        out.push('…');
+    }
+    out
+}
+
 impl AgentConfig {
+    /// Checks every field; the error names the field and the rule it breaks.
     pub fn validate(&self) -> Result<(), AgentError> {
+        let invalid = |m: String| Err(AgentError::Invalid(m));
         if !valid_name(&self.id) {
-            return Err(AgentError::Invalid(format!(
-                "agent id `{}` must be 1-128 characters of A-Z a-z 0-9 - _ . :",
-                self.id
-            )));
+            return invalid(format!(
+                "agent id `{}` must be {ID_RULE}",
+                excerpt(&self.id)
+            ));
         }
-        if self.name.trim().is_empty() || self.name.len() > 256 {
-            return Err(AgentError::Invalid("name must be 1-256 characters".into()));
+        if self.name.trim().is_empty() {
+            return invalid(format!(
+                "name must be 1-{MAX_NAME_CHARS} characters, not only spaces"
+            ));
         }
+        check_label("name", &self.name, MAX_NAME_CHARS).or_else(invalid)?;
+        // The pool names a stream (`fleet:exec:<pool>`): it is an id.
         if !valid_name(&self.pool) {
-            return Err(AgentError::Invalid(format!(
-                "pool `{}` must be 1-128 characters of A-Z a-z 0-9 - _ . :",
-                self.pool
-            )));
+            return invalid(format!("pool `{}` must be {ID_RULE}", excerpt(&self.pool)));
+        }
+        // Empty means none, as it is stored.
+        if let Some(role) = &self.role {
+            check_label("role", role, MAX_LABEL_CHARS).or_else(invalid)?;
+        }
+        if let Some(tenant) = &self.tenant_id {
+            check_label("tenant_id", tenant, MAX_LABEL_CHARS).or_else(invalid)?;
         }
         match self.timeout_secs {
             Some(0) => return Err(AgentError::Invalid("timeout_secs must be positive".into())),
@@ -315,6 +394,189 @@ mod tests {
         std::fs::write(&toml_path, "[[agents]]\nid = \"bad id\"\nname = \"x\"\n").unwrap();
         let err = AgentsFile::load(&toml_path).unwrap_err().to_string();
         assert!(err.contains("bad id"), "{err}");
+        // The file is held to the same rules as the API.
+        std::fs::write(
+            &yaml_path,
+            "agents:\n  - id: coder\n    name: Coder\n    role: \"DEV\\0\"\n",
+        )
+        .unwrap();
+        let err = AgentsFile::load(&yaml_path).unwrap_err().to_string();
+        assert!(
+            err.contains("role must not hold control characters"),
+            "{err}"
+        );
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    fn agent() -> AgentConfig {
+        AgentConfig {
+            id: "coder".into(),
+            name: "Coder".into(),
+            pool: DEFAULT_POOL.into(),
+            role: Some("DEV".into()),
+            tenant_id: Some("acme".into()),
+            timeout_secs: Some(60),
+            params: Json::Null,
+        }
+    }
+
+    /// The message `validate` refuses `a` with.
+    fn refusal(a: &AgentConfig) -> String {
+        match a.validate() {
+            Err(AgentError::Invalid(m)) => m,
+            other => panic!("{a:?} is not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dot_and_dot_dot_are_not_ids() {
+        for id in [".", ".."] {
+            assert!(!valid_name(id), "{id}");
+        }
+        for id in [
+            "...",
+            ".a",
+            "a.",
+            "a..b",
+            "plan-US.12",
+            "x:1",
+            "A_b-9",
+            &"a".repeat(128),
+        ] {
+            assert!(valid_name(id), "{id}");
+        }
+        for id in ["", "a b", "a/b", "é", "a\0", &"a".repeat(129)] {
+            assert!(!valid_name(id), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn excerpts_are_short_keep_char_boundaries_and_escape_control_characters() {
+        assert_eq!(excerpt("bad id"), "bad id");
+        assert_eq!(
+            excerpt(&"a".repeat(EXCERPT_CHARS)),
+            "a".repeat(EXCERPT_CHARS)
+        );
+        assert_eq!(
+            excerpt(&"a".repeat(10_000)),
+            format!("{}…", "a".repeat(EXCERPT_CHARS))
+        );
+        // Multi-byte characters are cut between characters, never inside one.
+        let long = "é€😀".repeat(100);
+        let cut = excerpt(&long);
+        assert_eq!(cut.chars().count(), EXCERPT_CHARS + 1);
+        assert!(long.starts_with(cut.trim_end_matches('…')));
+        assert!(cut.ends_with('…'));
+        assert_eq!(excerpt("a\0b\nc\u{1b}"), "a\\0b\\nc\\u{1b}");
+    }
+
+    #[test]
+    fn labels_are_bounded_in_characters_and_free_of_control_characters() {
+        assert_eq!(check_label("role", "Développeur 开发 🚀", 128), Ok(()));
+        assert_eq!(check_label("role", &"开".repeat(128), 128), Ok(()));
+        assert_eq!(
+            check_label("role", &"开".repeat(129), 128),
+            Err("role is 129 characters; the limit is 128".into())
+        );
+        assert_eq!(
+            check_label("user_id", "ab\0", 128),
+            Err("user_id must not hold control characters (U+0000 at character 3)".into())
+        );
+        for c in ['\n', '\t', '\r', '\u{1b}', '\u{7f}', '\u{85}'] {
+            assert!(check_label("x", &format!("a{c}"), 128).is_err(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_valid_agent_passes_unicode_and_all() {
+        assert!(agent().validate().is_ok());
+        let mut a = agent();
+        a.name = "Agent 智能体 ünïcødé 🚀".into();
+        a.role = Some("Architecte logiciel".into());
+        a.tenant_id = Some("société-α".into());
+        assert!(a.validate().is_ok());
+        // 256 characters of 3 bytes each: the limit counts characters.
+        a.name = "智".repeat(MAX_NAME_CHARS);
+        assert!(a.validate().is_ok());
+        // Empty role and tenant id mean none, as they are stored.
+        a.role = Some(String::new());
+        a.tenant_id = Some(String::new());
+        assert!(a.validate().is_ok());
+    }
+
+    #[test]
+    fn each_field_is_refused_with_its_name_and_rule() {
+        type Edit = fn(&mut AgentConfig);
+        let cases: [(Edit, &str); 13] = [
+            (
+                |a| a.id = "..".into(),
+                "agent id `..` must be 1-128 characters",
+            ),
+            (|a| a.id = ".".into(), "agent id `.` must be"),
+            (
+                |a| a.pool = "..".into(),
+                "pool `..` must be 1-128 characters",
+            ),
+            (|a| a.pool = "gpu pool".into(), "pool `gpu pool` must be"),
+            (|a| a.name = " \t ".into(), "name must be 1-256 characters"),
+            (
+                |a| a.name = "x".repeat(257),
+                "name is 257 characters; the limit is 256",
+            ),
+            (
+                |a| a.name = "Co\nder".into(),
+                "name must not hold control characters",
+            ),
+            (
+                |a| a.role = Some("r".repeat(100_000)),
+                "role is 100000 characters; the limit is 128",
+            ),
+            (
+                |a| a.role = Some("DEV\0".into()),
+                "role must not hold control characters (U+0000",
+            ),
+            (
+                |a| a.role = Some("\u{1b}[31mDEV".into()),
+                "role must not hold control characters",
+            ),
+            (
+                |a| a.tenant_id = Some("t".repeat(129)),
+                "tenant_id is 129 characters",
+            ),
+            (
+                |a| a.tenant_id = Some("acme\r\n".into()),
+                "tenant_id must not hold control",
+            ),
+            (
+                |a| a.timeout_secs = Some(0),
+                "timeout_secs must be positive",
+            ),
+        ];
+        for (edit, want) in cases {
+            let mut a = agent();
+            edit(&mut a);
+            let message = refusal(&a);
+            assert!(message.contains(want), "{message:?} should say {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_id_or_pool_is_quoted_short() {
+        let mut a = agent();
+        a.id = "x".repeat(10_000);
+        let message = refusal(&a);
+        assert!(
+            message.starts_with(&format!(
+                "agent id `{}…` must be",
+                "x".repeat(EXCERPT_CHARS)
+            )),
+            "{message}"
+        );
+        assert!(message.len() < 200, "{} bytes", message.len());
+        let mut a = agent();
+        a.pool = format!("é{}", "\0".repeat(10_000));
+        let message = refusal(&a);
+        assert!(message.len() < 400, "{} bytes", message.len());
+        assert!(!message.contains('\0'), "{message:?}");
     }
 }

@@ -391,14 +391,25 @@ struct Outgoing<'a> {
     source: &'static str,
 }
 
+/// An id that is no id ([`crate::agent::valid_name`]) names nothing: not found, quoted short.
 fn check_id(what: &'static str, id: &str) -> Result<(), ChatError> {
     if crate::agent::valid_name(id) {
         Ok(())
     } else {
         Err(ChatError::NotFound {
             what,
-            id: id.chars().take(64).collect(),
+            id: crate::agent::excerpt(id),
         })
+    }
+}
+
+/// A session's optional `tenant_id` / `user_id`: kept and shown as it came, so bounded as an
+/// agent's are ([`crate::agent::check_label`]). Empty means none.
+fn check_label(field: &str, value: Option<&str>) -> Result<(), ChatError> {
+    match value {
+        Some(v) => crate::agent::check_label(field, v, crate::agent::MAX_LABEL_CHARS)
+            .map_err(ChatError::Invalid),
+        None => Ok(()),
     }
 }
 
@@ -417,6 +428,8 @@ impl Chat {
             return Err(ChatError::Invalid("agent_id is required".into()));
         }
         check_id("agent", &req.agent_id)?;
+        check_label("tenant_id", req.tenant_id.as_deref())?;
+        check_label("user_id", req.user_id.as_deref())?;
         let agent: AgentConfig =
             self.agents
                 .get(&req.agent_id)
@@ -574,9 +587,10 @@ impl Chat {
         if let Some(t) = &msg.task_id
             && !crate::agent::valid_name(t)
         {
-            return Err(ChatError::Invalid(
-                "task_id must be 1-128 characters of A-Z a-z 0-9 - _ . :".into(),
-            ));
+            return Err(ChatError::Invalid(format!(
+                "task_id must be {}",
+                crate::agent::ID_RULE
+            )));
         }
         self.backpressure.check()?;
 
@@ -864,6 +878,42 @@ mod tests {
         assert_eq!(
             signer.verify("v1.s1.sig", "s1", 0),
             Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn ids_that_are_no_ids_are_not_found_and_quoted_short() {
+        for id in [".", "..", "", "a b"] {
+            assert!(
+                matches!(
+                    check_id("task", id),
+                    Err(ChatError::NotFound { what: "task", .. })
+                ),
+                "{id:?}"
+            );
+        }
+        assert!(check_id("task", "...").is_ok());
+        let long = "s".repeat(10_000);
+        let err = check_id("session", &long).unwrap_err().to_string();
+        assert_eq!(err, format!("session `{}…` not found", "s".repeat(64)));
+    }
+
+    #[test]
+    fn session_tenant_and_user_ids_are_bounded_labels() {
+        assert!(check_label("user_id", None).is_ok());
+        assert!(check_label("user_id", Some("")).is_ok());
+        assert!(check_label("user_id", Some("usuário-7 用户")).is_ok());
+        let long = "u".repeat(crate::agent::MAX_LABEL_CHARS + 1);
+        let Err(ChatError::Invalid(m)) = check_label("user_id", Some(&long)) else {
+            panic!("a user id over the limit is refused as invalid");
+        };
+        assert_eq!(m, "user_id is 129 characters; the limit is 128");
+        let Err(ChatError::Invalid(m)) = check_label("tenant_id", Some("t\0")) else {
+            panic!("a tenant id with NUL is refused as invalid");
+        };
+        assert!(
+            m.starts_with("tenant_id must not hold control characters"),
+            "{m}"
         );
     }
 

@@ -6,7 +6,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use fleet::agent::{AgentConfig, valid_name};
+use fleet::agent::{AgentConfig, excerpt, valid_name};
 use serde::Serialize;
 use tracing::Span;
 
@@ -16,10 +16,13 @@ use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath};
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "agent `{}` not found",
-        id.chars().take(128).collect::<String>()
-    ))
+    ApiError::NotFound(format!("agent `{}` not found", excerpt(id)))
+}
+
+/// Puts the path's id on the request's span, quoted short as in error messages: the path is the
+/// client's, of any length and holding anything percent-encoding can carry.
+fn record_id(id: &str) {
+    Span::current().record("agent_id", excerpt(id).as_str());
 }
 
 /// Creates (201) or replaces (200) an agent; answers with the stored config.
@@ -30,7 +33,7 @@ pub async fn put(
     ApiPath(id): ApiPath<String>,
     ApiJson(mut agent): ApiJson<AgentConfig>,
 ) -> Result<(StatusCode, Json<AgentConfig>), ApiError> {
-    Span::current().record("agent_id", id.as_str());
+    record_id(&id);
     agent.id = id;
     let existed = state.chat.agents.put(&agent).await?;
     tracing::info!(pool = %agent.pool, replaced = existed, "agent stored");
@@ -49,7 +52,7 @@ pub async fn get(
     _key: AdminKey,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<AgentConfig>, ApiError> {
-    Span::current().record("agent_id", id.as_str());
+    record_id(&id);
     if !valid_name(&id) {
         return Err(not_found(&id));
     }
@@ -66,7 +69,7 @@ pub async fn delete(
     _key: AdminKey,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    Span::current().record("agent_id", id.as_str());
+    record_id(&id);
     if valid_name(&id) && state.chat.agents.delete(&id).await? {
         tracing::info!("agent deleted");
         Ok(StatusCode::NO_CONTENT)
