@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use fred::prelude::*;
 use serde::Serialize;
 
+use crate::agent::{MAX_LABEL_CHARS, check_label, excerpt};
 use crate::deliberation::{MAX_AGENTS, Member};
 use crate::keys::Keys;
 use crate::time::now_ms;
@@ -26,8 +27,10 @@ use crate::time::now_ms;
 pub const OFFLINE_AFTER_HEARTBEATS: i64 = 3;
 /// Heartbeat interval of an agent that names none, ms.
 pub const DEFAULT_HEARTBEAT_MS: i64 = 5_000;
-/// Most capabilities per agent, and their longest name.
+/// Most capabilities (and metadata entries) per agent.
 pub const MAX_CAPABILITIES: usize = 64;
+/// The longest metadata value of a registered agent, in characters.
+pub const MAX_METADATA_VALUE_CHARS: usize = 1024;
 
 /// An agent's status as its heartbeats say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -186,7 +189,11 @@ impl Councils {
     pub fn validate(reg: &Registration) -> Result<&'static str, CouncilError> {
         let bad = |m: String| Err(CouncilError::Invalid(m));
         if !crate::agent::valid_name(&reg.agent_id) {
-            return bad("agent_id must be 1-128 characters of A-Z a-z 0-9 - _ . :".into());
+            return bad(format!(
+                "agent_id `{}` must be {}",
+                crate::agent::excerpt(&reg.agent_id),
+                crate::agent::ID_RULE
+            ));
         }
         let Some(role) = crate::deliberation::parse_role(&reg.role) else {
             return bad(format!(
@@ -195,18 +202,29 @@ impl Councils {
                 crate::deliberation::ROLES.join(", ")
             ));
         };
-        if reg.capabilities.len() > MAX_CAPABILITIES
-            || reg
-                .capabilities
-                .iter()
-                .any(|c| c.is_empty() || c.len() > 128)
-        {
-            return bad(format!(
-                "at most {MAX_CAPABILITIES} capabilities of 1-128 characters"
-            ));
+        if reg.capabilities.len() > MAX_CAPABILITIES {
+            return bad(format!("at most {MAX_CAPABILITIES} capabilities"));
+        }
+        for c in &reg.capabilities {
+            if c.is_empty() {
+                return bad("a capability is empty".into());
+            }
+            check_label("capability", c, MAX_LABEL_CHARS).map_err(CouncilError::Invalid)?;
         }
         if reg.metadata.len() > MAX_CAPABILITIES {
             return bad(format!("at most {MAX_CAPABILITIES} metadata entries"));
+        }
+        for (k, v) in &reg.metadata {
+            check_label("metadata key", k, MAX_LABEL_CHARS).map_err(CouncilError::Invalid)?;
+            // Values are free text (line breaks allowed), bounded so that a registration stays
+            // small: it is read back for every member choice.
+            let chars = v.chars().count();
+            if chars > MAX_METADATA_VALUE_CHARS {
+                return bad(format!(
+                    "metadata `{}` is {chars} characters; the limit is {MAX_METADATA_VALUE_CHARS}",
+                    excerpt(k)
+                ));
+            }
         }
         if !(0..=3_600_000).contains(&reg.heartbeat_ms) {
             return bad("heartbeat_ms must be between 0 and 3600000".into());
@@ -461,6 +479,61 @@ mod tests {
             last_heartbeat_ms: 0,
             registered_ms: 0,
         }
+    }
+
+    fn registration() -> Registration {
+        Registration {
+            agent_id: "dev-1".into(),
+            role: "DEV".into(),
+            capabilities: vec!["rust".into(), "größe".into()],
+            metadata: [("model".to_owned(), "line one\nline two".to_owned())].into(),
+            heartbeat_ms: 0,
+            status: String::new(),
+        }
+    }
+
+    /// The message `validate` refuses `reg` with.
+    fn refusal(reg: &Registration) -> String {
+        match Councils::validate(reg) {
+            Err(CouncilError::Invalid(m)) => m,
+            other => panic!("{reg:?} is not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn registrations_are_refused_with_the_field_and_the_rule_they_break() {
+        Councils::validate(&registration()).expect("a valid registration");
+        let mut r = registration();
+        r.agent_id = format!("bad id {}", "x".repeat(200));
+        let m = refusal(&r);
+        assert!(
+            m.starts_with("agent_id `bad id xxx") && m.contains("…` must be 1-128"),
+            "{m}"
+        );
+        let mut r = registration();
+        r.capabilities.push("tab\there".into());
+        assert_eq!(
+            refusal(&r),
+            "capability must not hold control characters (U+0009 at character 4)"
+        );
+        let mut r = registration();
+        r.capabilities.push("c".repeat(129));
+        assert_eq!(
+            refusal(&r),
+            "capability is 129 characters; the limit is 128"
+        );
+        let mut r = registration();
+        r.capabilities.push(String::new());
+        assert_eq!(refusal(&r), "a capability is empty");
+        let mut r = registration();
+        r.metadata.insert("k\0".into(), "v".into());
+        assert!(refusal(&r).starts_with("metadata key must not hold control"));
+        let mut r = registration();
+        r.metadata.insert("notes".into(), "n".repeat(1025));
+        assert_eq!(
+            refusal(&r),
+            "metadata `notes` is 1025 characters; the limit is 1024"
+        );
     }
 
     #[test]

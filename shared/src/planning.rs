@@ -664,9 +664,10 @@ pub fn validate_event(event: &PlanningEvent) -> Result<(), PlanningError> {
         ));
     }
     if !event.plan_id.is_empty() && !crate::agent::valid_name(&event.plan_id) {
-        return Err(PlanningError::Invalid(
-            "plan_id must be 1-128 characters of A-Z a-z 0-9 - _ . :".into(),
-        ));
+        return Err(PlanningError::Invalid(format!(
+            "plan_id must be {}",
+            crate::agent::ID_RULE
+        )));
     }
     if event.event_type.trim().is_empty() || event.event_type.len() > 64 {
         return Err(PlanningError::Invalid(

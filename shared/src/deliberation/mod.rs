@@ -347,7 +347,7 @@ impl DeliberationSpec {
     pub fn validate(&self) -> Result<(), InvalidSpec> {
         let bad = |m: String| Err(InvalidSpec(m));
         if !crate::agent::valid_name(&self.deliberation_id) {
-            return bad("task_id must be 1-128 characters of A-Z a-z 0-9 - _ . :".into());
+            return bad(format!("task_id must be {}", crate::agent::ID_RULE));
         }
         if parse_role(&self.role) != Some(self.role.as_str()) {
             return bad(format!(
@@ -443,9 +443,7 @@ impl DeliberationSpec {
             ("plan_id", &self.plan_id),
         ] {
             if !id.is_empty() && !crate::agent::valid_name(id) {
-                return bad(format!(
-                    "{what} must be 1-128 characters of A-Z a-z 0-9 - _ . :"
-                ));
+                return bad(format!("{what} must be {}", crate::agent::ID_RULE));
             }
         }
         if self.deadline_ms <= self.created_ms {
@@ -525,7 +523,7 @@ impl DeliberationSpec {
 }
 
 /// Checks the entries of a key/value map passed to the agents (`field` names it in the message):
-/// names as ids are (1-128 characters of A-Z a-z 0-9 - _ . :), values at most
+/// names as ids are ([`crate::agent::ID_RULE`]), values at most
 /// [`MAX_METADATA_VALUE_BYTES`]. Front doors that merge several maps into
 /// [`DeliberationSpec::metadata`] check each first, so the message names the one at fault.
 pub fn validate_metadata<'a>(
@@ -535,8 +533,9 @@ pub fn validate_metadata<'a>(
     for (k, v) in entries {
         if !crate::agent::valid_name(k) {
             return Err(InvalidSpec(format!(
-                "{field} key `{}` must be 1-128 characters of A-Z a-z 0-9 - _ . :",
-                k.chars().take(32).collect::<String>()
+                "{field} key `{}` must be {}",
+                crate::agent::excerpt(k),
+                crate::agent::ID_RULE
             )));
         }
         if v.len() > MAX_METADATA_VALUE_BYTES {
