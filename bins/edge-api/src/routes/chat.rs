@@ -211,7 +211,8 @@ pub async fn task(
     auth: SessionAuth,
     ApiPath(path): ApiPath<TaskPath>,
 ) -> Result<Json<TaskView>, ApiError> {
-    Span::current().record("task_id", path.task_id.as_str());
+    // Quoted short: the path is the client's, checked only further on.
+    Span::current().record("task_id", fleet::agent::excerpt(&path.task_id).as_str());
     Ok(Json(
         state.chat.task(&auth.session_id, &path.task_id).await?,
     ))
@@ -235,7 +236,8 @@ pub async fn cancel(
     auth: SessionAuth,
     ApiPath(path): ApiPath<TaskPath>,
 ) -> Result<(StatusCode, Json<Ending>), ApiError> {
-    Span::current().record("task_id", path.task_id.as_str());
+    // Quoted short: the path is the client's, checked only further on.
+    Span::current().record("task_id", fleet::agent::excerpt(&path.task_id).as_str());
     let task = state
         .chat
         .cancel(&auth.session_id, &path.task_id, "cancelled by the client")
