@@ -4,7 +4,6 @@
 //! `GET /metrics` (Prometheus text).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -198,21 +197,13 @@ async fn metrics_text() -> Response {
         .into_response()
 }
 
-/// Serves `router` on a bound `listener` until `shutdown`.
+/// Serves `router` on a bound `listener` until `shutdown` (see [`crate::net::serve`]: a client
+/// gets `read_timeout` to send a request).
 pub fn spawn(
     listener: TcpListener,
     router: Router,
+    read_timeout: Duration,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "http server failed");
-        }
-    })
+    tokio::spawn(crate::net::serve(listener, router, read_timeout, shutdown))
 }

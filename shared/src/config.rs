@@ -53,6 +53,16 @@ pub struct CommonArgs {
     #[arg(long, env = "FLEET_REDIS_TIMEOUT_MS", default_value_t = crate::redis::DEFAULT_COMMAND_TIMEOUT_MS,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub redis_timeout_ms: u64,
+
+    /// Seconds a client of this binary's HTTP ports (REST, WebSocket / SSE, admin) may take to
+    /// send a request's head before its connection is closed, and on edge-api's REST routes its
+    /// body (408 after). Also how long an HTTP/1 keep-alive connection may stay idle between two
+    /// requests, and an HTTP/2 one quiet before it is pinged (and closed when the ping is not
+    /// answered as long). WebSockets and SSE streams, however quiet, are not affected. 1 to
+    /// 3,600.
+    #[arg(long, env = "FLEET_HTTP_READ_TIMEOUT_SECS", default_value_t = crate::net::DEFAULT_READ_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_read_timeout_secs: u64,
 }
 
 impl CommonArgs {
@@ -76,6 +86,11 @@ impl CommonArgs {
 
     pub fn grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// How long a client may take to send a request (see `--http-read-timeout-secs`).
+    pub fn http_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_read_timeout_secs)
     }
 
     /// Connects to `redis_url` with these settings' command timeout.

@@ -19,7 +19,7 @@
 //! | [`config`] | flags and environment variables shared by every binary |
 //! | [`redis`] | connecting to Redis |
 //! | [`memory`] | returning freed memory to the OS when a process goes quiet |
-//! | [`net`] | listening sockets of the front doors |
+//! | [`net`] | listening sockets and the HTTP server of every port, with its read timeouts |
 //! | [`shutdown`] | SIGINT / SIGTERM handling and draining |
 //! | [`text`] | key names, ids and timestamps built without `format!` on the hot paths |
 //!

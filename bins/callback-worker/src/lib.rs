@@ -114,7 +114,12 @@ impl App {
             vec![(keys.callbacks(), GROUP_CALLBACK_WORKERS.to_owned())],
         );
         let admin_stop = CancellationToken::new();
-        let admin_task = admin::spawn(self.admin, admin::router(health), admin_stop.clone());
+        let admin_task = admin::spawn(
+            self.admin,
+            admin::router(health),
+            self.cfg.common.http_read_timeout(),
+            admin_stop.clone(),
+        );
 
         let tasks = TaskStore::new(
             self.client.clone(),

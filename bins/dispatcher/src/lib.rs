@@ -161,7 +161,12 @@ impl App {
             vec![(keys.tasks(), GROUP_DISPATCHERS.to_owned())],
         );
         let admin_stop = CancellationToken::new();
-        let admin_task = admin::spawn(self.admin, admin::router(health), admin_stop.clone());
+        let admin_task = admin::spawn(
+            self.admin,
+            admin::router(health),
+            self.cfg.common.http_read_timeout(),
+            admin_stop.clone(),
+        );
 
         let handler = Dispatcher {
             tasks: TaskStore::new(

@@ -35,6 +35,9 @@ pub enum ApiError {
     SessionClosed(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The request's body did not arrive within the read timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     Overloaded(String),
     /// An internal failure; the detail is logged, never sent.
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::SessionClosed(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -68,6 +72,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::SessionClosed(_) => "session_closed",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
         }

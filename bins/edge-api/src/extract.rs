@@ -1,6 +1,7 @@
 //! Extractors that answer bad input with [`ApiError`] JSON instead of axum's plain-text
 //! rejections: [`ApiJson`] for bodies (400 `invalid_json`, 413 `payload_too_large`, at once when
-//! `Content-Length` is over the limit) and [`ApiPath`] for path parameters.
+//! `Content-Length` is over the limit, 408 `request_timeout` when the body stalls) and
+//! [`ApiPath`] for path parameters.
 
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
@@ -11,7 +12,7 @@ use crate::error::ApiError;
 use crate::routes::AppState;
 
 /// A JSON request body of type `T`, at most `FLEET_MAX_BODY_BYTES` (a larger one is answered
-/// with the limit).
+/// with the limit), read whole within `FLEET_HTTP_READ_TIMEOUT_SECS`.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -35,10 +36,19 @@ where
         if declared_length(&req).is_some_and(|n| n > state.max_body_bytes as u64) {
             return Err(too_large());
         }
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
-            Err(r) => Err(r.into()),
+        // The server bounds how long a request's head may take, not its body: without this, a
+        // client that sends part of a body and stops (or a few bytes now and then) would hold
+        // its connection and this handler for good. The whole body, not each of its reads, is
+        // bounded, so a trickle cannot stretch it. The timer lives in this future: no allocation.
+        let read = axum::Json::<T>::from_request(req, state);
+        match tokio::time::timeout(state.body_timeout, read).await {
+            Ok(Ok(axum::Json(value))) => Ok(ApiJson(value)),
+            Ok(Err(r)) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
+            Ok(Err(r)) => Err(r.into()),
+            Err(_) => Err(ApiError::RequestTimeout(format!(
+                "the request body did not arrive within {} s",
+                state.body_timeout.as_secs()
+            ))),
         }
     }
 }

@@ -234,6 +234,8 @@ pub struct App {
     orchestrator: grpc::Orchestrator,
     state: AppState,
     grace: Duration,
+    /// How long a client may take to send a request (`FLEET_HTTP_READ_TIMEOUT_SECS`).
+    read_timeout: Duration,
     /// Stops the back-pressure sampler when the app ends (or is dropped unrun).
     _background: DropGuard,
 }
@@ -303,7 +305,14 @@ impl App {
             client,
             vec![(keys.tasks(), fleet::keys::GROUP_DISPATCHERS.into())],
         );
-        let state = AppState::new(chat, api_keys, urls, health, cfg.max_body_bytes);
+        let state = AppState::new(
+            chat,
+            api_keys,
+            urls,
+            health,
+            cfg.max_body_bytes,
+            cfg.common.http_read_timeout(),
+        );
 
         let listener = fleet::net::bind(cfg.http_addr, "FLEET_HTTP_ADDR").await?;
         let addr = listener.local_addr()?;
@@ -317,6 +326,7 @@ impl App {
             orchestrator,
             state,
             grace: cfg.common.grace(),
+            read_timeout: cfg.common.http_read_timeout(),
             _background: background.drop_guard(),
         })
     }
@@ -344,21 +354,18 @@ impl App {
         ));
         let router = routes::router(self.state.clone());
         tracing::info!(http = %self.addr, grpc = %self.grpc_addr, "listening");
-        let signal = shutdown.clone().cancelled_owned();
-        let mut server = tokio::spawn(
-            axum::serve(
-                fleet::net::no_delay(self.listener),
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(signal)
-            .into_future(),
-        );
+        let mut server = tokio::spawn(fleet::net::serve(
+            self.listener,
+            router,
+            self.read_timeout,
+            shutdown.clone(),
+        ));
         tokio::select! {
             served = &mut server => {
-                // The server only ends by itself when accepting connections failed.
+                // The server only ends by itself on shutdown, or when it panicked.
                 shutdown.cancel();
                 grpc_server.abort();
-                served.context("http server task")?.context("http server")?;
+                served.context("http server task")?;
                 return Ok(());
             }
             served = &mut grpc_server => {
@@ -372,10 +379,8 @@ impl App {
         tracing::info!("draining requests in flight");
         let drained = fleet::shutdown::drain(
             async {
-                match (&mut server).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "http server failed while draining"),
-                    Err(e) => tracing::error!(error = %e, "http server task failed"),
+                if let Err(e) = (&mut server).await {
+                    tracing::error!(error = %e, "http server task failed");
                 }
                 match (&mut grpc_server).await {
                     Ok(Ok(())) => {}

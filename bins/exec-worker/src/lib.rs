@@ -226,7 +226,12 @@ impl App {
             vec![(stream.clone(), GROUP_EXECUTORS.to_owned())],
         );
         let admin_stop = CancellationToken::new();
-        let admin_task = admin::spawn(self.admin, admin::router(health), admin_stop.clone());
+        let admin_task = admin::spawn(
+            self.admin,
+            admin::router(health),
+            self.cfg.common.http_read_timeout(),
+            admin_stop.clone(),
+        );
 
         let cancellations = Cancellations::default();
         let control_stream = keys.exec_control(&self.cfg.pool);
@@ -289,7 +294,12 @@ impl App {
                 .collect(),
         );
         let admin_stop = CancellationToken::new();
-        let admin_task = admin::spawn(self.admin, admin::router(health), admin_stop.clone());
+        let admin_task = admin::spawn(
+            self.admin,
+            admin::router(health),
+            cfg.common.http_read_timeout(),
+            admin_stop.clone(),
+        );
 
         let backend = match cfg.agent_mode {
             AgentMode::Mock | AgentMode::Off => agent::Backend::Mock {

@@ -150,7 +150,12 @@ impl App {
         let components = health.components.clone();
         let instance = health.instance.clone();
         let admin_stop = CancellationToken::new();
-        let admin_task = admin::spawn(admin, admin::router(health), admin_stop.clone());
+        let admin_task = admin::spawn(
+            admin,
+            admin::router(health),
+            cfg.common.http_read_timeout(),
+            admin_stop.clone(),
+        );
 
         let settings = PullSettings {
             batch: n.nats_batch.max(1),

@@ -179,6 +179,8 @@ pub struct App {
     client: Client,
     gateway: Arc<Gateway>,
     grace: Duration,
+    /// How long a client may take to send a request (`FLEET_HTTP_READ_TIMEOUT_SECS`).
+    read_timeout: Duration,
     /// Stops the admin server and background work when the app ends (or is dropped unrun).
     background: CancellationToken,
     _background_guard: DropGuard,
@@ -236,7 +238,12 @@ impl App {
         let health = fleet::admin::Health::new("ws-gateway", client.clone(), vec![]);
         let admin = fleet::net::bind(cfg.admin_addr, "FLEET_ADMIN_ADDR").await?;
         let admin_addr = admin.local_addr()?;
-        fleet::admin::spawn(admin, fleet::admin::router(health), background.clone());
+        fleet::admin::spawn(
+            admin,
+            fleet::admin::router(health),
+            cfg.common.http_read_timeout(),
+            background.clone(),
+        );
         tracing::info!(
             http = %http_addr,
             admin = %admin_addr,
@@ -250,6 +257,7 @@ impl App {
             client,
             gateway,
             grace: cfg.common.grace(),
+            read_timeout: cfg.common.http_read_timeout(),
             _background_guard: background.clone().drop_guard(),
             background,
         })
@@ -273,6 +281,7 @@ impl App {
             client,
             gateway,
             grace,
+            read_timeout,
             background,
             _background_guard,
             ..
@@ -297,12 +306,12 @@ impl App {
         workers.close();
 
         let closing = gateway.closing.clone();
-        let server = axum::serve(
-            fleet::net::no_delay(listener),
+        let mut server = tokio::spawn(fleet::net::serve(
+            listener,
             routes::router(gateway.clone()),
-        )
-        .with_graceful_shutdown(closing.clone().cancelled_owned());
-        let mut server = tokio::spawn(async move { server.await });
+            read_timeout,
+            closing.clone(),
+        ));
         tracing::info!("ws-gateway serving");
 
         let failed = tokio::select! {
@@ -330,10 +339,9 @@ impl App {
         let _ = tokio::time::timeout(Duration::from_secs(3), workers.wait()).await;
         tracing::info!(drained, "ws-gateway stopped");
         match failed {
-            Some(Ok(Ok(()))) if !shutdown.is_cancelled() => {
+            Some(Ok(())) if !shutdown.is_cancelled() => {
                 anyhow::bail!("the HTTP server stopped unexpectedly")
             }
-            Some(Ok(Err(e))) => Err(e).context("the HTTP server failed"),
             Some(Err(e)) => Err(e).context("the HTTP server panicked"),
             _ => Ok(()),
         }

@@ -1,6 +1,7 @@
 //! The REST router: chat and agent routes, health and metrics, JSON 404 / 405 fallbacks, body
 //! limit, request tracing, per-route metrics and `Connection: close` when an answer leaves the
-//! body unread ([`crate::unread_body`]).
+//! body unread ([`crate::unread_body`]). A body that stalls is answered 408 by the extractor that
+//! reads it ([`crate::extract::ApiJson`]); the server bounds the rest ([`fleet::net::serve`]).
 //!
 //! | route | auth | does |
 //! |---|---|---|
@@ -20,6 +21,7 @@ pub mod agents;
 pub mod chat;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -44,6 +46,9 @@ pub struct AppState {
     pub health: Health,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// How long a request's body may take to arrive, from when its route starts reading it
+    /// (`FLEET_HTTP_READ_TIMEOUT_SECS`; 408 after).
+    pub body_timeout: Duration,
 }
 
 impl AppState {
@@ -53,6 +58,7 @@ impl AppState {
         urls: PublicUrls,
         health: Health,
         max_body_bytes: usize,
+        body_timeout: Duration,
     ) -> Self {
         Self {
             chat,
@@ -60,6 +66,7 @@ impl AppState {
             urls: Arc::new(urls),
             health,
             max_body_bytes,
+            body_timeout,
         }
     }
 }
