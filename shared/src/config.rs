@@ -54,9 +54,9 @@ pub struct CommonArgs {
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub redis_timeout_ms: u64,
 
-    /// Seconds a client of this binary's HTTP ports (REST, WebSocket / SSE, admin) may take to
-    /// send a request's head before its connection is closed, and on edge-api's REST routes its
-    /// body (408 after). Also how long an HTTP/1 keep-alive connection may stay idle between two
+    /// Seconds a client of this binary's HTTP ports (REST, WebSocket / SSE, admin; edge-api's
+    /// gRPC port its first bytes) may take to send a request's head before its connection is
+    /// closed, and on edge-api's REST routes its body (408 after). Also how long an HTTP/1 keep-alive connection may stay idle between two
     /// requests, and an HTTP/2 one quiet before it is pinged (and closed when the ping is not
     /// answered as long). WebSockets and SSE streams, however quiet, are not affected. 1 to
     /// 3,600.

@@ -116,14 +116,47 @@ fn connection_builder(read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn serve_connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    service: TowerToHyperService<Router>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+/// Connections of `listener` that sent their first bytes within `read_timeout` (with
+/// `TCP_NODELAY`, those bytes put back in front), for a server that takes a stream of
+/// connections rather than a [`Router`]: edge-api's gRPC port (tonic). A connection that sends
+/// nothing in time is closed and counted, as [`serve`] does; the rest of a request is the
+/// server's to bound (for tonic, HTTP/2 keep-alive pings). Accepts until `shutdown` is cancelled
+/// or the stream is dropped.
+pub fn first_bytes_within(
+    mut listener: TcpListener,
     read_timeout: Duration,
     shutdown: CancellationToken,
-) {
+) -> impl futures::Stream<Item = io::Result<Replay<TcpStream>>> + Send + 'static {
+    // A few connections may wait for the server to take them; more wait in the accept queue.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+                () = shutdown.cancelled() => return,
+                () = tx.closed() => return,
+            };
+            let (tx, shutdown) = (tx.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Some(io) = first_bytes(stream, peer, read_timeout, &shutdown).await {
+                    // The server stopped taking connections: this one closes.
+                    let _ = tx.send(Ok(io)).await;
+                }
+            });
+        }
+    });
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// `stream` with `TCP_NODELAY` and its first bytes read within `read_timeout`
+/// ([`read_protocol`]) and put back in front; `None` when it closed, failed or timed out (then
+/// counted) first, or `shutdown` came before them.
+async fn first_bytes(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    read_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Option<Replay<TcpStream>> {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
     }
@@ -131,22 +164,35 @@ async fn serve_connection(
     let read = tokio::select! {
         read = tokio::time::timeout(read_timeout, read_protocol(&mut stream, &mut first)) => read,
         // Nothing was asked of this connection yet: nothing to finish.
-        () = shutdown.cancelled() => return,
+        () = shutdown.cancelled() => return None,
     };
-    let len = match read {
-        Ok(Ok(Some(len))) => len,
-        Ok(Ok(None)) => return,
+    match read {
+        Ok(Ok(Some(len))) => Some(Replay::new(stream, first, len)),
+        Ok(Ok(None)) => None,
         Ok(Err(e)) => {
             tracing::trace!(%peer, error = %e, "connection failed before its first request");
-            return;
+            None
         }
         Err(_) => {
             read_timed_out();
             tracing::debug!(%peer, "connection closed: no request within the read timeout");
-            return;
+            None
         }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: TowerToHyperService<Router>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    read_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let Some(io) = first_bytes(stream, peer, read_timeout, &shutdown).await else {
+        return;
     };
-    let io = TokioIo::new(Replay::new(stream, first, len));
+    let io = TokioIo::new(io);
     let mut conn = pin!(builder.serve_connection_with_upgrades(io, service));
     let mut draining = false;
     loop {
@@ -199,7 +245,7 @@ async fn read_protocol<R: AsyncRead + Unpin>(
 }
 
 /// A connection with the bytes [`read_protocol`] took from it put back in front.
-struct Replay<T> {
+pub struct Replay<T> {
     first: [u8; H2_PREFACE.len()],
     /// `first[at..len]` is still to be read.
     at: u8,
@@ -216,6 +262,15 @@ impl<T> Replay<T> {
             len: len as u8,
             io,
         }
+    }
+}
+
+/// What tonic's server knows of a connection: its addresses, as for a plain `TcpStream`.
+impl tonic::transport::server::Connected for Replay<TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
     }
 }
 

@@ -350,6 +350,7 @@ impl App {
         let mut grpc_server = tokio::spawn(grpc::serve(
             self.grpc_listener,
             orchestrator,
+            self.read_timeout,
             shutdown.clone(),
         ));
         let router = routes::router(self.state.clone());

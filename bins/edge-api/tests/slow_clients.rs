@@ -160,3 +160,38 @@ async fn a_rest_body_that_stalls_gets_408_json_and_its_connection_is_closed() {
     assert_eq!(app.tasks_total(&session).await, 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_grpc_client_that_sends_nothing_is_closed_while_grpc_calls_are_served() {
+    let app = spawn_app_reading_within_1s().await;
+    let since = Instant::now();
+    let mut silent = TcpStream::connect(app.grpc_addr).await.unwrap();
+    let mut half_preface = TcpStream::connect(app.grpc_addr).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+
+    // Meanwhile, a gRPC client is served on a connection of its own.
+    let mut grpc = app.grpc().await;
+    let status = grpc
+        .get_status(fleet_proto::orchestrator::v1::GetStatusRequest {})
+        .await
+        .expect("GetStatus is served");
+    drop(status);
+    let served = Instant::now();
+
+    for (what, tcp) in [
+        ("a gRPC client that sent nothing", &mut silent),
+        (
+            "a gRPC client that sent half the HTTP/2 preface",
+            &mut half_preface,
+        ),
+    ] {
+        let (answer, after) = until_closed(tcp, since).await;
+        assert_eq!(answer, "", "{what} is closed without an answer");
+        assert!(after >= READ_TIMEOUT, "{what} closed after {after:?}");
+        assert!(
+            served < since + after,
+            "others were served while {what} waited"
+        );
+    }
+    app.stop().await;
+}

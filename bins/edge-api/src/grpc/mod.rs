@@ -386,9 +386,13 @@ impl OrchestratorService for Orchestrator {
 
 /// Serves the orchestrator service, health and reflection on `listener` until `shutdown`; then
 /// marks the services NOT_SERVING, ends waiting calls and streams, and lets unary calls finish.
+/// A client gets `read_timeout` to send its first bytes (else its connection is closed), and an
+/// HTTP/2 connection quiet for as long is pinged and closed when the ping is not answered in
+/// as long, as on the REST port ([`fleet::net`]).
 pub async fn serve(
     listener: TcpListener,
     orchestrator: Orchestrator,
+    read_timeout: std::time::Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
@@ -428,16 +432,16 @@ pub async fn serve(
         }
     };
     tracing::info!(%addr, "gRPC listening (orchestrator.v1.OrchestratorService, health, reflection)");
+    let incoming = fleet::net::first_bytes_within(listener, read_timeout, shutdown.clone());
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(read_timeout))
+        .http2_keepalive_timeout(Some(read_timeout))
         .trace_fn(rpc_span)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(OrchestratorServiceServer::new(orchestrator))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            signal,
-        )
+        .serve_with_incoming_shutdown(incoming, signal)
         .await?;
     Ok(())
 }
