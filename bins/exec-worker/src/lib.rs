@@ -174,7 +174,11 @@ impl Config {
         if let Some(id) = &self.agent_id
             && !fleet::agent::valid_name(id)
         {
-            anyhow::bail!("agent id `{id}` must be 1-128 characters of A-Z a-z 0-9 - _ . :");
+            anyhow::bail!(
+                "agent id `{}` must be {}",
+                fleet::agent::excerpt(id),
+                fleet::agent::ID_RULE
+            );
         }
         Ok(roles)
     }
@@ -192,8 +196,9 @@ impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<App> {
         if !fleet::agent::valid_name(&cfg.pool) {
             anyhow::bail!(
-                "pool `{}` must be 1-128 characters of A-Z a-z 0-9 - _ . :",
-                cfg.pool
+                "pool `{}` must be {}",
+                fleet::agent::excerpt(&cfg.pool),
+                fleet::agent::ID_RULE
             );
         }
         if cfg.agent_mode != AgentMode::Off {
