@@ -674,6 +674,29 @@ impl Engine {
         error: String,
     ) -> Result<bool> {
         let id = &view.spec.deliberation_id;
+        if self
+            .end_without_winner(view, status, error.clone(), &error)
+            .await?
+            != Moved::Applied
+        {
+            return Ok(false);
+        }
+        if let Some(done) = self.store.get(id).await? {
+            self.after_end(&done).await?;
+        }
+        Ok(true)
+    }
+
+    /// Moves `view`'s deliberation to final `status` (from any open state) with what came in
+    /// ranked, no winner, `error` as its error and `step` as its last update's words.
+    async fn end_without_winner(
+        &self,
+        view: &DeliberationView,
+        status: Status,
+        step: String,
+        error: &str,
+    ) -> Result<Moved> {
+        let id = &view.spec.deliberation_id;
         let ranked = rank(
             latest_per_member(self.store.proposals(id).await?),
             &view.spec.rubric,
@@ -681,11 +704,11 @@ impl Engine {
         let result = FinalResult {
             status: status.as_str().into(),
             results: ranked.clone(),
-            error: error.clone(),
+            error: error.to_owned(),
             duration_ms: (now_ms() - view.created_ms).max(0),
             ..Default::default()
         };
-        let mut t = Transition::new(&[], status, error.clone())
+        let mut t = Transition::new(&[], status, step)
             .field(
                 "ranked",
                 serde_json::to_string(&ranked).expect("ranked proposals serialize"),
@@ -693,13 +716,7 @@ impl Engine {
             .field("error", error);
         t.received = ranked.len() as u32;
         t.data = serde_json::to_string(&result).expect("a result serializes");
-        if self.store.transition(id, &t).await? != Moved::Applied {
-            return Ok(false);
-        }
-        if let Some(done) = self.store.get(id).await? {
-            self.after_end(&done).await?;
-        }
-        Ok(true)
+        Ok(self.store.transition(id, &t).await?)
     }
 
     /// The deliberation `id` when it is a council subtask of planning session `sid`
@@ -759,26 +776,11 @@ impl Engine {
         let outcome = if view.status.is_terminal() {
             Cancelled::AlreadyEnded(view.status)
         } else {
-            let ranked = rank(
-                latest_per_member(self.store.proposals(id).await?),
-                &view.spec.rubric,
-            );
-            let result = FinalResult {
-                status: Status::Cancelled.as_str().into(),
-                results: ranked.clone(),
-                error: reason.to_owned(),
-                duration_ms: (now_ms() - view.created_ms).max(0),
-                ..Default::default()
-            };
-            let mut t = Transition::new(&[], Status::Cancelled, format!("cancelled: {reason}"))
-                .field(
-                    "ranked",
-                    serde_json::to_string(&ranked).expect("ranked proposals serialize"),
-                )
-                .field("error", reason);
-            t.received = ranked.len() as u32;
-            t.data = serde_json::to_string(&result).expect("a result serializes");
-            match self.store.transition(id, &t).await? {
+            let step = format!("cancelled: {reason}");
+            match self
+                .end_without_winner(&view, Status::Cancelled, step, reason)
+                .await?
+            {
                 Moved::Applied => Cancelled::Now,
                 Moved::Terminal(s) => Cancelled::AlreadyEnded(s),
                 Moved::Missing => return Ok(Cancelled::Missing),
