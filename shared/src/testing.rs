@@ -1,7 +1,8 @@
 //! Fixtures for the tests of this crate and of the binaries built on it (feature `testing`,
 //! which only dev-dependencies enable): a chat front door with one echo agent, and a session of
 //! it with submitted tasks, as the tests of task state, the callback-worker and the dispatcher
-//! each start from; a Planning service that records what it is told ([`PlanningServer`]).
+//! each start from; a deliberation engine on a fresh prefix ([`DeliberationFixture`]); a Planning
+//! service that records what it is told ([`PlanningServer`]).
 
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ use tokio::sync::mpsc;
 
 use crate::Keys;
 use crate::agent::{AgentConfig, AgentStore, DEFAULT_POOL};
+use crate::council::Councils;
+use crate::deliberation::{DeliberationStore, Engine, EngineConfig};
 use crate::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
 use crate::session_log::{FanoutConfig, SessionLog};
 use crate::task::{Retention, TaskStore};
@@ -112,6 +115,34 @@ pub fn worker_args(name: &str, redis_url: &str, prefix: &str, extra: &[&str]) ->
         "100",
     ];
     base.iter().chain(extra).map(|a| (*a).to_owned()).collect()
+}
+
+/// A deliberation engine (default config, 1 h TTL) on Redis `client` under `keys`, as the
+/// deliberation tests drive it step by step.
+pub struct DeliberationFixture {
+    pub client: Client,
+    pub keys: Keys,
+    pub engine: Engine,
+}
+
+impl DeliberationFixture {
+    /// Connects to `redis_url` and makes the engine under key prefix `prefix`.
+    pub async fn start(redis_url: &str, prefix: &str) -> DeliberationFixture {
+        let client = crate::redis::connect(redis_url)
+            .await
+            .expect("test redis client");
+        let keys = Keys::new(prefix);
+        let engine = Engine::new(
+            DeliberationStore::new(client.clone(), keys.clone(), 3_600_000),
+            Councils::new(client.clone(), keys.clone()),
+            EngineConfig::default(),
+        );
+        DeliberationFixture {
+            client,
+            keys,
+            engine,
+        }
+    }
 }
 
 /// How long [`PlanningServer::next_update`] waits for a report before failing the test.

@@ -3,41 +3,21 @@
 //! requests get `agent.cancel`; its deadline entry, final update and failure event are written
 //! as for any end; a late proposal or selection is dropped, and the sweeper leaves it.
 
-use fleet::Keys;
-use fleet::council::Councils;
 use fleet::deliberation::engine::{Cancelled, Expired, Handled};
 use fleet::deliberation::store::{DeliberationStore, FinalResult, Transition, Update};
-use fleet::deliberation::{Check, Checks, DeliberationSpec, Engine, EngineConfig, Status, kind};
+use fleet::deliberation::{Check, Checks, DeliberationSpec, Status, kind};
 use fleet::envelope::{
     AgentControl, Envelope, Message, Outbound, PlanningEvent, ProposalCallback, SelectionCallback,
     TaskCommand,
 };
 use fleet::planning::PlanningRules;
 use fleet::stream::entry::{StreamId, parse_entries};
+use fleet::testing::DeliberationFixture as Fixture;
 use fleet::time::now_ms;
 use fred::prelude::*;
 
-struct Fixture {
-    client: Client,
-    keys: Keys,
-    engine: Engine,
-}
-
 async fn fixture() -> Fixture {
-    let client = fleet::redis::connect(&fleet_test_support::redis())
-        .await
-        .unwrap();
-    let keys = Keys::new(&fleet_test_support::prefix());
-    let engine = Engine::new(
-        DeliberationStore::new(client.clone(), keys.clone(), 3_600_000),
-        Councils::new(client.clone(), keys.clone()),
-        EngineConfig::default(),
-    );
-    Fixture {
-        client,
-        keys,
-        engine,
-    }
+    Fixture::start(&fleet_test_support::redis(), &fleet_test_support::prefix()).await
 }
 
 fn spec(id: &str, n: u32, rounds: u32) -> DeliberationSpec {

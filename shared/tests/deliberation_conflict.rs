@@ -4,37 +4,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use fleet::Keys;
-use fleet::council::Councils;
 use fleet::deliberation::engine::{EngineError, Handled};
-use fleet::deliberation::store::DeliberationStore;
-use fleet::deliberation::{DeliberationSpec, Engine, EngineConfig, Status, kind};
+use fleet::deliberation::{DeliberationSpec, Status, kind};
 use fleet::envelope::{AgentMessage, Envelope, Message, TaskCommand};
 use fleet::stream::entry::parse_entries;
+use fleet::testing::DeliberationFixture as Fixture;
 use fleet::time::now_ms;
 use fred::prelude::*;
 
-struct Fixture {
-    client: Client,
-    keys: Keys,
-    engine: Engine,
-}
-
 async fn fixture() -> Fixture {
-    let client = fleet::redis::connect(&fleet_test_support::redis())
-        .await
-        .unwrap();
-    let keys = Keys::new(&fleet_test_support::prefix());
-    let engine = Engine::new(
-        DeliberationStore::new(client.clone(), keys.clone(), 3_600_000),
-        Councils::new(client.clone(), keys.clone()),
-        EngineConfig::default(),
-    );
-    Fixture {
-        client,
-        keys,
-        engine,
-    }
+    Fixture::start(&fleet_test_support::redis(), &fleet_test_support::prefix()).await
 }
 
 fn spec(id: &str) -> DeliberationSpec {

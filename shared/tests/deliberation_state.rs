@@ -1,7 +1,6 @@
 //! Deliberation steps against a real redis-server: quorum, rounds, deadline, architect,
 //! duplicates and stale proposals; every step leaves its update in the event stream, in order.
 
-use fleet::Keys;
 use fleet::council::{Councils, Registration};
 use fleet::deliberation::engine::Expired;
 use fleet::deliberation::store::DeliberationStore;
@@ -11,30 +10,12 @@ use fleet::envelope::{
     ProposalCallback, SelectionCallback, TaskCommand,
 };
 use fleet::stream::entry::{StreamId, parse_entries};
+use fleet::testing::DeliberationFixture as Fixture;
 use fleet::time::now_ms;
 use fred::prelude::*;
 
-struct Fixture {
-    client: Client,
-    keys: Keys,
-    engine: Engine,
-}
-
 async fn fixture() -> Fixture {
-    let client = fleet::redis::connect(&fleet_test_support::redis())
-        .await
-        .unwrap();
-    let keys = Keys::new(&fleet_test_support::prefix());
-    let engine = Engine::new(
-        DeliberationStore::new(client.clone(), keys.clone(), 3_600_000),
-        Councils::new(client.clone(), keys.clone()),
-        EngineConfig::default(),
-    );
-    Fixture {
-        client,
-        keys,
-        engine,
-    }
+    Fixture::start(&fleet_test_support::redis(), &fleet_test_support::prefix()).await
 }
 
 fn spec(id: &str, n: u32, quorum: u32, rounds: u32) -> DeliberationSpec {
