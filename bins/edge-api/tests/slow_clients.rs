@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{Value as Json, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// The read timeout of these tests' apps.
@@ -22,25 +22,15 @@ async fn spawn_app_reading_within_1s() -> TestApp {
     spawn_app(&["--http-read-timeout-secs", "1"]).await
 }
 
-/// A client that connects to the app, sends `bytes` and then nothing more; when it connected.
+/// A client that connects to the app's REST port, sends `bytes` and then nothing more.
 async fn stalled(app: &TestApp, bytes: &[u8]) -> (TcpStream, Instant) {
-    let connected = Instant::now();
-    let mut tcp = TcpStream::connect(app.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    tcp.write_all(bytes).await.unwrap();
-    (tcp, connected)
+    let addr = app.base.trim_start_matches("http://").parse().unwrap();
+    fleet_test_support::stalled_client(addr, bytes).await
 }
 
-/// Reads what the server sends on `tcp` until it closes the connection (panics after
-/// [`CLOSE_BOUND`]); returns it, and when the close came, counted from `since`.
+/// What the server sent on `tcp` before closing it, and when, counted from `since`.
 async fn until_closed(tcp: &mut TcpStream, since: Instant) -> (String, Duration) {
-    let mut got = Vec::new();
-    // A reset is a close too; what came before it is kept in `got`.
-    let _ = tokio::time::timeout(CLOSE_BOUND, tcp.read_to_end(&mut got))
-        .await
-        .expect("the server closes a stalled connection");
-    (String::from_utf8_lossy(&got).into_owned(), since.elapsed())
+    fleet_test_support::until_closed(tcp, since, CLOSE_BOUND).await
 }
 
 #[tokio::test]

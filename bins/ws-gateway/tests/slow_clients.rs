@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
+use fleet_test_support::stalled_client as stalled;
 use serde_json::Value as Json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The read timeout of these tests' gateways.
@@ -22,23 +21,9 @@ async fn gateway_reading_within_1s(fleet: &Fleet) -> Gateway {
     fleet.gateway_with(&["--http-read-timeout-secs", "1"]).await
 }
 
-/// A client that connects to `addr`, sends `bytes` and then nothing more; when it connected.
-async fn stalled(addr: SocketAddr, bytes: &[u8]) -> (TcpStream, Instant) {
-    let connected = Instant::now();
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(bytes).await.unwrap();
-    (tcp, connected)
-}
-
-/// Reads what the server sends on `tcp` until it closes the connection (panics after
-/// [`CLOSE_BOUND`]); returns it, and when the close came, counted from `since`.
+/// What the server sent on `tcp` before closing it, and when, counted from `since`.
 async fn until_closed(tcp: &mut TcpStream, since: Instant) -> (String, Duration) {
-    let mut got = Vec::new();
-    // A reset is a close too; what came before it is kept in `got`.
-    let _ = tokio::time::timeout(CLOSE_BOUND, tcp.read_to_end(&mut got))
-        .await
-        .expect("the server closes a stalled connection");
-    (String::from_utf8_lossy(&got).into_owned(), since.elapsed())
+    fleet_test_support::until_closed(tcp, since, CLOSE_BOUND).await
 }
 
 #[tokio::test]

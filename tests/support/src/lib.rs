@@ -509,6 +509,34 @@ where
     }
 }
 
+/// A client of a server's read timeout: connects to `addr`, sends `bytes` and then nothing more.
+/// Returns the connection and when it connected.
+pub async fn stalled_client(addr: SocketAddr, bytes: &[u8]) -> (tokio::net::TcpStream, Instant) {
+    use tokio::io::AsyncWriteExt;
+    let connected = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the server");
+    tcp.write_all(bytes).await.expect("send the first bytes");
+    (tcp, connected)
+}
+
+/// Reads what the server sends on `tcp` until it closes the connection (panics after
+/// `within`); returns it, and when the close came, counted from `since`.
+pub async fn until_closed(
+    tcp: &mut tokio::net::TcpStream,
+    since: Instant,
+    within: Duration,
+) -> (String, Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    // A reset is a close too; what came before it is kept in `got`.
+    let _ = tokio::time::timeout(within, tcp.read_to_end(&mut got))
+        .await
+        .expect("the server closes a stalled connection");
+    (String::from_utf8_lossy(&got).into_owned(), since.elapsed())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
