@@ -4,11 +4,9 @@
 
 use fleet::envelope::{PlanningEvent, SessionClose, TaskCancel, TaskCommand};
 use fleet::planning::{PlanningRules, Subtask, session_id};
-use fleet::testing::PlanningServer;
-use fleet_proto::planning::v1::UpdateTaskRequest;
 
 mod common;
-use common::Env;
+use common::{assert_cancelled, reporting_to_planning};
 
 const CASE: &str = "US-77";
 const PLAN: &str = "P-7";
@@ -47,29 +45,9 @@ fn close(case: &str) -> TaskCommand {
     })
 }
 
-/// A Planning service, and a dispatcher that reports to it.
-async fn start() -> (Env, PlanningServer) {
-    let planning = PlanningServer::start().await;
-    let env = Env::start_with(&["--planning-addr", &planning.addr]).await;
-    (env, planning)
-}
-
-/// Checks that `u` reports subtask `s` of [`CASE`] cancelled with `reason`.
-fn assert_cancelled(u: &UpdateTaskRequest, s: &Subtask, reason: &str) {
-    assert_eq!(u.task_id, s.task_id, "{u:?}");
-    assert_eq!(
-        (u.status.as_str(), u.result.as_str()),
-        ("CANCELLED", reason)
-    );
-    assert_eq!(
-        (u.case_id.as_str(), u.plan_id.as_str(), u.role.as_str()),
-        (CASE, PLAN, s.role.as_str())
-    );
-}
-
 #[tokio::test]
 async fn a_cancelled_planning_subtask_is_reported_cancelled_with_its_reason_once() {
-    let (env, mut planning) = start().await;
+    let (env, mut planning) = reporting_to_planning().await;
     let e = build(CASE);
     env.send(e.clone()).await;
     let s = subtasks(&e);
@@ -97,7 +75,7 @@ async fn a_cancelled_planning_subtask_is_reported_cancelled_with_its_reason_once
 
 #[tokio::test]
 async fn closing_a_planning_session_reports_each_of_its_open_subtasks_once() {
-    let (env, mut planning) = start().await;
+    let (env, mut planning) = reporting_to_planning().await;
     let e = build(CASE);
     env.send(e.clone()).await;
     let s = subtasks(&e);

@@ -11,7 +11,10 @@ use dispatcher::{App, Config};
 use fleet::Keys;
 use fleet::envelope::{AgentMessage, AgentRequest, Envelope, PlanningEvent, TaskCommand};
 use fleet::keys::GROUP_DISPATCHERS;
+use fleet::planning::Subtask;
 use fleet::stream::{entry, groups, producer};
+use fleet::testing::PlanningServer;
+use fleet_proto::planning::v1::UpdateTaskRequest;
 use fleet_test_support::eventually;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
@@ -109,4 +112,24 @@ impl Env {
         self.shutdown.cancel();
         self.running.await.unwrap().unwrap();
     }
+}
+
+/// A Planning service, and a dispatcher that reports to it (`--planning-addr`).
+pub async fn reporting_to_planning() -> (Env, PlanningServer) {
+    let planning = PlanningServer::start().await;
+    let env = Env::start_with(&["--planning-addr", &planning.addr]).await;
+    (env, planning)
+}
+
+/// Checks that `u` reports subtask `s` cancelled with `reason`, under its case, plan and role.
+pub fn assert_cancelled(u: &UpdateTaskRequest, s: &Subtask, reason: &str) {
+    assert_eq!(u.task_id, s.task_id, "{u:?}");
+    assert_eq!(
+        (u.status.as_str(), u.result.as_str()),
+        ("CANCELLED", reason)
+    );
+    assert_eq!(
+        (u.case_id.as_str(), u.plan_id.as_str(), u.role.as_str()),
+        (s.case_id.as_str(), s.plan_id.as_str(), s.role.as_str())
+    );
 }
