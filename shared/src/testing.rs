@@ -15,9 +15,11 @@ use tokio::sync::mpsc;
 use crate::Keys;
 use crate::agent::{AgentConfig, AgentStore, DEFAULT_POOL};
 use crate::council::Councils;
-use crate::deliberation::{DeliberationStore, Engine, EngineConfig};
+use crate::deliberation::{Check, Checks, DeliberationStore, Engine, EngineConfig};
+use crate::envelope::{Envelope, Message, ProposalCallback};
 use crate::session::{Chat, ChatLimits, InitSession, SubmitMessage, TokenSigner};
 use crate::session_log::{FanoutConfig, SessionLog};
+use crate::stream::entry::parse_entries;
 use crate::task::{Retention, TaskStore};
 
 /// The agent [`echo_chat`] registers, in pool [`DEFAULT_POOL`].
@@ -142,6 +144,45 @@ impl DeliberationFixture {
             keys,
             engine,
         }
+    }
+
+    /// The messages of `stream`, oldest first.
+    pub async fn entries<M: Message>(&self, stream: &str) -> Vec<M> {
+        use fred::prelude::StreamsInterface;
+        let reply: fred::types::Value = self
+            .client
+            .xrange(stream, "-", "+", None)
+            .await
+            .expect("XRANGE");
+        parse_entries(reply)
+            .expect("stream entries")
+            .iter()
+            .map(|e| {
+                Envelope::<M>::from_fields(&e.fields)
+                    .expect("an envelope")
+                    .msg
+            })
+            .collect()
+    }
+}
+
+/// Member `member`'s proposal for round `round` of deliberation `id` (content `<member>
+/// r<round>`), whose lint check scores `lint` while policy and dry run pass.
+pub fn proposal(id: &str, member: &str, round: u32, lint: f64) -> ProposalCallback {
+    ProposalCallback {
+        deliberation_id: id.into(),
+        member: member.into(),
+        round,
+        agent_id: format!("proc-{member}"),
+        content: format!("{member} r{round}"),
+        checks: Checks {
+            policy: Some(Check::pass(1.0, "")),
+            lint: Some(Check::pass(lint, "")),
+            dry_run: Some(Check::pass(1.0, "")),
+            ..Default::default()
+        },
+        self_score: None,
+        metadata: Json::Null,
     }
 }
 

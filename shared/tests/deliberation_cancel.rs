@@ -5,14 +5,14 @@
 
 use fleet::deliberation::engine::{Cancelled, Expired, Handled};
 use fleet::deliberation::store::{DeliberationStore, FinalResult, Transition, Update};
-use fleet::deliberation::{Check, Checks, DeliberationSpec, Status, kind};
+use fleet::deliberation::{DeliberationSpec, Status, kind};
 use fleet::envelope::{
-    AgentControl, Envelope, Message, Outbound, PlanningEvent, ProposalCallback, SelectionCallback,
-    TaskCommand,
+    AgentControl, Envelope, Outbound, PlanningEvent, SelectionCallback, TaskCommand,
 };
 use fleet::planning::PlanningRules;
 use fleet::stream::entry::{StreamId, parse_entries};
 use fleet::testing::DeliberationFixture as Fixture;
+use fleet::testing::proposal;
 use fleet::time::now_ms;
 use fred::prelude::*;
 
@@ -36,33 +36,6 @@ fn spec(id: &str, n: u32, rounds: u32) -> DeliberationSpec {
     }
 }
 
-fn proposal(id: &str, member: &str, round: u32, lint: f64) -> ProposalCallback {
-    ProposalCallback {
-        deliberation_id: id.into(),
-        member: member.into(),
-        round,
-        agent_id: format!("proc-{member}"),
-        content: format!("{member} r{round}"),
-        checks: Checks {
-            policy: Some(Check::pass(1.0, "")),
-            lint: Some(Check::pass(lint, "")),
-            dry_run: Some(Check::pass(1.0, "")),
-            ..Default::default()
-        },
-        self_score: None,
-        metadata: serde_json::Value::Null,
-    }
-}
-
-async fn entries<M: Message>(f: &Fixture, stream: &str) -> Vec<M> {
-    let reply: Value = f.client.xrange(stream, "-", "+", None).await.unwrap();
-    parse_entries(reply)
-        .unwrap()
-        .iter()
-        .map(|e| Envelope::<M>::from_fields(&e.fields).unwrap().msg)
-        .collect()
-}
-
 async fn updates(f: &Fixture, id: &str) -> Vec<Update> {
     let reader = f.client.clone_new();
     reader.init().await.unwrap();
@@ -73,7 +46,7 @@ async fn updates(f: &Fixture, id: &str) -> Vec<Update> {
 
 /// The members of `role` told to stop working on deliberation `id`.
 async fn cancelled_members(f: &Fixture, role: &str, id: &str) -> Vec<String> {
-    let cancels: Vec<AgentControl> = entries(f, &f.keys.agents_control(role)).await;
+    let cancels: Vec<AgentControl> = f.entries(&f.keys.agents_control(role)).await;
     let mut out: Vec<String> = cancels
         .into_iter()
         .map(|AgentControl::Cancel(c)| c)
@@ -105,7 +78,7 @@ async fn assert_cancelled(f: &Fixture, id: &str, reason: &str) {
         .await
         .unwrap();
     assert_eq!(deadline, None, "its deadline entry is dropped");
-    let outbound: Vec<Outbound> = entries(f, &f.keys.outbound()).await;
+    let outbound: Vec<Outbound> = f.entries(&f.keys.outbound()).await;
     let events: Vec<serde_json::Value> = outbound
         .iter()
         .map(|Outbound::Publish(p)| serde_json::from_str(&p.payload).unwrap())

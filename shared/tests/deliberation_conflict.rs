@@ -6,8 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use fleet::deliberation::engine::{EngineError, Handled};
 use fleet::deliberation::{DeliberationSpec, Status, kind};
-use fleet::envelope::{AgentMessage, Envelope, Message, TaskCommand};
-use fleet::stream::entry::parse_entries;
+use fleet::envelope::{AgentMessage, TaskCommand};
 use fleet::testing::DeliberationFixture as Fixture;
 use fleet::time::now_ms;
 use fred::prelude::*;
@@ -41,15 +40,6 @@ fn other(id: &str) -> DeliberationSpec {
     s.num_agents = 3;
     s.rubric.weights.insert("lint".into(), 1.0);
     s
-}
-
-async fn entries<M: Message>(f: &Fixture, stream: &str) -> Vec<M> {
-    let reply: Value = f.client.xrange(stream, "-", "+", None).await.unwrap();
-    parse_entries(reply)
-        .unwrap()
-        .iter()
-        .map(|e| Envelope::<M>::from_fields(&e.fields).unwrap().msg)
-        .collect()
 }
 
 /// Everything stored about deliberation `id`, and what was sent or counted for it.
@@ -136,7 +126,7 @@ async fn a_retry_attaches_and_another_spec_under_its_id_is_refused_changing_noth
         "refused: nothing stored, sent or counted"
     );
     // The commands sent are the first call's and its retry's, both with the stored spec.
-    let cmds: Vec<TaskCommand> = entries(&f, &f.keys.tasks()).await;
+    let cmds: Vec<TaskCommand> = f.entries(&f.keys.tasks()).await;
     assert_eq!(cmds.len(), 2);
     for c in cmds {
         let TaskCommand::Deliberate(d) = c else {
@@ -176,18 +166,18 @@ async fn the_dispatcher_never_starts_a_deliberation_with_a_spec_other_than_the_s
     assert_eq!(view.status, Status::Pending);
     assert_eq!(view.spec, s);
     assert!(
-        entries::<AgentMessage>(&f, &f.keys.agents("QA"))
+        f.entries::<AgentMessage>(&f.keys.agents("QA"))
             .await
             .is_empty()
     );
     assert!(
-        entries::<AgentMessage>(&f, &f.keys.agents("DEV"))
+        f.entries::<AgentMessage>(&f.keys.agents("DEV"))
             .await
             .is_empty()
     );
     // ...and the stored one's own command starts it as stored.
     f.engine.dispatch(&s, "", false).await.unwrap();
-    let reqs: Vec<AgentMessage> = entries(&f, &f.keys.agents("DEV")).await;
+    let reqs: Vec<AgentMessage> = f.entries(&f.keys.agents("DEV")).await;
     assert_eq!(request_members(&reqs), ["DEV-1", "DEV-2"]);
     let AgentMessage::Request(r) = &reqs[0];
     assert_eq!(r.description, "Implement authentication");
@@ -207,7 +197,7 @@ async fn a_deliberation_stored_without_a_fingerprint_runs_its_stored_spec() {
     let attached = f.engine.accept(&other("c3")).await.unwrap();
     assert!(!attached.created);
     // The command this call sent carries the stored spec, not the caller's.
-    let cmds: Vec<TaskCommand> = entries(&f, &f.keys.tasks()).await;
+    let cmds: Vec<TaskCommand> = f.entries(&f.keys.tasks()).await;
     let Some(TaskCommand::Deliberate(sent)) = cmds.last() else {
         panic!("no command")
     };
@@ -224,11 +214,11 @@ async fn a_deliberation_stored_without_a_fingerprint_runs_its_stored_spec() {
     let ids: Vec<&str> = view.members.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["DEV-1", "DEV-2"]);
     assert!(
-        entries::<AgentMessage>(&f, &f.keys.agents("QA"))
+        f.entries::<AgentMessage>(&f.keys.agents("QA"))
             .await
             .is_empty()
     );
-    let reqs: Vec<AgentMessage> = entries(&f, &f.keys.agents("DEV")).await;
+    let reqs: Vec<AgentMessage> = f.entries(&f.keys.agents("DEV")).await;
     assert_eq!(request_members(&reqs), ["DEV-1", "DEV-2"]);
     for AgentMessage::Request(r) in &reqs {
         assert_eq!(

@@ -4,13 +4,14 @@
 use fleet::council::{Councils, Registration};
 use fleet::deliberation::engine::Expired;
 use fleet::deliberation::store::DeliberationStore;
-use fleet::deliberation::{Check, Checks, DeliberationSpec, Engine, EngineConfig, Status, kind};
+use fleet::deliberation::{Check, DeliberationSpec, Engine, EngineConfig, Status, kind};
 use fleet::envelope::{
-    AgentAction, AgentControl, AgentMessage, DecisionMessage, Envelope, Message, Outbound,
-    ProposalCallback, SelectionCallback, TaskCommand,
+    AgentAction, AgentControl, AgentMessage, DecisionMessage, Outbound, SelectionCallback,
+    TaskCommand,
 };
-use fleet::stream::entry::{StreamId, parse_entries};
+use fleet::stream::entry::StreamId;
 use fleet::testing::DeliberationFixture as Fixture;
+use fleet::testing::proposal;
 use fleet::time::now_ms;
 use fred::prelude::*;
 
@@ -32,33 +33,6 @@ fn spec(id: &str, n: u32, quorum: u32, rounds: u32) -> DeliberationSpec {
         created_ms: now,
         case_id: "US-1".into(),
         ..Default::default()
-    }
-}
-
-async fn entries<M: Message>(f: &Fixture, stream: &str) -> Vec<M> {
-    let reply: Value = f.client.xrange(stream, "-", "+", None).await.unwrap();
-    parse_entries(reply)
-        .unwrap()
-        .iter()
-        .map(|e| Envelope::<M>::from_fields(&e.fields).unwrap().msg)
-        .collect()
-}
-
-fn proposal(id: &str, member: &str, round: u32, lint: f64) -> ProposalCallback {
-    ProposalCallback {
-        deliberation_id: id.into(),
-        member: member.into(),
-        round,
-        agent_id: format!("proc-{member}"),
-        content: format!("{member} r{round}"),
-        checks: Checks {
-            policy: Some(Check::pass(1.0, "")),
-            lint: Some(Check::pass(lint, "")),
-            dry_run: Some(Check::pass(1.0, "")),
-            ..Default::default()
-        },
-        self_score: None,
-        metadata: serde_json::Value::Null,
     }
 }
 
@@ -86,7 +60,7 @@ async fn a_full_round_completes_ranks_and_decides() {
     let accepted = f.engine.accept(&s).await.unwrap();
     assert!(accepted.created);
     assert!(!f.engine.accept(&s).await.unwrap().created, "idempotent");
-    let cmds: Vec<TaskCommand> = entries(&f, &f.keys.tasks()).await;
+    let cmds: Vec<TaskCommand> = f.entries(&f.keys.tasks()).await;
     assert!(matches!(&cmds[0], TaskCommand::Deliberate(d) if d.deliberation_id == "d1"));
     let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), "d:d1").await.unwrap();
     assert_eq!(deadline, Some(s.deadline_ms as f64));
@@ -105,8 +79,8 @@ async fn a_full_round_completes_ranks_and_decides() {
     }
     f.engine.dispatch(&s, "ctx", false).await.unwrap();
     f.engine.dispatch(&s, "ctx", false).await.unwrap(); // a duplicate command does nothing
-    let a1: Vec<AgentMessage> = entries(&f, &f.keys.agent_member("DEV", "a1")).await;
-    let pool: Vec<AgentMessage> = entries(&f, &f.keys.agents("DEV")).await;
+    let a1: Vec<AgentMessage> = f.entries(&f.keys.agent_member("DEV", "a1")).await;
+    let pool: Vec<AgentMessage> = f.entries(&f.keys.agents("DEV")).await;
     assert_eq!(a1.len(), 1);
     assert_eq!(pool.len(), 1);
     let AgentMessage::Request(r) = &pool[0];
@@ -167,11 +141,11 @@ async fn a_full_round_completes_ranks_and_decides() {
             "completed"
         ]
     );
-    let decisions: Vec<DecisionMessage> = entries(&f, &f.keys.decisions()).await;
+    let decisions: Vec<DecisionMessage> = f.entries(&f.keys.decisions()).await;
     let DecisionMessage::Decision(d) = &decisions[0];
     assert_eq!((d.winner.as_str(), d.case_id.as_str()), ("a1", "US-1"));
     assert_eq!(d.alternatives.len(), 3);
-    let out: Vec<Outbound> = entries(&f, &f.keys.outbound()).await;
+    let out: Vec<Outbound> = f.entries(&f.keys.outbound()).await;
     let Outbound::Publish(p) = &out[0];
     assert_eq!(p.subject, "orchestrator.events");
     assert!(p.payload.contains("deliberation.completed"));
@@ -212,7 +186,7 @@ async fn review_rounds_send_peers_and_use_the_revisions() {
         .on_proposal(&proposal("d2", "DEV-2", 1, 0.1), false)
         .await
         .unwrap();
-    let reqs: Vec<AgentMessage> = entries(&f, &f.keys.agents("DEV")).await;
+    let reqs: Vec<AgentMessage> = f.entries(&f.keys.agents("DEV")).await;
     assert_eq!(reqs.len(), 4);
     let AgentMessage::Request(review) = &reqs[2];
     assert_eq!((review.action, review.round), (AgentAction::Review, 2));
@@ -328,7 +302,7 @@ async fn the_deadline_applies_the_quorum_and_cancels_stragglers() {
     let view = f.engine.store.get("d3").await.unwrap().unwrap();
     assert_eq!(view.status, Status::Completed);
     assert_eq!(view.ranked.len(), 2);
-    let cancels: Vec<AgentControl> = entries(&f, &f.keys.agents_control("DEV")).await;
+    let cancels: Vec<AgentControl> = f.entries(&f.keys.agents_control("DEV")).await;
     let members: Vec<String> = cancels
         .iter()
         .map(|AgentControl::Cancel(c)| c.member.clone())
@@ -382,7 +356,7 @@ async fn an_architect_is_offered_only_proposals_that_passed_policy() {
     assert_eq!(view.status, Status::Completed);
     assert_eq!(view.winner.as_deref(), Some("DEV-3"));
     assert!(
-        entries::<AgentMessage>(&f, &f.keys.agents("ARCHITECT"))
+        f.entries::<AgentMessage>(&f.keys.agents("ARCHITECT"))
             .await
             .is_empty()
     );
@@ -405,7 +379,7 @@ async fn an_architect_is_offered_only_proposals_that_passed_policy() {
     }
     let view = f.engine.store.get("d10").await.unwrap().unwrap();
     assert_eq!(view.status, Status::Selecting);
-    let reqs: Vec<AgentMessage> = entries(&f, &f.keys.agents("ARCHITECT")).await;
+    let reqs: Vec<AgentMessage> = f.entries(&f.keys.agents("ARCHITECT")).await;
     let AgentMessage::Request(sel) = reqs.last().unwrap();
     let offered: Vec<&str> = sel.peers.iter().map(|p| p.member.as_str()).collect();
     assert_eq!(offered, ["DEV-3", "DEV-2"]);
@@ -444,7 +418,7 @@ async fn an_architect_chooses_among_the_top_candidates_or_the_score_decides() {
     }
     let view = f.engine.store.get("d5").await.unwrap().unwrap();
     assert_eq!(view.status, Status::Selecting);
-    let reqs: Vec<AgentMessage> = entries(&f, &f.keys.agents("ARCHITECT")).await;
+    let reqs: Vec<AgentMessage> = f.entries(&f.keys.agents("ARCHITECT")).await;
     let AgentMessage::Request(sel) = &reqs[0];
     assert_eq!(
         (sel.action, sel.member.as_str()),
@@ -487,7 +461,7 @@ async fn an_architect_chooses_among_the_top_candidates_or_the_score_decides() {
         "{}",
         view.selected_by
     );
-    let cancels: Vec<AgentControl> = entries(&f, &f.keys.agents_control("ARCHITECT")).await;
+    let cancels: Vec<AgentControl> = f.entries(&f.keys.agents_control("ARCHITECT")).await;
     assert_eq!(cancels.len(), 1);
 }
 
@@ -709,7 +683,7 @@ async fn what_follows_an_end_is_finished_by_a_redelivery_or_a_sweep_once() {
                 f.engine.on_proposal(&p, true).await.unwrap();
             }
         }
-        let decisions: Vec<DecisionMessage> = entries(&f, &f.keys.decisions()).await;
+        let decisions: Vec<DecisionMessage> = f.entries(&f.keys.decisions()).await;
         assert_eq!(decisions.len(), 1, "{id}: the decision is published, once");
         assert_eq!(counted().await, before, "{id}: counted once");
         let deadline: Option<f64> = f.client.zscore(f.keys.deadlines(), &member).await.unwrap();

@@ -9,9 +9,9 @@ use callback_worker::{App, Config};
 use clap::Parser;
 use fleet::Keys;
 use fleet::council::Councils;
-use fleet::deliberation::{Check, Checks, DeliberationStore, Engine, EngineConfig};
+use fleet::deliberation::{DeliberationStore, Engine, EngineConfig};
 use fleet::envelope::{
-    Callback, CallbackBatch, Chunk, Envelope, PlanningEvent, ProposalCallback, Started, TaskResult,
+    Callback, CallbackBatch, Chunk, Envelope, PlanningEvent, Started, TaskResult,
 };
 use fleet::keys::GROUP_CALLBACK_WORKERS;
 use fleet::planning::{PlanningRules, Subtask};
@@ -424,21 +424,9 @@ async fn a_timeout_a_stopped_sweeper_did_not_fan_out_reaches_the_gateways_with_t
 
 /// Member `member`'s proposal for council subtask `s`, whose lint scores `lint` (the rest pass).
 fn proposal(s: &Subtask, member: &str, lint: f64) -> Envelope<Callback> {
-    Envelope::new(Callback::Proposal(ProposalCallback {
-        deliberation_id: s.task_id.clone(),
-        member: member.into(),
-        round: 1,
-        agent_id: format!("proc-{member}"),
-        content: format!("design by {member}"),
-        checks: Checks {
-            policy: Some(Check::pass(1.0, "")),
-            lint: Some(Check::pass(lint, "")),
-            dry_run: Some(Check::pass(1.0, "")),
-            ..Default::default()
-        },
-        self_score: None,
-        metadata: Json::Null,
-    }))
+    Envelope::new(Callback::Proposal(fleet::testing::proposal(
+        &s.task_id, member, 1, lint,
+    )))
 }
 
 #[tokio::test]
@@ -474,7 +462,7 @@ async fn a_council_subtask_is_reported_completed_with_the_winner_and_one_out_of_
     assert_eq!(u.task_id, design.task_id);
     assert_eq!(
         (u.status.as_str(), u.result.as_str()),
-        ("COMPLETED", "design by ARCHITECT-2")
+        ("COMPLETED", "ARCHITECT-2 r1")
     );
     assert_eq!(
         (u.case_id.as_str(), u.plan_id.as_str(), u.role.as_str()),
