@@ -282,17 +282,18 @@ impl App {
         let rules = PlanningRules::from_file(cfg.planning_rules.as_deref())
             .context("cannot load FLEET_PLANNING_RULES")?;
         let limits = cfg.grpc_limits();
+        let engine = Engine::new(
+            DeliberationStore::new(
+                client.clone(),
+                keys.clone(),
+                cfg.common.retention().session_ttl_ms,
+            ),
+            Councils::new(client.clone(), keys.clone()),
+            EngineConfig::default(),
+        );
         let orchestrator = grpc::Orchestrator {
             chat: chat.clone(),
-            engine: Engine::new(
-                DeliberationStore::new(
-                    client.clone(),
-                    keys.clone(),
-                    cfg.common.retention().session_ttl_ms,
-                ),
-                Councils::new(client.clone(), keys.clone()),
-                EngineConfig::default(),
-            ),
+            engine: engine.clone(),
             log: SessionLog::new(client.clone(), keys.clone(), cfg.common.fanout()),
             rules: Arc::new(rules),
             waiters: Arc::new(tokio::sync::Semaphore::new(limits.max_waiters)),
@@ -307,6 +308,7 @@ impl App {
         );
         let state = AppState::new(
             chat,
+            engine,
             api_keys,
             urls,
             health,

@@ -125,6 +125,16 @@ impl Status {
         Status::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
+    /// What cancelling a deliberation in this state answers (REST and gRPC alike): `cancelling`
+    /// while it runs, else its final status.
+    pub fn cancel_answer(self) -> &'static str {
+        if self.is_terminal() {
+            self.as_str()
+        } else {
+            "cancelling"
+        }
+    }
+
     /// Nothing moves a deliberation out of a terminal state.
     pub fn is_terminal(self) -> bool {
         matches!(

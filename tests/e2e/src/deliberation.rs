@@ -202,6 +202,11 @@ impl DelibFleet {
         OrchestratorServiceClient::new(self.channel(i).await)
     }
 
+    /// The REST base URL of edge-api replica `i` (`http://host:port`).
+    pub fn rest(&self, i: usize) -> String {
+        format!("http://{}", self.edges[i].0)
+    }
+
     /// A channel to edge-api replica `i`.
     pub async fn channel(&self, i: usize) -> Channel {
         tonic::transport::Endpoint::from_shared(format!("http://{}", self.edges[i].1))

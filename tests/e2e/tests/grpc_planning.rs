@@ -467,5 +467,45 @@ async fn a_council_subtask_is_cancelled_by_cancel_task_and_by_closing_its_sessio
     ];
     want.sort();
     assert_eq!(told, want);
+
+    // REST cancels a council subtask as gRPC does: 202 while it runs, 200 with its state after.
+    let third = grpc
+        .process_planning_event(design("US-92"))
+        .await
+        .unwrap()
+        .into_inner();
+    let council = third.subtasks[0].task_id.clone();
+    deliberation_in(&grpc, &council, pb::DeliberationStatus::InProgress).await;
+    let url = format!(
+        "{}/api/v1/chat/{}/tasks/{council}",
+        fleet.rest(0),
+        third.session_id
+    );
+    let delete = || async {
+        let res = reqwest::Client::new()
+            .delete(&url)
+            .bearer_auth(&third.session_token)
+            .send()
+            .await
+            .unwrap();
+        let code = res.status().as_u16();
+        let body: serde_json::Value = res.json().await.unwrap();
+        (code, body["task_id"].clone(), body["status"].clone())
+    };
+    assert_eq!(
+        delete().await,
+        (202, council.clone().into(), "cancelling".into())
+    );
+    let result = deliberation_in(&grpc, &council, pb::DeliberationStatus::Cancelled).await;
+    assert_eq!(result.error, "cancelled by the client");
+    let told = planning.next_update().await;
+    assert_eq!(
+        (told.task_id.as_str(), told.status.as_str()),
+        (council.as_str(), "CANCELLED")
+    );
+    assert_eq!(
+        delete().await,
+        (200, council.clone().into(), "cancelled".into())
+    );
     fleet.stop().await;
 }

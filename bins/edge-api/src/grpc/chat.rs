@@ -196,11 +196,7 @@ impl Orchestrator {
                     return Err(error::chat(e));
                 };
                 return Ok(pb::CancelTaskResponse {
-                    status: if status.is_terminal() {
-                        status.as_str().into()
-                    } else {
-                        "cancelling".into()
-                    },
+                    status: status.cancel_answer().into(),
                     task_id: req.task_id,
                 });
             }

@@ -7,7 +7,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
-use fleet::session::{InitSession, SessionStatus, SubmitMessage, Submitted};
+use fleet::session::{ChatError, InitSession, SessionStatus, SubmitMessage, Submitted};
 use fleet::task::TaskView;
 use serde::{Deserialize, Serialize};
 use tracing::Span;
@@ -238,10 +238,36 @@ pub async fn cancel(
 ) -> Result<(StatusCode, Json<Ending>), ApiError> {
     // Quoted short: the path is the client's, checked only further on.
     Span::current().record("task_id", fleet::agent::excerpt(&path.task_id).as_str());
-    let task = state
+    const REASON: &str = "cancelled by the client";
+    let task = match state
         .chat
-        .cancel(&auth.session_id, &path.task_id, "cancelled by the client")
-        .await?;
+        .cancel(&auth.session_id, &path.task_id, REASON)
+        .await
+    {
+        Ok(task) => task,
+        // Not a task: a council subtask of a planning session is a deliberation, cancelled
+        // through the dispatchers with the same command (as gRPC's `CancelTask` does).
+        Err(e @ ChatError::NotFound { what: "task", .. }) => {
+            let status = state
+                .engine
+                .request_council_cancel(&auth.session_id, &path.task_id, REASON)
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?
+                .ok_or(e)?;
+            let code = if status.is_terminal() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            let ending = Ending {
+                session_id: None,
+                task_id: Some(path.task_id),
+                status: status.cancel_answer().into(),
+            };
+            return Ok((code, Json(ending)));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (code, status) = if task.cancellable() {
         tracing::info!("task cancellation requested");
         (StatusCode::ACCEPTED, "cancelling".to_owned())

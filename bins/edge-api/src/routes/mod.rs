@@ -29,6 +29,7 @@ use axum::http::{Method, Uri};
 use axum::middleware;
 use axum::routing::{get, post};
 use fleet::admin::Health;
+use fleet::deliberation::Engine;
 use fleet::session::Chat;
 use tower_http::trace::TraceLayer;
 
@@ -41,6 +42,9 @@ use crate::public_url::PublicUrls;
 #[derive(Clone)]
 pub struct AppState {
     pub chat: Chat,
+    /// Deliberation steps: cancelling a planning session's council subtask
+    /// ([`fleet::deliberation::Engine::request_council_cancel`]).
+    pub engine: Engine,
     pub api_keys: ApiKeys,
     pub urls: Arc<PublicUrls>,
     pub health: Health,
@@ -54,6 +58,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         chat: Chat,
+        engine: Engine,
         api_keys: ApiKeys,
         urls: PublicUrls,
         health: Health,
@@ -62,6 +67,7 @@ impl AppState {
     ) -> Self {
         Self {
             chat,
+            engine,
             api_keys,
             urls: Arc::new(urls),
             health,
