@@ -35,7 +35,8 @@ pub struct Dispatcher {
     pub planning: Arc<PlanningRules>,
     /// Context hydration, when configured.
     pub context: Option<ContextHydrator>,
-    /// Told of the planning subtasks its cancels and closes end, when configured.
+    /// Told of the planning subtasks its cancels and closes end, when configured (the engine
+    /// has it too, for the council subtasks they cancel).
     pub notifier: Option<PlanningNotifier>,
 }
 
@@ -501,11 +502,6 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// The engine that tells Planning of the council subtasks this dispatcher's cancels end.
-    fn reporting_engine(&self) -> Engine {
-        self.engine.clone().with_planning(self.notifier.clone())
-    }
-
     /// Cancels the deliberation of council subtask `id` of planning session `sid` (nothing when
     /// `id` names none, or it has ended: [`Engine::cancel_deliberation`]).
     async fn cancel_council(
@@ -515,12 +511,14 @@ impl Dispatcher {
         reason: &str,
         redelivered: bool,
     ) -> Result<()> {
-        let engine = self.reporting_engine();
-        if engine.council_of(sid, id).await?.is_none() {
+        if self.engine.council_of(sid, id).await?.is_none() {
             tracing::debug!(task_id = %id, "no task or council subtask to cancel");
             return Ok(());
         }
-        let outcome = engine.cancel_deliberation(id, reason, redelivered).await?;
+        let outcome = self
+            .engine
+            .cancel_deliberation(id, reason, redelivered)
+            .await?;
         tracing::info!(deliberation_id = %id, ?outcome, "council subtask cancel");
         Ok(())
     }

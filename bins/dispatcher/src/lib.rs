@@ -187,7 +187,9 @@ impl App {
                 EngineConfig {
                     publish_agent_requests: self.cfg.publish_agent_requests,
                 },
-            ),
+            )
+            // Its steps end the council subtasks the dispatcher's cancels and closes cancel.
+            .with_planning(self.notifier.clone()),
             planning: self.planning.clone(),
             context: self.context.clone(),
             notifier: self.notifier.clone(),

@@ -192,7 +192,8 @@ impl Engine {
     }
 
     /// This engine, telling `planning` (when set) of the end of each council subtask's
-    /// deliberation that one of its steps settles: the callback-worker's, which ends them.
+    /// deliberation that one of its steps settles: the callback-worker's (decisions, failures,
+    /// timeouts) and the dispatcher's (cancels).
     pub fn with_planning(mut self, planning: Option<PlanningNotifier>) -> Self {
         self.planning = planning;
         self
@@ -656,13 +657,8 @@ impl Engine {
         t.agent = w.proposal.member.clone();
         t.received = ranked.len() as u32;
         t.data = serde_json::to_string(&result).expect("a result serializes");
-        if self.store.transition(id, &t).await? != Moved::Applied {
-            return Ok(false);
-        }
-        if let Some(done) = self.store.get(id).await? {
-            self.after_end(&done).await?;
-        }
-        Ok(true)
+        let moved = self.store.transition(id, &t).await?;
+        self.ended_here(id, moved).await
     }
 
     /// Ends it `timed_out` or `failed` with what came in, ranked, and no winner. True when this
@@ -673,12 +669,16 @@ impl Engine {
         status: Status,
         error: String,
     ) -> Result<bool> {
-        let id = &view.spec.deliberation_id;
-        if self
+        let moved = self
             .end_without_winner(view, status, error.clone(), &error)
-            .await?
-            != Moved::Applied
-        {
+            .await?;
+        self.ended_here(&view.spec.deliberation_id, moved).await
+    }
+
+    /// After a move of deliberation `id` to an end: when it `moved` here, runs what follows the
+    /// end on it as stored ([`Engine::after_end`]). True when this call ended it.
+    async fn ended_here(&self, id: &str, moved: Moved) -> Result<bool> {
+        if moved != Moved::Applied {
             return Ok(false);
         }
         if let Some(done) = self.store.get(id).await? {
